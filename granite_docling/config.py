@@ -1,0 +1,333 @@
+"""The experiment schema: typed dataclasses registered in Hydra's ConfigStore, cross-field validation,
+and the loader that maps the older ``get_config()`` Python files onto the same schema.
+
+Hydra composes ``conf/config.yaml`` on top of :class:`Config`, so a misspelt key or a wrong type fails at
+composition, naming the key, before any data or model is touched::
+
+    python train.py training.lr_conector=1e-3      # -> Key 'lr_conector' not in 'TrainingConfig'
+
+Field names under ``training`` and ``wandb`` are the seed's (the original ``get_config()`` dicts), so users'
+muscle memory and old configs carry over. Derived values (effective batch size, steps per epoch) are computed
+where they are needed, never stored here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+HUB_ID = "ibm-granite/granite-docling-258M"
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3")
+DATASET_FORMATS = ("auto", "docling", "hub")
+BAD_SAMPLE_POLICIES = ("skip", "error")
+COMPONENTS = ("vision", "connector", "text")
+
+
+class ConfigError(ValueError):
+    """A configuration the user must fix; the message says what to change."""
+
+
+@dataclass
+class ArchitectureConfig:
+    """Size overrides applied to the model config when building with random weights (presets, benchmarks).
+
+    ``null`` keeps the checkpoint's value. Tokens per image tile follow from these:
+    ``(tile_size / patch_size) ** 2 / scale_factor ** 2``.
+    """
+
+    text_hidden_size: Optional[int] = None  # width of the Granite/Llama text model
+    text_layers: Optional[int] = None  # number of decoder layers
+    text_heads: Optional[int] = None  # attention heads; head_dim = hidden / heads
+    text_kv_heads: Optional[int] = None  # key/value heads (grouped-query attention)
+    text_intermediate_size: Optional[int] = None  # MLP width of the text model
+    vision_hidden_size: Optional[int] = None  # width of the SigLIP2 vision encoder
+    vision_layers: Optional[int] = None  # number of vision encoder layers
+    vision_heads: Optional[int] = None  # vision attention heads
+    vision_intermediate_size: Optional[int] = None  # MLP width of the vision encoder
+    tile_size: Optional[int] = None  # pixels per square image tile seen by the encoder (512 for the real model)
+    patch_size: Optional[int] = None  # pixels per vision patch (16 for the real model)
+    scale_factor: Optional[int] = None  # pixel-shuffle factor of the connector (4 for the real model)
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters through peft; the saved final model is always merged and loads without peft."""
+
+    enabled: bool = False  # train adapters instead of the full weights
+    rank: int = 16  # adapter rank r
+    alpha: int = 32  # scaling numerator; effective scale is alpha / rank
+    dropout: float = 0.05  # dropout on the adapter input
+    components: List[str] = field(default_factory=lambda: ["text", "connector"])  # of: text, connector, vision
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and which parts of it to train."""
+
+    name: str = "granite_docling_258m"  # preset name, used in logs and run names
+    checkpoint: Optional[str] = HUB_ID  # hub id or local folder; null = the vendored files (needs random_init)
+    revision: Optional[str] = None  # hub revision (branch, tag or commit) to load
+    random_init: bool = False  # build the architecture with random weights instead of loading them
+    dtype: str = "float32"  # weight dtype: float32 (with mixed_precision for speed), bfloat16, float16
+    attn_implementation: str = "sdpa"  # sdpa, eager, flash_attention_2/3, or auto (flash when installed)
+    image_longest_edge: Optional[int] = None  # processor resize target in px; null keeps the checkpoint's (2048)
+    freeze_vision: bool = False  # keep the SigLIP2 vision encoder fixed
+    freeze_connector: bool = False  # keep the pixel-shuffle connector fixed
+    freeze_text: bool = False  # keep the text model (and its tied LM head) fixed
+    architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DatasetConfig:
+    """One training source. Selected as ``dataset=[a,b]``; each lands under ``dataset.<name>``."""
+
+    path: str = ""  # Docling folder (anns/ + images/), parquet file or folder, datasets folder, or hub id
+    name: Optional[str] = None  # display name in logs and metrics; defaults to the key under ``dataset``
+    format: str = "auto"  # auto, docling (folder of JSON + images) or hub (images + texts columns)
+    split: str = "train"  # split folder / hub split to read
+    max_turns: Optional[int] = None  # keep the first N question/answer turns of each sample
+    max_samples: Optional[int] = None  # keep the first N samples of this source
+    max_images_per_sample: Optional[int] = None  # keep the first N images of each sample
+    weight: Optional[float] = None  # sampling ratio when mixing sources; null = in proportion to size
+    image_longest_edge: Optional[int] = None  # per-source resize target in px (formula crops need no 2048 px)
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW settings; learning rates and weight decay live under ``training`` (the seed's names)."""
+
+    name: str = "adamw"  # only AdamW for now
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam momentum coefficients
+    eps: float = 1e-8  # Adam denominator epsilon
+    fused: Optional[bool] = None  # fused CUDA kernel; null = on when training on CUDA
+
+
+@dataclass
+class TrainingConfig:
+    """How long, how fast and how safely to train. Names follow the seed's ``training`` dict."""
+
+    num_epochs: int = 3  # passes over the training split (ignored when max_steps is set)
+    max_steps: Optional[int] = None  # optimizer steps to run; overrides num_epochs
+    batch_size: int = 1  # samples per device per micro-step
+    gradient_accumulation_steps: int = 8  # micro-steps per optimizer step
+    val_ratio: float = 0.05  # share of every source held out for validation; 0 = no validation split
+    lr_vision: float = 5e-5  # peak learning rate of the vision encoder
+    lr_text: float = 5e-5  # peak learning rate of the text model
+    lr_connector: float = 5e-4  # peak learning rate of the connector (new task, higher)
+    weight_decay: float = 0.01  # AdamW decay; never applied to norms, biases or embeddings' norms
+    max_grad_norm: float = 1.0  # gradient clipping threshold; 0 = no clipping
+    min_lr: float = 1e-6  # floor of the cosine schedule
+    warmup_steps: int = 0  # linear warmup, in optimizer steps
+    gradient_checkpointing: bool = True  # recompute activations in backward to save memory
+    mixed_precision: str = "no"  # no, bf16 or fp16 autocast
+    compile: bool = False  # torch.compile the model
+    num_workers: int = 4  # DataLoader worker processes per device
+    log_interval: int = 10  # console / metrics line every N optimizer steps
+    val_interval: int = 1  # validate every N epochs
+    val_steps: Optional[int] = None  # also validate every N optimizer steps
+    save_interval: int = 1  # checkpoint every N epochs
+    save_steps: Optional[int] = None  # also checkpoint every N optimizer steps
+    max_checkpoints: Optional[int] = 3  # keep only the newest N checkpoints; null keeps all
+    save_dir: Optional[str] = None  # checkpoint folder; null = checkpoints/ inside the run folder
+    seed: int = 42  # seeds model init, data order and the validation split
+    resume: Optional[str] = None  # checkpoint folder to continue from, or 'auto' (newest in save_dir)
+    max_samples_per_dataset: Optional[int] = None  # cap on every source (a dataset's own max_samples also applies)
+    max_length: Optional[int] = None  # drop samples longer than this many tokens, image tokens included
+    on_bad_sample: str = "skip"  # skip (count and report) or error (stop at the first, naming it)
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging (optional)."""
+
+    enabled: bool = False  # log to W&B
+    project: str = "granite-docling-finetuning"  # W&B project
+    run_name: Optional[str] = None  # W&B run name; null = the run folder's name
+    entity: Optional[str] = None  # W&B team or user
+    mode: str = "online"  # online, offline (no network needed; sync later) or disabled
+
+
+@dataclass
+class Config:
+    """One experiment: what the Hydra groups ``model``, ``dataset``, ``optimizer``, ``trainer`` compose into."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: Dict[str, DatasetConfig] = field(default_factory=dict)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def register_configs() -> None:
+    """Put the schema into Hydra's ConfigStore; ``conf/config.yaml`` lists it first in its defaults."""
+    ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+def validate(cfg: Config) -> None:
+    """Check everything that spans fields; raise one :class:`ConfigError` listing every problem."""
+    problems: list[str] = []
+    model, training = cfg.model, cfg.training
+
+    def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+        if value not in choices:
+            problems.append(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+    check_choice("model.dtype", model.dtype, DTYPES)
+    check_choice("model.attn_implementation", model.attn_implementation, ATTN_IMPLEMENTATIONS)
+    check_choice("training.mixed_precision", training.mixed_precision, MIXED_PRECISION)
+    check_choice("training.on_bad_sample", training.on_bad_sample, BAD_SAMPLE_POLICIES)
+    check_choice("wandb.mode", cfg.wandb.mode, ("online", "offline", "disabled"))
+    check_choice("optimizer.name", cfg.optimizer.name, ("adamw",))
+
+    if model.checkpoint is None and not model.random_init:
+        problems.append(
+            "model.checkpoint=null means the vendored files, which hold no weights: "
+            "set model.random_init=true or give a hub id / local folder"
+        )
+    if model.attn_implementation.startswith("flash_attention") and importlib.util.find_spec("flash_attn") is None:
+        problems.append(f"model.attn_implementation={model.attn_implementation} needs flash-attn installed; use sdpa")
+    if model.dtype == "float16" or (model.dtype == "bfloat16" and training.mixed_precision == "fp16"):
+        problems.append(
+            f"model.dtype={model.dtype} with training.mixed_precision={training.mixed_precision} cannot train "
+            "stably: keep model.dtype=float32 and set training.mixed_precision=bf16 or fp16"
+        )
+    frozen = {c for c in COMPONENTS if getattr(model, f"freeze_{c}")}
+    if frozen == set(COMPONENTS) and not model.lora.enabled:
+        problems.append("model.freeze_vision, freeze_connector and freeze_text are all true: nothing would train")
+    unknown = sorted(set(model.lora.components) - set(COMPONENTS))
+    if unknown:
+        problems.append(f"model.lora.components has {unknown}; choose from {', '.join(COMPONENTS)}")
+    if model.lora.enabled and model.lora.rank < 1:
+        problems.append("model.lora.rank must be at least 1")
+
+    arch = model.architecture
+    overridden = [f.name for f in fields(arch) if getattr(arch, f.name) is not None]
+    if overridden and not model.random_init:
+        problems.append(
+            f"model.architecture sets {', '.join(overridden)}, which only applies to random weights: "
+            "set model.random_init=true or remove the overrides"
+        )
+    if arch.tile_size is not None and arch.patch_size is not None and arch.tile_size % arch.patch_size:
+        problems.append("model.architecture.tile_size must be a multiple of patch_size")
+
+    if not cfg.dataset:
+        problems.append(
+            "no dataset selected: pass dataset=[name,...] (see conf/dataset/), "
+            "or dataset=[folder] dataset.folder.path=PATH"
+        )
+    for key, source in cfg.dataset.items():
+        prefix = f"dataset.{key}"
+        if not source.path:
+            problems.append(f"{prefix}.path is not set: pass {prefix}.path=/path/to/data")
+        check_choice(f"{prefix}.format", source.format, DATASET_FORMATS)
+        for name in ("max_turns", "max_samples", "max_images_per_sample", "image_longest_edge"):
+            value = getattr(source, name)
+            if value is not None and value < 1:
+                problems.append(f"{prefix}.{name}={value} must be at least 1 (or null for no limit)")
+        if source.weight is not None and source.weight <= 0:
+            problems.append(f"{prefix}.weight={source.weight} must be positive")
+
+    for name in ("batch_size", "gradient_accumulation_steps", "num_epochs", "log_interval", "val_interval"):
+        if getattr(training, name) < 1:
+            problems.append(f"training.{name}={getattr(training, name)} must be at least 1")
+    for name in ("max_steps", "save_steps", "val_steps", "max_length", "max_checkpoints", "max_samples_per_dataset"):
+        value = getattr(training, name)
+        if value is not None and value < 1:
+            problems.append(f"training.{name}={value} must be at least 1 (or null)")
+    if training.save_interval < 0:
+        problems.append("training.save_interval must be >= 0 (0 = no epoch checkpoints)")
+    if not 0 <= training.val_ratio < 1:
+        problems.append(f"training.val_ratio={training.val_ratio} must be in [0, 1)")
+    learning_rates = {name: getattr(training, name) for name in ("lr_vision", "lr_text", "lr_connector")}
+    for name, value in learning_rates.items():
+        if value <= 0:
+            problems.append(f"training.{name}={value} must be positive (freeze the component instead)")
+    if training.min_lr < 0 or training.min_lr > min(learning_rates.values()):
+        problems.append(f"training.min_lr={training.min_lr} must be between 0 and the smallest learning rate")
+    for name in ("weight_decay", "max_grad_norm", "warmup_steps", "num_workers"):
+        if getattr(training, name) < 0:
+            problems.append(f"training.{name}={getattr(training, name)} must not be negative")
+    if training.resume not in (None, "auto") and not Path(training.resume).is_dir():
+        problems.append(f"training.resume={training.resume!r} is not a folder: give a checkpoint folder or 'auto'")
+
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Legacy Python configs: ``get_config()`` returning {'model', 'datasets', 'training', 'wandb'}.
+
+LEGACY_SECTIONS = {"model": ModelConfig, "datasets": DatasetConfig, "training": TrainingConfig, "wandb": WandbConfig}
+
+
+def _field_names(schema: type) -> list[str]:
+    return [f.name for f in fields(schema)]
+
+
+def _unknown_key_error(where: str, key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(known)})"
+    return f"{where}: unknown key {key!r}{hint}"
+
+
+def _dataset_key(name: str, taken: set[str]) -> str:
+    """A legacy dataset's display name as a config key: 'DoclingMatix test' -> 'DoclingMatix_test', unique."""
+    key = re.sub(r"\W", "_", name).strip("_") or "dataset"
+    base, n = key, 2
+    while key in taken:
+        key, n = f"{base}_{n}", n + 1
+    return key
+
+
+def load_legacy_config(path: str | Path) -> dict[str, Any]:
+    """Run a legacy config file's ``get_config()`` and map the dict onto :class:`Config`'s layout.
+
+    Unknown keys at any level raise :class:`ConfigError` with a "did you mean"; types are checked later
+    by Hydra when the result is merged onto the schema.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    spec = importlib.util.spec_from_file_location(f"legacy_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigError(f"--config {path}: the file defines no get_config() function")
+    legacy = module.get_config()
+    if not isinstance(legacy, dict):
+        raise ConfigError(f"--config {path}: get_config() must return a dict, got {type(legacy).__name__}")
+
+    problems = [
+        _unknown_key_error(str(path), key, list(LEGACY_SECTIONS)) for key in legacy if key not in LEGACY_SECTIONS
+    ]
+    mapped: dict[str, Any] = {}
+    for section in ("model", "training", "wandb"):
+        values = legacy.get(section) or {}
+        known = _field_names(LEGACY_SECTIONS[section])
+        problems += [_unknown_key_error(f"{path}: '{section}'", k, known) for k in values if k not in known]
+        if values:
+            mapped[section] = dict(values)
+
+    datasets: dict[str, Any] = {}
+    known = _field_names(DatasetConfig)
+    for i, entry in enumerate(legacy.get("datasets") or []):
+        if not isinstance(entry, dict):
+            problems.append(f"{path}: datasets[{i}] must be a dict with at least 'path'")
+            continue
+        problems += [_unknown_key_error(f"{path}: datasets[{i}]", k, known) for k in entry if k not in known]
+        name = str(entry.get("name") or Path(str(entry.get("path", f"dataset{i}"))).name)
+        datasets[_dataset_key(name, set(datasets))] = {**entry, "name": name}
+    if problems:
+        raise ConfigError("invalid legacy config:\n  - " + "\n  - ".join(problems))
+    mapped["dataset"] = datasets
+    return mapped

@@ -1,0 +1,45 @@
+"""Shared fixtures: the repository root, Hydra composition, the tiny model preset."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from granite_docling.config import Config, register_configs
+from granite_docling.launch import register_resolvers
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+register_configs()
+register_resolvers()
+
+
+def compose_config(*overrides: str) -> Config:
+    """Compose conf/config.yaml with overrides, as train.py would, into the typed Config."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return OmegaConf.to_object(cfg)
+
+
+def run_script(*args: str, cwd: Path = REPO, timeout: float = 120, env: dict | None = None):
+    """Run a repository script (train.py, evaluate.py, ...) in a fresh interpreter; return the completed process."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Config:
+    return compose_config("model=tiny", "dataset=[sample]")
