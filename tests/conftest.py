@@ -43,3 +43,11 @@ def run_script(*args: str, cwd: Path = REPO, timeout: float = 120, env: dict | N
 @pytest.fixture(scope="session")
 def tiny_config() -> Config:
     return compose_config("model=tiny", "dataset=[sample]")
+
+
+@pytest.fixture(scope="session")
+def tiny_processor():
+    from granite_docling.model import load_model_config, load_processor
+
+    cfg = compose_config("model=tiny").model
+    return load_processor(cfg, load_model_config(cfg))

@@ -1,0 +1,123 @@
+"""Conversation -> token ids, exact loss labels, and padded batches. Pure functions, tested on literal ids.
+
+The chat template renders every turn as ``<|start_of_role|>ROLE<|end_of_role|>CONTENT<|end_of_text|>\\n``;
+all images go into the first user turn, before its text, exactly as the model card's inference recipe puts
+the one page image. Supervised positions are the assistant content plus its closing ``<|end_of_text|>``;
+everything else (role headers, user text, image tokens, the newline after eos, padding) is ignored.
+
+pad == eos (``<|end_of_text|>``, 100257) in this tokenizer, so masks come from positions, never from pad ids.
+Labels are NOT shifted here: the loss shifts them once (``granite_docling.train_loop``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from granite_docling.data.sample import Turn
+
+IGNORE_INDEX = -100
+ASSISTANT_HEADER = "<|start_of_role|>assistant<|end_of_role|>"
+
+
+def build_messages(turns: Sequence[Turn], num_images: int) -> list[dict]:
+    """Chat messages for the processor's template: images first in the first user turn, then its text."""
+    messages = []
+    for i, turn in enumerate(turns):
+        images = [{"type": "image"}] * num_images if i == 0 else []
+        messages.append({"role": "user", "content": [*images, {"type": "text", "text": turn.user}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": turn.assistant}]})
+    return messages
+
+
+def assistant_mask(input_ids: Sequence[int], header_ids: Sequence[int], eos_id: int) -> list[bool]:
+    """True at every assistant content token and its closing eos; False everywhere else.
+
+    A span starts right after each occurrence of ``header_ids`` (the assistant role header) and runs up to and
+    including the next ``eos_id``.
+    """
+    ids, header, n = list(input_ids), list(header_ids), len(input_ids)
+    mask = [False] * n
+    i = 0
+    while i < n:
+        if ids[i : i + len(header)] != header:
+            i += 1
+            continue
+        j = i + len(header)
+        while j < n and ids[j] != eos_id:
+            mask[j] = True
+            j += 1
+        if j < n:
+            mask[j] = True  # the closing eos: the model must learn to stop
+        i = j + 1
+    return mask
+
+
+def masked_labels(input_ids: Sequence[int], mask: Sequence[bool]) -> list[int]:
+    """``input_ids`` where supervised, :data:`IGNORE_INDEX` elsewhere (unshifted)."""
+    return [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, mask, strict=True)]
+
+
+def header_ids(tokenizer) -> list[int]:
+    return tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False)
+
+
+def encode_conversation(processor, turns: Sequence[Turn], images: list, image_longest_edge: int | None = None) -> dict:
+    """One sample -> ``input_ids`` / ``labels`` (T,), ``pixel_values`` (N, 3, H, W), ``pixel_attention_mask``.
+
+    Text and images go through the stock processor, so the prompt is token-for-token what inference sees.
+    """
+    text = processor.apply_chat_template(build_messages(turns, len(images)))
+    kwargs = {"size": {"longest_edge": image_longest_edge}} if image_longest_edge else {}
+    encoded = processor(text=text, images=images or None, return_tensors="pt", **kwargs)
+    input_ids = encoded["input_ids"][0]
+    tokenizer = processor.tokenizer
+    mask = assistant_mask(input_ids.tolist(), header_ids(tokenizer), tokenizer.eos_token_id)
+    example = {"input_ids": input_ids, "labels": torch.tensor(masked_labels(input_ids.tolist(), mask))}
+    if images:
+        example["pixel_values"] = encoded["pixel_values"][0]
+        example["pixel_attention_mask"] = encoded["pixel_attention_mask"][0].bool()
+    return example
+
+
+def pad_sequences(sequences: Sequence[torch.Tensor], value: int) -> torch.Tensor:
+    """Right-pad 1-D tensors to the longest: (B, T_max)."""
+    out = torch.full((len(sequences), max(len(s) for s in sequences)), value, dtype=sequences[0].dtype)
+    for row, sequence in enumerate(sequences):
+        out[row, : len(sequence)] = sequence
+    return out
+
+
+def pad_images(tiles: Sequence[torch.Tensor | None], fill: float | bool = 0) -> torch.Tensor | None:
+    """Stack per-sample tile tensors (N_i, ...) into (B, N_max, ...), zero-filled.
+
+    All-zero tiles are how Idefics3 recognises padding tiles, so samples with fewer tiles (or none) are padded
+    with zeros. H and W are padded too, in case sources were resized to different tile sizes.
+    """
+    present = [t for t in tiles if t is not None]
+    if not present:
+        return None
+    first = present[0]
+    max_tiles = max(t.shape[0] for t in present)
+    spatial = [max(t.shape[d] for t in present) for d in range(1, first.ndim)]
+    out = torch.full((len(tiles), max_tiles, *spatial), fill, dtype=first.dtype)
+    for row, t in enumerate(tiles):
+        if t is not None:
+            out[(row, slice(0, t.shape[0]), *(slice(0, s) for s in t.shape[1:]))] = t
+    return out
+
+
+def collate(examples: Sequence[dict], pad_id: int) -> dict:
+    """Right-padded batch: ``input_ids`` padded with ``pad_id``, ``attention_mask``, ``labels`` padded with -100."""
+    input_ids = [e["input_ids"] for e in examples]
+    batch = {
+        "input_ids": pad_sequences(input_ids, pad_id),
+        "attention_mask": pad_sequences([torch.ones_like(ids) for ids in input_ids], 0),
+        "labels": pad_sequences([e["labels"] for e in examples], IGNORE_INDEX),
+    }
+    pixel_values = pad_images([e.get("pixel_values") for e in examples])
+    if pixel_values is not None:
+        batch["pixel_values"] = pixel_values
+        batch["pixel_attention_mask"] = pad_images([e.get("pixel_attention_mask") for e in examples], False)
+    return batch

@@ -1,0 +1,135 @@
+"""``granite-docling validate PATH... [--json]``: check every sample before spending GPU hours on it.
+
+For each dataset: JSON and schema, empty answers, image paths inside the root, every image fully decoded, and
+the token length with the real processor (image tokens included), then a report: samples, good, bad by reason
+with file names, turns and images per sample, token-length percentiles, tiles.
+
+Exit status: 0 when every sample is good, 1 when some are bad, 2 when a path is not a dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+from granite_docling.data.encoding import build_messages
+from granite_docling.data.images import ImageError, decode_image
+from granite_docling.data.readers import DatasetNotFoundError, ReadOptions, read_dataset
+from granite_docling.data.sample import REASONS, Problem, Sample
+
+log = logging.getLogger(__name__)
+
+
+def count_tokens(processor, sample: Sample, image_sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """(tokens, tiles) the processor would give this sample, computed without resizing any pixel.
+
+    Text is tokenised with one ``<image>`` placeholder per image; each placeholder then expands to the image's
+    tokens (tiles x tokens per tile, plus the row / column / global markers), as the processor expands it.
+    """
+    text = processor.apply_chat_template(build_messages(sample.turns, len(image_sizes)))
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    placeholders = ids.count(processor.image_token_id)
+    if not image_sizes:
+        return len(ids), 0
+    multimodal = processor._get_num_multimodal_tokens(image_sizes=image_sizes)
+    image_tokens = sum(multimodal["num_image_tokens"])
+    tiles = sum(max(1, n) for n in multimodal["num_image_patches"])
+    return len(ids) - placeholders + image_tokens, tiles
+
+
+def percentiles(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return float(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))])
+
+    return {"min": float(ordered[0]), "p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": float(ordered[-1])}
+
+
+def validate_dataset(path: Path, processor, split: str = "train", max_length: int | None = None) -> dict:
+    """Check every sample of one dataset; a JSON-ready report."""
+    samples, problems = read_dataset(path, path.name, ReadOptions(split=split))
+    lengths, tiles, turns, images = [], [], [], []
+    good = 0
+    for index, sample in enumerate(samples):
+        try:
+            sizes = [decode_image(ref).size for ref in sample.images]  # (width, height)
+        except ImageError as error:
+            problems.append(Problem(sample.dataset, sample.id, error.reason, error.detail))
+            continue
+        length, n_tiles = count_tokens(processor, sample, [(h, w) for w, h in sizes])
+        if max_length is not None and length > max_length:
+            problems.append(Problem(sample.dataset, sample.id, "too_long", f"{length} > {max_length} tokens"))
+            continue
+        good += 1
+        lengths.append(length)
+        tiles.append(n_tiles)
+        turns.append(len(sample.turns))
+        images.append(len(sample.images))
+        if (index + 1) % 200 == 0:
+            log.info("%s: %d / %d samples checked", path, index + 1, len(samples))
+    by_reason = Counter(p.reason for p in problems)
+    return {
+        "path": str(path),
+        "samples": good + len(problems),
+        "good": good,
+        "bad": len(problems),
+        "bad_by_reason": dict(by_reason.most_common()),
+        "problems": [{"file": p.file, "reason": p.reason, "detail": p.detail} for p in problems],
+        "turns_per_sample": percentiles(turns),
+        "images_per_sample": percentiles(images),
+        "tokens": percentiles(lengths),
+        "tiles_per_sample": percentiles(tiles),
+        "tiles_total": sum(tiles),
+    }
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{report['path']}: {report['samples']} samples, {report['good']} good, {report['bad']} bad"]
+    for reason, n in report["bad_by_reason"].items():
+        files = [p["file"] for p in report["problems"] if p["reason"] == reason]
+        shown = ", ".join(files[:5]) + (f", ... ({len(files) - 5} more)" if len(files) > 5 else "")
+        lines.append(f"  {n} x {reason}: {REASONS.get(reason, '')}\n      {shown}")
+    for key, label in (("turns_per_sample", "turns / sample"), ("images_per_sample", "images / sample"),
+                       ("tokens", "tokens / sample"), ("tiles_per_sample", "tiles / sample")):  # fmt: skip
+        stats = report[key]
+        if stats:
+            lines.append(f"  {label:16s} " + "  ".join(f"{k} {v:g}" for k, v in stats.items()))
+    if report["good"]:
+        lines.append(f"  tiles in total: {report['tiles_total']}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="dataset folders or parquet files")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (a list for several paths)")
+    parser.add_argument("--split", default="train", help="split to check (default: train)")
+    parser.add_argument("--checkpoint", default=None, help="processor to count tokens with (default: the vendored one)")
+    parser.add_argument("--max-length", type=int, default=None, help="report samples longer than this as bad")
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoProcessor
+
+    from granite_docling.model import ASSETS_DIR
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    processor = AutoProcessor.from_pretrained(args.checkpoint or ASSETS_DIR)
+    reports = []
+    for path in args.paths:
+        try:
+            reports.append(validate_dataset(path, processor, args.split, args.max_length))
+        except DatasetNotFoundError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    else:
+        print("\n\n".join(format_report(r) for r in reports))
+    return 1 if any(r["bad"] for r in reports) else 0

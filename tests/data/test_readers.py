@@ -1,0 +1,115 @@
+"""Readers: the Docling folder format, the hub layout from parquet / Arrow, bad input, per-dataset limits."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from fixture_data import BAD_FILES, dataset_with_bad_samples, good_dataset, write_annotation, write_image
+
+from granite_docling.data.images import ImageError, decode_image
+from granite_docling.data.readers import DatasetNotFoundError, ReadOptions, detect_format, read_dataset
+from granite_docling.data.sample import Turn
+
+
+def test_docling_folder_reads_both_annotation_options(tmp_path):
+    samples, problems = read_dataset(good_dataset(tmp_path, 4), "mine", ReadOptions())
+    assert problems == []
+    assert [s.id for s in samples] == [f"anns/train/{i:03d}.json" for i in range(4)]
+    assert samples[0].turns == (Turn("Convert formula to latex.", "x^0", "synth"),)
+    assert samples[1].images == ((tmp_path / "images/train/001.png").resolve(),)
+    assert samples[1].source == "docs" and samples[0].dataset == "mine"
+
+
+def test_bad_records_are_reported_at_read_time_and_images_at_decode_time(tmp_path):
+    root = dataset_with_bad_samples(tmp_path / "data")
+    samples, problems = read_dataset(root, "mine", ReadOptions())
+    found = {p.file.split("/")[-1]: p.reason for p in problems}
+    read_time = {"invalid_json", "bad_schema", "empty_answer", "missing_image", "path_outside_root"}
+    assert found == {f: r for f, r in BAD_FILES.items() if r in read_time}
+    decode_failures = {}
+    for sample in samples:
+        try:
+            [decode_image(ref) for ref in sample.images]
+        except ImageError as error:
+            decode_failures[sample.id.split("/")[-1]] = error.reason
+    assert decode_failures == {f: r for f, r in BAD_FILES.items() if r not in read_time}
+    assert len(samples) - len(decode_failures) == 4  # the good ones; README.txt is ignored
+
+
+def test_limits_keep_the_first_turns_images_and_samples(tmp_path):
+    for i in range(3):
+        write_image(tmp_path / f"images/train/{i}a.png")
+        write_image(tmp_path / f"images/train/{i}b.png")
+        turns = [{"user": f"q{k}", "assistant": f"a{k}"} for k in range(4)]
+        write_annotation(
+            tmp_path, f"{i}.json", {"img_pth": [f"images/train/{i}a.png", f"images/train/{i}b.png"], "anns": turns}
+        )
+    samples, _ = read_dataset(tmp_path, "x", ReadOptions(max_turns=2, max_samples=2, max_images_per_sample=1))
+    assert len(samples) == 2
+    assert [t.user for t in samples[0].turns] == ["q0", "q1"]  # the first turns, not the last
+    assert len(samples[0].images) == 1 and samples[0].images[0].name == "0a.png"
+
+
+def to_hub_rows(samples):
+    rows = []
+    for sample in samples:
+        images = [{"bytes": ref.read_bytes(), "path": ref.name} for ref in sample.images]
+        texts = [{"user": t.user, "assistant": t.assistant, "source": t.source} for t in sample.turns]
+        rows.append({"images": images, "texts": texts})
+    return rows
+
+
+def test_parquet_in_the_hub_layout_yields_the_same_samples_as_the_folder(tmp_path):
+    folder_samples, _ = read_dataset(good_dataset(tmp_path / "folder", 5), "x", ReadOptions())
+    pq.write_table(pa.Table.from_pylist(to_hub_rows(folder_samples)), tmp_path / "train-00000-of-00001.parquet")
+    assert detect_format(tmp_path / "train-00000-of-00001.parquet") == "hub"
+    hub_samples, problems = read_dataset(tmp_path / "train-00000-of-00001.parquet", "x", ReadOptions())
+    assert problems == []
+    assert [s.turns for s in hub_samples] == [s.turns for s in folder_samples]
+    for hub, folder in zip(hub_samples, folder_samples, strict=True):
+        assert [decode_image(ref).tobytes() for ref in hub.images] == [
+            decode_image(ref).tobytes() for ref in folder.images
+        ]
+
+
+def test_arrow_folder_like_save_to_disk_is_read(tmp_path):
+    folder_samples, _ = read_dataset(good_dataset(tmp_path / "folder", 3), "x", ReadOptions())
+    table = pa.Table.from_pylist(to_hub_rows(folder_samples))
+    (tmp_path / "saved").mkdir()
+    with pa.OSFile(str(tmp_path / "saved" / "data-00000-of-00001.arrow"), "wb") as sink:
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    samples, _ = read_dataset(tmp_path / "saved", "x", ReadOptions(max_samples=2))
+    assert [s.turns for s in samples] == [s.turns for s in folder_samples[:2]]
+
+
+def test_hub_rows_with_bad_texts_are_problems(tmp_path):
+    buffer = io.BytesIO()
+    write_image(tmp_path / "a.png")
+    rows = [{"images": [{"bytes": (tmp_path / "a.png").read_bytes(), "path": "a"}],
+             "texts": [{"user": "q", "assistant": "", "source": "s"}]}]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    (tmp_path / "d.parquet").write_bytes(buffer.getvalue())
+    samples, problems = read_dataset(tmp_path / "d.parquet", "x", ReadOptions())
+    assert samples == [] and [(p.file, p.reason) for p in problems] == [("d.parquet#0", "empty_answer")]
+
+
+def test_not_a_dataset_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DatasetNotFoundError, match="not a dataset"):
+        detect_format(tmp_path)
+    good_dataset(tmp_path / "d", 1)
+    with pytest.raises(DatasetNotFoundError, match="splits found .*train"):
+        read_dataset(tmp_path / "d", "x", ReadOptions(split="validation"))
+
+
+def test_annotation_json_is_not_mutated(tmp_path):
+    root = good_dataset(tmp_path, 2)
+    before = {p: p.read_bytes() for p in (root / "anns/train").glob("*.json")}
+    read_dataset(root, "x", ReadOptions())
+    assert before == {p: p.read_bytes() for p in (root / "anns/train").glob("*.json")}
+    assert json.loads(next(iter(before.values())))["img_pth"]

@@ -1,0 +1,81 @@
+"""Small Docling-format folders built in tests: good samples, and one bad sample of every kind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+COLOURS = ["red", "green", "blue", "orange", "purple", "black", "teal", "olive"]
+
+
+def write_image(path: Path, colour: str = "white", size: tuple[int, int] = (96, 128)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def write_annotation(root: Path, name: str, record, split: str = "train") -> Path:
+    path = root / "anns" / split / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(record if isinstance(record, str) else json.dumps(record))
+    return path
+
+
+def good_dataset(root: Path, n: int = 4, split: str = "train") -> Path:
+    """``n`` good samples alternating the two annotation options (single dict / lists)."""
+    for i in range(n):
+        image = f"images/{split}/{i:03d}.png"
+        write_image(root / image, COLOURS[i % len(COLOURS)])
+        if i % 2 == 0:
+            record = {
+                "img_pth": image,
+                "anns": {"user": "Convert formula to latex.", "assistant": f"x^{i}", "source": "synth"},
+            }
+        else:
+            answer = f"<doctag><text>page {i}</text></doctag>"
+            turns = [{"user": "Convert this page to docling.", "assistant": answer, "source": "docs"}]
+            record = {"img_pth": [image], "anns": turns}
+        write_annotation(root, f"{i:03d}.json", record, split)
+    return root
+
+
+# file name -> the reason validate / training must give for it
+BAD_FILES = {
+    "b_invalid_json.json": "invalid_json",
+    "b_wrong_schema.json": "bad_schema",
+    "b_empty_answer.json": "empty_answer",
+    "b_missing_image.json": "missing_image",
+    "b_truncated_image.json": "unreadable_image",
+    "b_not_an_image.json": "unreadable_image",
+    "b_bomb.json": "image_too_large",
+    "b_outside_root.json": "path_outside_root",
+}
+
+
+def dataset_with_bad_samples(root: Path, n_good: int = 4) -> Path:
+    """``n_good`` good samples plus one of each kind in :data:`BAD_FILES`, and a README that must be ignored."""
+    good_dataset(root, n_good)
+    images = root / "images" / "train"
+    ok = {"user": "Convert this page to docling.", "assistant": "<doctag></doctag>"}
+
+    write_annotation(root, "b_invalid_json.json", '{"img_pth": "images/train/000.png", "anns": ')
+    write_annotation(root, "b_wrong_schema.json", {"image": "images/train/000.png", "anns": ok})
+    write_annotation(root, "b_empty_answer.json", {"img_pth": "images/train/000.png", "anns": {**ok, "assistant": " "}})
+    write_annotation(root, "b_missing_image.json", {"img_pth": "images/train/nope.png", "anns": ok})
+
+    write_image(images / "whole.png", "red", (300, 300))
+    data = (images / "whole.png").read_bytes()
+    (images / "truncated.png").write_bytes(data[: len(data) // 2])
+    write_annotation(root, "b_truncated_image.json", {"img_pth": "images/train/truncated.png", "anns": ok})
+    (images / "garbage.png").write_bytes(b"this is not an image at all")
+    write_annotation(root, "b_not_an_image.json", {"img_pth": "images/train/garbage.png", "anns": ok})
+
+    Image.new("1", (11_000, 11_000)).save(images / "bomb.png")  # 121 MP of zeros: a small file, a huge image
+    write_annotation(root, "b_bomb.json", {"img_pth": "images/train/bomb.png", "anns": ok})
+
+    write_image(root.parent / "secret.png")
+    write_annotation(root, "b_outside_root.json", {"img_pth": "../secret.png", "anns": ok})
+
+    (root / "anns" / "train" / "README.txt").write_text("not an annotation: ignored")
+    return root
