@@ -30,7 +30,9 @@ def main(cfg: DictConfig) -> None:
 
     config = OmegaConf.to_object(cfg)
     validate(config)
-    train(config, run_dir=HydraConfig.get().runtime.output_dir)
+    exit_code = train(config, run_dir=HydraConfig.get().runtime.output_dir)
+    if exit_code:  # 75: interrupted after writing a checkpoint; 1: stopped on an error (see the log)
+        sys.exit(exit_code)
 
 
 if __name__ == "__main__":

@@ -144,6 +144,11 @@ class TrainingConfig:
     max_samples_per_dataset: Optional[int] = None  # cap on every source (a dataset's own max_samples also applies)
     max_length: Optional[int] = None  # drop samples longer than this many tokens, image tokens included
     on_bad_sample: str = "skip"  # skip (count and report) or error (stop at the first, naming it)
+    max_nonfinite_steps: int = 5  # stop after this many optimizer steps in a row with a NaN / Inf loss
+    loss_chunk_size: int = 2048  # supervised positions per chunk of the output layer + loss (bounds logits memory)
+    push_to_hub: bool = False  # upload final_model/ to the hub at the end
+    hub_repo_id: Optional[str] = None  # hub repository to push to, e.g. my-org/granite-docling-invoices
+    hub_private: bool = True  # create the hub repository as private
 
 
 @dataclass
@@ -257,6 +262,10 @@ def validate(cfg: Config) -> None:
     for name in ("weight_decay", "max_grad_norm", "warmup_steps", "num_workers"):
         if getattr(training, name) < 0:
             problems.append(f"training.{name}={getattr(training, name)} must not be negative")
+    if training.push_to_hub and not training.hub_repo_id:
+        problems.append("training.push_to_hub=true needs training.hub_repo_id=ORG/NAME")
+    if training.max_nonfinite_steps < 1 or training.loss_chunk_size < 1:
+        problems.append("training.max_nonfinite_steps and training.loss_chunk_size must be at least 1")
     if training.resume not in (None, "auto") and not Path(training.resume).is_dir():
         problems.append(f"training.resume={training.resume!r} is not a folder: give a checkpoint folder or 'auto'")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, Idefics3Config
 
-from granite_docling.config import HUB_ID, ArchitectureConfig, ModelConfig
+from granite_docling.config import HUB_ID, ArchitectureConfig, LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,34 @@ def load_model_and_processor(cfg: ModelConfig):
         counts["total"] / 1e6, counts["trainable"] / 1e6,
     )  # fmt: skip
     return model, processor
+
+
+# Modules that get adapters, per component: attention and MLP projections, and the connector's projection.
+LORA_TARGETS = {
+    "text": r".*text_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+    "vision": r".*vision_model\..*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)",
+    "connector": r".*connector\.modality_projection\.proj",
+}
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+    """Wrap ``model`` with peft LoRA adapters on the chosen components; everything else is frozen by peft."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    pattern = "|".join(f"({LORA_TARGETS[c]})" for c in cfg.components)
+    peft_config = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=pattern)
+    model = get_peft_model(model, peft_config)
+    counts = parameter_counts(model)
+    log.info(
+        "LoRA r=%d on %s: %.2fM trainable parameters", cfg.rank, ", ".join(cfg.components), counts["trainable"] / 1e6
+    )
+    return model
+
+
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The Idefics3 model inside a peft wrapper (adapters stay injected), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""Atomic checkpoints that are complete HF model folders, plus everything needed to resume exactly.
+
+A checkpoint folder holds what stock ``AutoModelForImageTextToText`` / ``AutoProcessor`` need (config,
+safetensors weights, generation config, processor, tokenizer and chat template files; LoRA runs save merged
+weights) and ``training_state.pt``: optimizer, scheduler, loop position (step, epoch, samples consumed in the
+epoch), RNG states of every process, and the resolved config. LoRA runs also keep ``adapter/`` for resuming.
+
+Writes go to a hidden temporary folder that is renamed into place, so a crash mid-save never leaves a folder
+that looks complete; only complete folders are considered by ``training.resume=auto``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "training_state.pt"
+ADAPTER_DIR = "adapter"
+_CHECKPOINT_NAME = re.compile(r"^checkpoint_(epoch|step)_(\d+)$")
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: enough to continue at the exact next batch."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs completed
+    samples_in_epoch: int = 0  # samples of this process's shard consumed in the current epoch
+    skipped_steps: int = 0  # steps skipped for a non-finite loss, in total
+    nonfinite_in_a_row: int = 0  # consecutive non-finite steps
+    loss_sum: float = 0.0  # running totals behind train/avg_loss
+    loss_steps: int = 0
+    bad_samples: int = 0  # samples skipped while loading, this process
+    elapsed_seconds: float = 0.0  # training time before this (resumed) process started
+    extra: dict = field(default_factory=dict)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_model_folder(folder: Path, model: torch.nn.Module, processor) -> None:
+    """A stock-loadable model folder. A peft model is saved merged (without touching the training copy),
+    with its adapter beside it in ``adapter/``."""
+    if hasattr(model, "merge_and_unload"):  # peft
+        model.save_pretrained(folder / ADAPTER_DIR)
+        merged = _merged_copy(model)
+        merged.save_pretrained(folder, safe_serialization=True)
+        del merged
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+
+
+def _merged_copy(peft_model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(peft_model).merge_and_unload()
+
+
+def save_checkpoint(folder: Path, model, processor, training_state: dict | None) -> Path:
+    """Write ``folder`` atomically: model files, processor files and (unless None) ``training_state.pt``."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model_folder(tmp, model, processor)
+    if training_state is not None:
+        torch.save(training_state, tmp / STATE_FILE)
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    if folder.exists():
+        folder.rename(old)  # rename, not delete, first: there is always one complete copy on disk
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def checkpoint_sort_key(folder: Path) -> tuple[int, float]:
+    """Newest last: by the optimizer step recorded in it, then modification time."""
+    state_file = folder / STATE_FILE
+    step = -1
+    if state_file.is_file():
+        step = torch.load(state_file, map_location="cpu", weights_only=False)["loop"]["step"]
+    return step, folder.stat().st_mtime
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders under ``root`` that finished writing, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _CHECKPOINT_NAME.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=checkpoint_sort_key)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def rotate_checkpoints(root: Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints; return what was deleted."""
+    if keep is None:
+        return []
+    found = complete_checkpoints(root)
+    doomed = found[: max(0, len(found) - keep)]
+    for folder in doomed:
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("removed old checkpoint %s (keeping %d)", folder, keep)
+    return doomed
+
+
+def training_state(
+    optimizer, scheduler, loop: LoopState, rng_states: list[dict], config_yaml: str, scaler=None
+) -> dict:
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "loop": asdict(loop),
+        "rng": rng_states,  # one per process, by rank
+        "config": config_yaml,
+    }
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    return state
+
+
+def load_training_state(folder: Path) -> dict:
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no {STATE_FILE}: it is a model folder, not a training checkpoint. To fine-tune from "
+            f"it, set model.checkpoint={folder} instead of training.resume"
+        )
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,385 @@
+"""The training loop: one function, read top to bottom. Accelerate does devices, mixed precision and process
+groups; the rest is here in plain sight.
+
+    python train.py experiment=demo          # see train.py for every way to launch it
+
+Vocabulary: ``step`` is an optimizer step; ``micro_step`` one forward/backward of ``batch_size`` samples per
+process (``gradient_accumulation_steps`` of them make a step); ``epoch`` a pass over the training split.
+
+Exit codes: 0 done; :data:`EXIT_INTERRUPTED` (75) stopped by SIGTERM / Ctrl-C after writing a checkpoint,
+resume with ``training.resume=auto`` (same ``hydra.run.dir``) or ``training.resume=PATH``; 1 on errors,
+including too many non-finite losses in a row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from granite_docling.checkpoint import (
+    LoopState,
+    latest_checkpoint,
+    load_training_state,
+    rng_state,
+    rotate_checkpoints,
+    save_checkpoint,
+    set_rng_state,
+    training_state,
+)
+from granite_docling.config import Config
+from granite_docling.data.encoding import IGNORE_INDEX
+from granite_docling.data.loading import append_problems, build_data, make_loader, summarise
+from granite_docling.loss import TokenLoss
+from granite_docling.model import apply_lora, load_model_and_processor, parameter_groups
+from granite_docling.tracking import NullTracker, Tracker, plot_loss_curve
+
+log = logging.getLogger(__name__)
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: a checkpoint was written, run again to continue
+MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "pixel_attention_mask")
+
+
+class StopRequest:
+    """SIGTERM or a first Ctrl-C asks the loop to stop after the current step; a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("%s received: stopping after this step and writing a checkpoint "
+                    "(Ctrl-C again to abort without saving)", signal.Signals(signum).name)  # fmt: skip
+
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate: linear warmup, then cosine down to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def take(iterator, n: int) -> list:
+    """Up to ``n`` next items of ``iterator``."""
+    items = []
+    for item in iterator:
+        items.append(item)
+        if len(items) == n:
+            break
+    return items
+
+
+def sum_over_processes(accelerator: Accelerator, *values: float) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(tensor, reduction="sum").tolist() if accelerator.num_processes > 1 else tensor.tolist()
+
+
+def backward_step(accelerator: Accelerator, loss_module: torch.nn.Module, group: list[dict]) -> tuple[float, int]:
+    """Forward and backward over one optimizer step's micro-batches; returns (mean loss per token, tokens).
+
+    Every micro-batch's summed loss is divided by the supervised tokens of the WHOLE step, counted over all
+    micro-batches and all processes, and multiplied by the number of processes (DDP averages gradients): the
+    gradient equals that of one big batch, however lengths are spread. Gradients sync on the last micro-batch only.
+    """
+    world = accelerator.num_processes
+    local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group if b["ids"])
+    (global_tokens,) = sum_over_processes(accelerator, local_tokens)
+    step_loss_sum = 0.0
+    for micro_step, batch in enumerate(group):
+        sync = micro_step == len(group) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(loss_module):
+            if batch["ids"]:
+                inputs = {k: batch[k].to(accelerator.device, non_blocking=True) for k in MODEL_KEYS if k in batch}
+                loss_sum, _ = loss_module(**inputs)
+            else:  # every sample of this micro-batch was bad: a zero loss keeps the processes in step
+                loss_sum = sum(p.sum() for p in loss_module.parameters() if p.requires_grad) * 0.0
+            accelerator.backward(loss_sum * world / max(global_tokens, 1))
+            step_loss_sum += loss_sum.item()
+    (global_loss_sum,) = sum_over_processes(accelerator, step_loss_sum)
+    return global_loss_sum / max(global_tokens, 1), int(global_tokens)
+
+
+def validation_loss(accelerator: Accelerator, loss_module: TokenLoss, loader) -> float:
+    """Token-weighted loss over the validation split, summed over every process."""
+    loss_module.eval()
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad(), accelerator.autocast():
+        for batch in loader:
+            if not batch["ids"]:
+                continue
+            inputs = {k: batch[k].to(accelerator.device) for k in MODEL_KEYS if k in batch}
+            batch_sum, batch_tokens = loss_module(**inputs)
+            loss_sum, tokens = loss_sum + batch_sum.item(), tokens + batch_tokens
+    loss_module.train()
+    loss_sum, tokens = sum_over_processes(accelerator, loss_sum, tokens)
+    return loss_sum / max(tokens, 1)
+
+
+def train(cfg: Config, run_dir: str | Path) -> int:
+    run_dir = Path(run_dir)
+    t = cfg.training
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
+    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    set_seed(t.seed)
+    checkpoint_root = Path(t.save_dir) if t.save_dir else run_dir / "checkpoints"
+    final_dir = checkpoint_root / "final_model" if t.save_dir else run_dir / "final_model"
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    log.info("run folder %s, %d process(es) on %s, mixed precision %s", run_dir, world, accelerator.device,
+             t.mixed_precision)  # fmt: skip
+
+    # ---- model, data, optimizer, schedule
+    model, processor = load_model_and_processor(cfg.model)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.lora.enabled:
+        model = apply_lora(model, cfg.model.lora)
+    pad_id = processor.tokenizer.pad_token_id
+    data = build_data(cfg, processor, rank, world)
+    bad_samples_file = run_dir / f"bad_samples{'' if rank == 0 else f'_rank{rank}'}.jsonl"
+    if is_main:
+        append_problems(bad_samples_file, data.problems)
+        if data.problems:
+            log.warning("%s (listed in %s)", summarise(data.problems), bad_samples_file)
+    train_loader = make_loader(data.train, data.train_sampler, t.batch_size, t.num_workers, pad_id)
+    val_loader = None
+    if data.val is not None:
+        val_indices = range(rank, len(data.val), world)  # no shuffling, no padding: each process a share
+        val_loader = make_loader(data.val, val_indices, t.batch_size, t.num_workers, pad_id)
+
+    micro_steps_per_epoch = math.ceil(len(data.train_sampler) / t.batch_size)
+    steps_per_epoch = math.ceil(micro_steps_per_epoch / t.gradient_accumulation_steps)
+    total_steps = t.max_steps or t.num_epochs * steps_per_epoch
+    learning_rates = {"vision": t.lr_vision, "text": t.lr_text, "connector": t.lr_connector}
+    groups = parameter_groups(model, learning_rates, t.weight_decay)
+    fused = t.max_grad_norm >= 0 and (
+        cfg.optimizer.fused if cfg.optimizer.fused is not None else torch.cuda.is_available()
+    )
+    optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps, fused=fused)
+    min_ratios = [t.min_lr / g["lr"] for g in groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [lambda s, r=r: lr_lambda(s, t.warmup_steps, total_steps, r) for r in min_ratios]
+    )
+    loss_module = TokenLoss(model, t.loss_chunk_size)
+    if t.compile:
+        loss_module = torch.compile(loss_module)
+    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    log.info("%d optimizer steps (%d per epoch; effective batch %d = %d x %d accumulation x %d processes)",
+             total_steps, steps_per_epoch, t.batch_size * t.gradient_accumulation_steps * world, t.batch_size,
+             t.gradient_accumulation_steps, world)  # fmt: skip
+
+    # ---- resume
+    state = LoopState()
+    resume_from = latest_checkpoint(checkpoint_root) if t.resume == "auto" else t.resume
+    if t.resume == "auto" and resume_from is None:
+        log.info("training.resume=auto: no checkpoint in %s yet, starting from scratch", checkpoint_root)
+    if resume_from is not None:
+        saved = load_training_state(Path(resume_from))
+        _load_weights(accelerator.unwrap_model(loss_module).model, Path(resume_from))
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if "scaler" in saved and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(saved["scaler"])
+        state = LoopState(**saved["loop"])
+        set_rng_state(saved["rng"][min(rank, len(saved["rng"]) - 1)])
+        log.info("resumed from %s at step %d (epoch %d, %d samples into it)", resume_from, state.step, state.epoch,
+                 state.samples_in_epoch)  # fmt: skip
+
+    tracker = Tracker(run_dir, cfg) if is_main else NullTracker()
+    stop = StopRequest()
+    stop.install()
+    progress = tqdm(total=total_steps, initial=state.step, desc="training", disable=not is_main, dynamic_ncols=True)
+
+    def write_checkpoint(name: str) -> Path:
+        rng_states = gather_object([rng_state()])  # every process's RNG, by rank
+        folder = checkpoint_root / name
+        if is_main:
+            loop = LoopState(**{**asdict(state), "elapsed_seconds": state.elapsed_seconds + time.time() - started})
+            trainer_state = training_state(optimizer, scheduler, loop, rng_states, config_yaml, accelerator.scaler)
+            save_checkpoint(folder, accelerator.unwrap_model(loss_module).model, processor, trainer_state)
+            rotate_checkpoints(checkpoint_root, t.max_checkpoints)
+            log.info("checkpoint saved: %s", folder)
+        accelerator.wait_for_everyone()
+        return folder
+
+    def run_validation() -> None:
+        if val_loader is not None:
+            val = validation_loss(accelerator, loss_module, val_loader)
+            tracker.log({"val/loss": val, "epoch": state.epoch}, step=state.step)
+            log.info("step %d: validation loss %.4f", state.step, val)
+
+    # ---- the loop
+    started = time.time()
+    window_start, window_samples, window_tokens = time.time(), 0, 0
+    batches = None
+    exit_code = 0
+    loss_module.train()
+    while state.step < total_steps:
+        if batches is None:  # start (or continue) an epoch at the exact sample position
+            data.train_sampler.set_epoch(state.epoch, start=state.samples_in_epoch)
+            batches = iter(train_loader)
+        group = take(batches, t.gradient_accumulation_steps)
+        if not group:  # end of epoch
+            state.epoch, state.samples_in_epoch, batches = state.epoch + 1, 0, None
+            if t.val_interval and state.epoch % t.val_interval == 0:
+                run_validation()
+            if t.save_interval and state.epoch % t.save_interval == 0:
+                write_checkpoint(f"checkpoint_epoch_{state.epoch}")
+            continue
+
+        # Bad samples travel in the batches; count and list them, train on the rest.
+        problems = [p for batch in group for p in batch["problems"]]
+        state.samples_in_epoch += sum(len(b["ids"]) + len(b["problems"]) for b in group)
+        state.bad_samples += len(problems)
+        append_problems(bad_samples_file, problems)
+
+        step_loss, global_tokens = backward_step(accelerator, loss_module, group)
+
+        if not math.isfinite(step_loss):
+            optimizer.zero_grad(set_to_none=True)
+            state.skipped_steps += 1
+            state.nonfinite_in_a_row += 1
+            log.warning("step %d: loss is %s, step skipped (%d in a row)", state.step, step_loss,
+                        state.nonfinite_in_a_row)  # fmt: skip
+            if state.nonfinite_in_a_row >= t.max_nonfinite_steps:
+                log.error(
+                    "%d non-finite losses in a row: stopping. Try: a 10x lower learning rate (training.lr_*), a "
+                    "lower training.max_grad_norm, training.mixed_precision=bf16 instead of fp16, and "
+                    "`granite-docling validate` on the data to find corrupt samples.", state.nonfinite_in_a_row,
+                )  # fmt: skip
+                exit_code = 1
+                break
+            continue
+        state.nonfinite_in_a_row = 0
+        grad_norm = accelerator.clip_grad_norm_(loss_module.parameters(), t.max_grad_norm) if t.max_grad_norm else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.loss_sum, state.loss_steps = state.loss_sum + step_loss, state.loss_steps + 1
+        progress.update(1)
+
+        # ---- log every step to metrics.jsonl; a console line every log_interval steps
+        samples = sum(len(b["ids"]) for b in group)
+        window_samples, window_tokens = (
+            window_samples + samples,
+            window_tokens + sum(int(b["attention_mask"].sum()) for b in group if b["ids"]),
+        )
+        lrs = {f"train/lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
+        metrics = {"train/loss": step_loss, "train/avg_loss": state.loss_sum / state.loss_steps,
+                   "train/lr": optimizer.param_groups[0]["lr"], **lrs, "epoch": state.epoch,
+                   "train/supervised_tokens": global_tokens}  # fmt: skip
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        if state.step % t.log_interval == 0 or state.step == total_steps:
+            seconds = time.time() - window_start
+            elapsed = state.elapsed_seconds + time.time() - started
+            samples_per_second = window_samples * world / seconds
+            metrics |= {"train/samples_per_second": samples_per_second,
+                        "train/tokens_per_second": window_tokens * world / seconds}  # fmt: skip
+            eta = (total_steps - state.step) * seconds / max(1, t.log_interval)
+            log.info(
+                "step %d/%d  epoch %d  loss %.4f  avg %.4f  lr %s  %.2f samples/s  %.0f tokens/s  elapsed %s  ETA %s",
+                state.step, total_steps, state.epoch, step_loss, metrics["train/avg_loss"],
+                "/".join(f"{g['lr']:.2e}" for g in optimizer.param_groups[::2]), samples_per_second,
+                metrics["train/tokens_per_second"], _duration(elapsed), _duration(eta),
+            )  # fmt: skip
+            window_start, window_samples, window_tokens = time.time(), 0, 0
+        tracker.log(metrics, step=state.step)
+
+        if t.val_steps and state.step % t.val_steps == 0:
+            run_validation()
+        if t.save_steps and state.step % t.save_steps == 0:
+            write_checkpoint(f"checkpoint_step_{state.step}")
+        (stop_votes,) = sum_over_processes(accelerator, float(stop.requested))
+        if stop_votes:
+            folder = write_checkpoint(f"checkpoint_step_{state.step}")
+            log.warning("stopped at step %d; resume with training.resume=%s", state.step, folder)
+            exit_code = EXIT_INTERRUPTED
+            break
+
+    progress.close()
+    stop.uninstall()
+    if exit_code == 0:
+        _finish(cfg, accelerator, loss_module, processor, final_dir, run_dir, state, data)
+    tracker.finish()
+    accelerator.end_training()
+    return exit_code
+
+
+def _finish(cfg, accelerator, loss_module, processor, final_dir, run_dir, state, data) -> None:
+    """Final model, bad-sample summary, loss curve, hub upload; prints where everything is."""
+    if accelerator.is_main_process:
+        save_checkpoint(final_dir, accelerator.unwrap_model(loss_module).model, processor, None)
+        plot = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+        bad_files = sorted(run_dir.glob("bad_samples*.jsonl"))
+        n_bad = sum(len(f.read_text().splitlines()) for f in bad_files)
+        log.info("training done: %d steps, final model in %s", state.step, final_dir)
+        log.info("metrics: %s; loss curve: %s", run_dir / "metrics.jsonl", plot)
+        if n_bad:
+            log.warning("%d bad sample(s) skipped in total, listed in %s", n_bad, ", ".join(map(str, bad_files)))
+        if cfg.training.push_to_hub:
+            push_to_hub(final_dir, cfg.training.hub_repo_id, cfg.training.hub_private)
+    accelerator.wait_for_everyone()
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool) -> str:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload fine-tuned granite-docling")
+    log.info("pushed %s to https://huggingface.co/%s", folder, repo_id)
+    return repo_id
+
+
+def _load_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Restore trained weights from a checkpoint folder into the (possibly peft-wrapped) training model."""
+    if hasattr(model, "merge_and_unload"):  # LoRA: the adapter is the trained state; base weights are the original
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(folder / "adapter" / "adapter_model.safetensors"))
+        return
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state |= load_file(file)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "lm_head" not in k]  # tied to the embeddings, not stored twice
+    if missing or unexpected:
+        raise RuntimeError(
+            f"checkpoint {folder} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+if __name__ == "__main__":
+    sys.exit("run training with: python train.py [overrides]")

@@ -1,0 +1,272 @@
+"""The training loop: gradient equivalences, autocast, loss, schedule, LoRA, bad samples, NaN, hub, sweeps."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from conftest import REPO, compose_config, run_script
+from fixture_data import BAD_FILES, dataset_with_bad_samples, good_dataset
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from granite_docling import train_loop
+from granite_docling.data.loading import ConversationDataset, collate_skipping_problems
+from granite_docling.data.readers import ReadOptions, read_dataset
+from granite_docling.loss import TokenLoss, shift_labels, supervised_cross_entropy
+from granite_docling.model import load_model_and_processor
+from granite_docling.train_loop import backward_step, lr_lambda, push_to_hub
+
+
+def tiny_loss_module(seed: int = 0):
+    torch.manual_seed(seed)
+    model, processor = load_model_and_processor(compose_config("model=tiny").model)
+    return TokenLoss(model), processor
+
+
+def example_batches(dataset_path, processor) -> list[dict]:
+    """One single-sample micro-batch per sample of the dataset (samples of unequal length)."""
+    samples, _ = read_dataset(dataset_path, "d", ReadOptions())
+    dataset = ConversationDataset({"d": samples}, processor, {})
+    pad_id = processor.tokenizer.pad_token_id
+    return [collate_skipping_problems([dataset[i]], pad_id) for i in range(len(dataset))]
+
+
+def one_batch(batches: list[dict], processor) -> dict:
+    """The same samples as a single right-padded micro-batch."""
+    samples = []
+    for i, b in enumerate(batches):
+        real = b["attention_mask"][0].bool()  # drop the padding of the single-sample batch
+        samples.append(
+            {
+                "input_ids": b["input_ids"][0][real],
+                "labels": b["labels"][0][real],
+                "id": i,
+                "dataset": "d",
+                "pixel_values": b["pixel_values"][0],
+                "pixel_attention_mask": b["pixel_attention_mask"][0],
+            }
+        )
+    return collate_skipping_problems(samples, processor.tokenizer.pad_token_id)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def four_samples(tmp_path_factory):
+    return good_dataset(tmp_path_factory.mktemp("four"), 4)
+
+
+def gradients(loss_module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in loss_module.named_parameters() if p.grad is not None}
+
+
+def assert_same_gradients(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=name)
+
+
+def test_accumulation_2x2_equals_batch_4_with_unequal_lengths(four_samples):
+    accelerator = Accelerator(cpu=True)
+    loss_module, processor = tiny_loss_module()
+    batches = example_batches(four_samples, processor)
+    lengths = {int(b["attention_mask"].sum()) for b in batches}
+    assert len(lengths) > 1  # the test means something only with unequal lengths
+
+    # two short samples in one micro-batch, two long ones in the other: a per-micro-batch mean would differ
+    pairs = [one_batch(batches[0::2], processor), one_batch(batches[1::2], processor)]
+    assert pairs[0]["attention_mask"].sum() != pairs[1]["attention_mask"].sum()
+    loss_a, tokens_a = backward_step(accelerator, loss_module, pairs)
+    accumulated = gradients(loss_module)
+    loss_module.zero_grad()
+    loss_b, tokens_b = backward_step(accelerator, loss_module, [one_batch(batches[0::2] + batches[1::2], processor)])
+    assert tokens_a == tokens_b
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert_same_gradients(accumulated, gradients(loss_module))
+
+
+def test_two_processes_equal_one_process_with_twice_the_batch(four_samples, tmp_path):
+    out = tmp_path / "ddp.pt"
+    script = REPO / "tests" / "scripts" / "ddp_gradients.py"
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                        str(four_samples), str(out), timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = torch.load(out)
+
+    accelerator = Accelerator(cpu=True)
+    loss_module, processor = tiny_loss_module()
+    loss, tokens = backward_step(
+        accelerator, loss_module, [one_batch(example_batches(four_samples, processor), processor)]
+    )
+    assert ddp["tokens"] == tokens
+    assert ddp["loss"] == pytest.approx(loss, rel=1e-5)
+    single = {name.removeprefix("module."): g for name, g in gradients(loss_module).items()}
+    assert_same_gradients({name.removeprefix("module."): g for name, g in ddp["grads"].items()}, single)
+
+
+def test_bf16_mixed_precision_really_autocasts(four_samples):
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    loss_module, processor = tiny_loss_module()
+    seen = []
+    layer = loss_module.model.model.text_model.layers[0].mlp.up_proj
+    layer.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    loss_module = accelerator.prepare(loss_module)
+    backward_step(accelerator, loss_module, example_batches(four_samples, processor)[:1])
+    assert seen == [torch.bfloat16]
+    assert layer.weight.dtype == torch.float32  # master weights stay float32
+
+
+def test_our_loss_matches_transformers_mean_loss_and_chunking_changes_nothing(four_samples):
+    loss_module, processor = tiny_loss_module()
+    batch = one_batch(example_batches(four_samples, processor), processor)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")}
+    reference = loss_module.model(**inputs, labels=batch["labels"]).loss
+    hidden = loss_module.model.model(**inputs).last_hidden_state
+    weight = loss_module.model.lm_head.weight
+    for chunk_size in (1, 7, 4096):
+        total, n = supervised_cross_entropy(hidden, batch["labels"], weight, chunk_size)
+        assert n == int((batch["labels"][:, 1:] != -100).sum())
+        torch.testing.assert_close(total / n, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_shift_labels_shifts_once():
+    labels = torch.tensor([[-100, 5, 6, 7]])
+    assert shift_labels(labels).tolist() == [[5, 6, 7, -100]]
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    ratios = [lr_lambda(s, warmup_steps=2, total_steps=10, min_ratio=0.1) for s in range(11)]
+    assert ratios[0] == 0.5 and ratios[1] == 1.0 and ratios[2] == 1.0
+    assert all(a >= b for a, b in zip(ratios[2:], ratios[3:], strict=False))
+    assert ratios[10] == pytest.approx(0.1)
+    assert lr_lambda(5, 0, 10, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole runs, in-process
+
+
+def demo_config(data, *overrides: str):
+    return compose_config("experiment=demo", f"dataset.sample.path={data}", "training.num_workers=0",
+                          "training.batch_size=2", "training.val_ratio=0", *overrides)  # fmt: skip
+
+
+def test_smoke_run_changes_every_trainable_parameter_and_saves_a_stock_model(four_samples, tmp_path):
+    cfg = demo_config(four_samples, "training.max_steps=3")
+    assert train_loop.train(cfg, tmp_path) == 0
+    torch.manual_seed(cfg.training.seed)
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.training.seed)
+    initial, _ = load_model_and_processor(cfg.model)
+    final = load_file(tmp_path / "final_model" / "model.safetensors")
+    unchanged = [n for n, p in initial.named_parameters() if n in final and torch.equal(final[n], p.detach())]
+    assert unchanged == []
+    assert set(final) >= {n for n, _ in initial.named_parameters()}
+
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "final_model")
+    processor = AutoProcessor.from_pretrained(tmp_path / "final_model")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all("train/loss" in r and "train/lr" in r for r in rows)
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    assert processor.image_seq_len == 4 and model.config.vision_config.image_size == 64
+
+
+def test_lora_final_model_is_merged_and_loads_without_peft(four_samples, tmp_path):
+    cfg = demo_config(four_samples, "training.max_steps=2", "model.lora.enabled=true", "model.lora.rank=4",
+                      "training.lr_text=0.05", "training.lr_connector=0.05")  # fmt: skip
+    assert train_loop.train(cfg, tmp_path) == 0
+    final = load_file(tmp_path / "final_model" / "model.safetensors")
+    assert not any("lora" in name for name in final)
+    assert (tmp_path / "final_model" / "adapter" / "adapter_model.safetensors").is_file()
+
+    from accelerate.utils import set_seed
+    from peft import PeftModel
+
+    set_seed(cfg.training.seed)
+    base, processor = load_model_and_processor(cfg.model)
+    base_q = base.model.text_model.layers[0].self_attn.q_proj.weight.detach().clone()
+    assert not torch.equal(final["model.text_model.layers.0.self_attn.q_proj.weight"], base_q)  # adapter merged in
+    torch.testing.assert_close(final["model.vision_model.encoder.layers.0.mlp.fc1.weight"],
+                               base.model.vision_model.encoder.layers[0].mlp.fc1.weight.detach())  # fmt: skip
+    with_adapter = PeftModel.from_pretrained(base, tmp_path / "final_model" / "adapter").eval()
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "final_model").eval()
+    ids = torch.tensor([[100264, 882, 100265, 40, 1093, 100257, 198, 100264, 78191, 100265]])
+    torch.testing.assert_close(merged(input_ids=ids).logits, with_adapter(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_nonfinite_losses_skip_steps_then_stop_with_advice(four_samples, tmp_path, monkeypatch, caplog):
+    class NaNLoss(TokenLoss):
+        def forward(self, **batch):
+            total, n = super().forward(**batch)
+            return total * float("nan"), n
+
+    monkeypatch.setattr(train_loop, "TokenLoss", NaNLoss)
+    cfg = demo_config(four_samples, "training.max_steps=5", "training.max_nonfinite_steps=2")
+    assert train_loop.train(cfg, tmp_path) == 1
+    assert "2 non-finite losses in a row" in caplog.text and "lower learning rate" in caplog.text
+    assert not (tmp_path / "final_model").exists()
+
+
+def test_push_to_hub_creates_the_repo_and_uploads_the_final_model(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create_repo", repo_id, private, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload_folder", folder_path, repo_id))
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    push_to_hub(tmp_path / "final_model", "me/docs", private=True)
+    assert calls == [
+        ("create_repo", "me/docs", True, True),
+        ("upload_folder", str(tmp_path / "final_model"), "me/docs"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole runs, through train.py
+
+
+def test_bad_samples_are_skipped_and_reported_and_error_mode_names_the_first(tmp_path):
+    data = dataset_with_bad_samples(tmp_path / "bad", n_good=4)
+    common = ["experiment=demo", f"dataset.sample.path={data}", "training.max_steps=4", "training.batch_size=2",
+              "training.val_ratio=0", "training.num_workers=1"]  # fmt: skip
+    result = run_script("train.py", *common, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    listed = {}
+    for line in (tmp_path / "run" / "bad_samples.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        listed[entry["file"].split("/")[-1]] = entry["reason"]
+    assert listed == BAD_FILES
+    assert "bad sample(s) skipped" in result.stderr + result.stdout
+
+    failed = run_script("train.py", *common, "training.on_bad_sample=error", f"hydra.run.dir={tmp_path / 'run2'}")
+    assert failed.returncode != 0
+    assert "anns/train/b_bomb.json: image_too_large" in failed.stderr or "anns/train/b_" in failed.stderr
+    assert not (tmp_path / "run2" / "final_model").exists()
+
+
+def test_sweep_gives_complete_run_folders(tmp_path):
+    data = good_dataset(tmp_path / "data", 4)
+    result = run_script("train.py", "-m", "experiment=demo", "training.lr_connector=1e-4,1e-3", "training.max_steps=2",
+                        f"dataset.sample.path={data}", "training.batch_size=2", "training.val_ratio=0",
+                        f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, lr in (("0", "0.0001"), ("1", "0.001")):
+        folder = tmp_path / "sweep" / job
+        assert (folder / "final_model" / "model.safetensors").is_file()
+        assert f"lr_connector: {lr}" in (folder / ".hydra" / "config.yaml").read_text()
+        assert len((folder / "metrics.jsonl").read_text().splitlines()) == 2
