@@ -153,7 +153,10 @@ def train(cfg: Config, run_dir: str | Path) -> int:
     # ---- model, data, optimizer, schedule
     model, processor = load_model_and_processor(cfg.model)
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora)
     pad_id = processor.tokenizer.pad_token_id

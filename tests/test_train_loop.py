@@ -270,3 +270,25 @@ def test_sweep_gives_complete_run_folders(tmp_path):
         assert (folder / "final_model" / "model.safetensors").is_file()
         assert f"lr_connector: {lr}" in (folder / ".hydra" / "config.yaml").read_text()
         assert len((folder / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_torchrun_two_processes_share_one_run_folder(tmp_path):
+    data = good_dataset(tmp_path / "data", 4)
+    work = tmp_path / "work"
+    work.mkdir()
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py"),
+                        "experiment=demo", f"dataset.sample.path={data}", "training.max_steps=2", "training.batch_size=1",
+                        "training.val_ratio=0", "training.num_workers=0", cwd=work, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = [p.parent for p in (work / "outputs").rglob(".hydra")]
+    assert (run_dir / "final_model" / "model.safetensors").is_file()
+    assert (run_dir / "train.log").is_file() and (run_dir / "train_rank1.log").is_file()
+    assert "2 process(es)" in (run_dir / "train.log").read_text()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2  # written once, by the main process
+
+
+def test_wandb_offline_and_gradient_checkpointing(four_samples, tmp_path):
+    cfg = demo_config(four_samples, "training.max_steps=2", "wandb.enabled=true", "wandb.mode=offline",
+                      "training.gradient_checkpointing=true")  # fmt: skip
+    assert train_loop.train(cfg, tmp_path) == 0
+    assert list((tmp_path / "wandb").glob("offline-run-*"))

@@ -59,6 +59,31 @@ def masked_labels(input_ids: Sequence[int], mask: Sequence[bool]) -> list[int]:
     return [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, mask, strict=True)]
 
 
+def supervision_problems(
+    input_ids: Sequence[int], labels: Sequence[int], header: Sequence[int], eos_id: int, image_token_id: int
+) -> list[str]:
+    """Invariants of correct labels, as messages (empty when all hold). Used by tests and ``validate``.
+
+    Labels must be unshifted (``labels[t]`` is ``input_ids[t]`` or ignored), supervise exactly the assistant spans
+    of :func:`assistant_mask`, which end in eos, and never supervise image tokens or role headers.
+    """
+    problems = []
+    expected = assistant_mask(input_ids, header, eos_id)
+    supervised = [label != IGNORE_INDEX for label in labels]
+    if any(label not in (IGNORE_INDEX, token) for token, label in zip(input_ids, labels, strict=True)):
+        problems.append("labels are shifted: a supervised label differs from the input token at its position")
+    if any(s and token == image_token_id for token, s in zip(input_ids, supervised, strict=True)):
+        problems.append("image tokens are supervised")
+    if any(s and not e for s, e in zip(supervised, expected, strict=True)):
+        problems.append("tokens outside the assistant answers are supervised")
+    missing = [t for t, (s, e) in enumerate(zip(supervised, expected, strict=True)) if e and not s]
+    if any(input_ids[t] == eos_id for t in missing):
+        problems.append("an answer's closing eos is not supervised: the model would never learn to stop")
+    if any(input_ids[t] != eos_id for t in missing):
+        problems.append("assistant answer tokens are not supervised")
+    return problems
+
+
 def header_ids(tokenizer) -> list[int]:
     return tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False)
 
