@@ -276,9 +276,10 @@ def test_torchrun_two_processes_share_one_run_folder(tmp_path):
     data = good_dataset(tmp_path / "data", 4)
     work = tmp_path / "work"
     work.mkdir()
-    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py"),
-                        "experiment=demo", f"dataset.sample.path={data}", "training.max_steps=2", "training.batch_size=1",
-                        "training.val_ratio=0", "training.num_workers=0", cwd=work, timeout=300)  # fmt: skip
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py")]
+    overrides = ["experiment=demo", f"dataset.sample.path={data}", "training.max_steps=2", "training.batch_size=1",
+                 "training.val_ratio=0", "training.num_workers=0"]  # fmt: skip
+    result = run_script(*launch, *overrides, cwd=work, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = [p.parent for p in (work / "outputs").rglob(".hydra")]
     assert (run_dir / "final_model" / "model.safetensors").is_file()
