@@ -3,6 +3,7 @@
     granite-docling sample-data OUT [--pages N] [--formulas N] [--seed S]
     granite-docling prepare ...
     granite-docling validate PATH... [--json]
+    granite-docling predict CHECKPOINT INPUT... --out DIR
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> int`` (the exit code). Modules are imported only when their command runs,
@@ -20,6 +21,7 @@ COMMANDS = {
     "sample-data": ("granite_docling.data.synth", "write realistic synthetic data in the Docling folder format"),
     "prepare": ("granite_docling.data.prepare", "turn PDFs / page images + DoclingDocument JSON into a dataset"),
     "validate": ("granite_docling.data.validate", "check every sample of one or more datasets"),
+    "predict": ("granite_docling.evaluation.predict", "convert PDFs / page images to DocTags, Markdown and HTML"),
 }
 
 

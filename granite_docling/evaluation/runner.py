@@ -1,0 +1,188 @@
+"""What ``evaluate.py`` does: samples -> answers -> scores -> files, for one checkpoint, or two to compare.
+
+    python evaluate.py checkpoint=outputs/demo/final_model dataset=[sample] eval.split=all
+
+1. Samples: ``read_sources`` and, for ``eval.split=val``, ``split_validation`` with the training run's seed and
+   val_ratio, so the held-out samples are exactly the ones training never saw; then ``eval.max_samples``.
+2. Answers: the first turn of every sample, generated with :func:`granite_docling.evaluation.generate.generate`;
+   under torchrun / accelerate launch each process takes every world_size-th sample and the main process
+   gathers them. Or, with ``eval.predictions=FILE``, the answers of an earlier run, and no model at all.
+3. Scores and files: :func:`granite_docling.evaluation.report.write_outputs` into the run folder; with
+   ``compare_to`` the second evaluation goes to ``<run>/compare_to/`` and the deltas to ``comparison.*``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from granite_docling.config import Config, ConfigError, ModelConfig, TrainingConfig
+from granite_docling.data.loading import read_sources, split_validation, summarise
+from granite_docling.data.sample import Sample
+from granite_docling.evaluation.config import EvalConfig, EvaluateConfig, is_predictions_file, training_split_settings
+from granite_docling.evaluation.generate import first_turn_prompt, generate, prompt_text, reference_budgets
+from granite_docling.evaluation.report import (
+    Outputs,
+    Record,
+    compare_metrics,
+    comparison_report,
+    metrics_table,
+    plot_metrics,
+    read_predictions,
+    write_outputs,
+)
+
+log = logging.getLogger(__name__)
+
+COMPARE_DIR = "compare_to"
+
+
+@dataclass
+class EvaluationResult:
+    """What the main process hands back to evaluate.py to print."""
+
+    outputs: Outputs
+    compared: Outputs | None = None
+    comparison_files: dict[str, Path] = field(default_factory=dict)
+    comparison_text: str = ""
+
+    def summary(self) -> str:
+        lines = [metrics_table(self.outputs.metrics)]
+        if self.compared is not None:
+            lines.append(self.comparison_text)
+        for label, outputs in (("evaluation", self.outputs), ("compare_to", self.compared)):
+            if outputs is not None:
+                lines.append(f"{label} outputs in {outputs.folder}:")
+                lines += [f"  {name:<12} {path}" for name, path in outputs.files.items()]
+        if self.comparison_files:
+            lines.append("comparison:")
+            lines += [f"  {name:<12} {path}" for name, path in self.comparison_files.items()]
+        return "\n".join(lines)
+
+
+def evaluation_samples(cfg: EvaluateConfig) -> dict[str, list[Sample]]:
+    """The samples to evaluate, per dataset display name (see the module docstring)."""
+    e = cfg.eval
+    val_ratio, seed = training_split_settings(cfg.checkpoint or cfg.compare_to, e)
+    config = Config(dataset=cfg.dataset, training=TrainingConfig(val_ratio=val_ratio, seed=seed))
+    sources, problems = read_sources(config)
+    if problems:
+        log.warning("%s", summarise(problems))
+    chosen = {}
+    for name, samples in sources.items():
+        if e.split == "val":
+            _, samples = split_validation(samples, val_ratio, seed, name)
+            if not samples:
+                raise ConfigError(
+                    f"dataset {name}: training held out no validation samples (val_ratio={val_ratio}, seed={seed}); "
+                    "use eval.split=all, or set eval.val_ratio / eval.seed to the training run's values"
+                )
+        chosen[name] = samples[: e.max_samples] if e.max_samples else samples
+        log.info("%s: %d sample(s) to evaluate (split=%s, val_ratio=%s, seed=%d)", name, len(chosen[name]),
+                 e.split, val_ratio, seed)  # fmt: skip
+    return chosen
+
+
+def generate_records(
+    checkpoint: str, samples: dict[str, list[Sample]], edges: dict[str, int | None], e: EvalConfig, accelerator
+) -> list[Record]:
+    """Load ``checkpoint``, answer every sample's first turn (this process's share) and gather the records.
+
+    Returns the records on the main process, [] elsewhere.
+    """
+    from accelerate.utils import gather_object
+
+    from granite_docling.model import load_model_and_processor
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    model_config = ModelConfig(name=Path(checkpoint).name, checkpoint=checkpoint, dtype=e.dtype)
+    model, processor = load_model_and_processor(model_config)
+    model.to(accelerator.device)
+    records = []
+    for name, group in samples.items():
+        prompts = [first_turn_prompt(sample) for sample in group]
+        references = [sample.turns[0].assistant for sample in group]
+        budgets = reference_budgets(processor, references, e.max_new_tokens, e.reference_length_factor)
+        mine = list(range(rank, len(prompts), world))
+        answers = generate(model, processor, [prompts[i] for i in mine], [budgets[i] for i in mine], e.batch_size,
+                           image_longest_edge=edges.get(name), progress=accelerator.is_main_process,
+                           desc=f"{Path(checkpoint).name}: {name}")  # fmt: skip
+        pairs = list(zip(mine, answers, strict=True))
+        if world > 1:
+            pairs = gather_object(pairs)
+        for index, answer in sorted(pairs, key=lambda pair: pair[0]):
+            sample = group[index]
+            if answer.error is not None:
+                log.warning("%s/%s skipped: %s", name, sample.id, answer.error)
+                continue
+            records.append(Record(
+                id=sample.id, dataset=name, source=sample.source,
+                prompt=prompt_text(processor, sample.turns[0].user, len(sample.images)),
+                prediction=answer.text, reference=references[index], stopped=answer.stopped,
+                images=[str(ref) if isinstance(ref, Path) else "" for ref in sample.images],
+                new_tokens=answer.new_tokens, max_new_tokens=budgets[index],
+            ))  # fmt: skip
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return records if accelerator.is_main_process else []
+
+
+def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> EvaluationResult | None:
+    """Run the evaluation ``cfg`` describes into ``run_dir``; the result on the main process, None elsewhere."""
+    run_dir = Path(run_dir)
+    e = cfg.eval
+    sides = [(e.predictions or cfg.checkpoint, run_dir)]
+    if cfg.compare_to is not None:
+        sides.append((cfg.compare_to, run_dir / COMPARE_DIR))
+    needs_model = any(not is_predictions_file(target) for target, _ in sides)
+
+    accelerator, samples, edges, image_refs = None, {}, {}, {}
+    if needs_model:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        samples = evaluation_samples(cfg)
+        edges = {source.name or key: source.image_longest_edge for key, source in cfg.dataset.items()}
+        image_refs = {(s.dataset, s.id): s.images for group in samples.values() for s in group}
+    is_main = accelerator is None or accelerator.is_main_process
+
+    results: list[Outputs] = []
+    for target, folder in sides:
+        if is_predictions_file(target):
+            records = read_predictions(Path(target)) if is_main else []
+            log.info("scoring %d saved predictions from %s", len(records), target)
+        else:
+            records = generate_records(target, samples, edges, e, accelerator)
+        if is_main:
+            log.info("scoring %d answers of %s", len(records), target)
+            results.append(write_outputs(folder, records, title=str(target), num_examples=e.num_examples,
+                                         page_exports=e.page_exports, image_refs=image_refs))  # fmt: skip
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if not is_main:
+        return None
+
+    result = EvaluationResult(outputs=results[0])
+    if len(results) == 2:
+        after, before = results
+        if after.samples != before.samples:
+            log.warning("the two evaluations cover different samples (%d in common of %d and %d): the deltas mix "
+                        "model and data differences", len(after.samples & before.samples), len(after.samples),
+                        len(before.samples))  # fmt: skip
+        comparison = compare_metrics(after.metrics, before.metrics)
+        result.compared = before
+        result.comparison_text = comparison_report(comparison, after_name=sides[0][0], before_name=sides[1][0])
+        files = {"json": run_dir / "comparison.json", "report": run_dir / "comparison.md",
+                 "plot": run_dir / "comparison.png"}  # fmt: skip
+        import json
+
+        files["json"].write_text(json.dumps(comparison, indent=2) + "\n")
+        files["report"].write_text(result.comparison_text)
+        plot_metrics({f"before: {Path(sides[1][0]).name}": before.metrics,
+                      f"after: {Path(sides[0][0]).name}": after.metrics}, files["plot"])  # fmt: skip
+        result.comparison_files = files
+    return result
