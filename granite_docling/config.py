@@ -137,6 +137,9 @@ class TrainingConfig:
     val_steps: Optional[int] = None  # also validate every N optimizer steps
     save_interval: int = 1  # checkpoint every N epochs
     save_steps: Optional[int] = None  # also checkpoint every N optimizer steps
+    gen_eval_steps: Optional[int] = None  # every N steps, generate answers for a few validation samples and score them
+    gen_eval_samples: int = 8  # validation samples used by gen_eval_steps
+    gen_eval_max_new_tokens: int = 512  # answer budget of gen_eval_steps, in tokens
     max_checkpoints: Optional[int] = 3  # keep only the newest N checkpoints; null keeps all
     save_dir: Optional[str] = None  # checkpoint folder; null = checkpoints/ inside the run folder
     seed: int = 42  # seeds model init, data order and the validation split
@@ -245,7 +248,15 @@ def validate(cfg: Config) -> None:
     for name in ("batch_size", "gradient_accumulation_steps", "num_epochs", "log_interval", "val_interval"):
         if getattr(training, name) < 1:
             problems.append(f"training.{name}={getattr(training, name)} must be at least 1")
-    for name in ("max_steps", "save_steps", "val_steps", "max_length", "max_checkpoints", "max_samples_per_dataset"):
+    for name in (
+        "max_steps",
+        "save_steps",
+        "val_steps",
+        "gen_eval_steps",
+        "max_length",
+        "max_checkpoints",
+        "max_samples_per_dataset",
+    ):
         value = getattr(training, name)
         if value is not None and value < 1:
             problems.append(f"training.{name}={value} must be at least 1 (or null)")

@@ -140,6 +140,7 @@ def validation_loss(accelerator: Accelerator, loss_module: TokenLoss, loader) ->
 
 def train(cfg: Config, run_dir: str | Path) -> int:
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.training
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
@@ -226,6 +227,19 @@ def train(cfg: Config, run_dir: str | Path) -> int:
             log.info("checkpoint saved: %s", folder)
         accelerator.wait_for_everyone()
         return folder
+
+    def run_generation_eval() -> None:
+        """Greedy answers for a few validation samples, scored like evaluate.py, logged as gen/*."""
+        if data.val is not None and is_main:
+            from granite_docling.evaluation.generate import evaluate_generation
+
+            samples = data.val.samples[: t.gen_eval_samples]
+            with accelerator.autocast():
+                scores = evaluate_generation(accelerator.unwrap_model(loss_module).model, processor, samples,
+                                             t.gen_eval_max_new_tokens, t.batch_size, data.val.image_longest_edge)  # fmt: skip
+            tracker.log(scores, step=state.step)
+            log.info("step %d: " + "  ".join(f"{k} %.3f" for k in scores), state.step, *scores.values())
+        accelerator.wait_for_everyone()
 
     def run_validation() -> None:
         if val_loader is not None:
@@ -314,6 +328,8 @@ def train(cfg: Config, run_dir: str | Path) -> int:
 
         if t.val_steps and state.step % t.val_steps == 0:
             run_validation()
+        if t.gen_eval_steps and state.step % t.gen_eval_steps == 0:
+            run_generation_eval()
         if t.save_steps and state.step % t.save_steps == 0:
             write_checkpoint(f"checkpoint_step_{state.step}")
         (stop_votes,) = sum_over_processes(accelerator, float(stop.requested))

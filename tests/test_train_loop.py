@@ -293,3 +293,13 @@ def test_wandb_offline_and_gradient_checkpointing(four_samples, tmp_path):
                       "training.gradient_checkpointing=true")  # fmt: skip
     assert train_loop.train(cfg, tmp_path) == 0
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_generation_eval_during_training_is_logged(four_samples, tmp_path):
+    data = good_dataset(tmp_path / "data", 6)
+    cfg = demo_config(data, "training.max_steps=2", "training.val_ratio=0.3", "training.gen_eval_steps=2",
+                      "training.gen_eval_samples=2", "training.gen_eval_max_new_tokens=8")  # fmt: skip
+    assert train_loop.train(cfg, tmp_path / "run") == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    generated = [r for r in rows if "gen/edit_distance" in r]
+    assert len(generated) == 1 and generated[0]["step"] == 2 and generated[0]["gen/n"] == 2
