@@ -234,9 +234,16 @@ def train(cfg: Config, run_dir: str | Path) -> int:
             from granite_docling.evaluation.generate import evaluate_generation
 
             samples = data.val.samples[: t.gen_eval_samples]
+            model_to_run = accelerator.unwrap_model(loss_module).model
             with accelerator.autocast():
-                scores = evaluate_generation(accelerator.unwrap_model(loss_module).model, processor, samples,
-                                             t.gen_eval_max_new_tokens, t.batch_size, data.val.image_longest_edge)  # fmt: skip
+                scores = evaluate_generation(
+                    model_to_run,
+                    processor,
+                    samples,
+                    t.gen_eval_max_new_tokens,
+                    t.batch_size,
+                    data.val.image_longest_edge,
+                )
             tracker.log(scores, step=state.step)
             log.info("step %d: " + "  ".join(f"{k} %.3f" for k in scores), state.step, *scores.values())
         accelerator.wait_for_everyone()
