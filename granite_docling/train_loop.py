@@ -178,9 +178,7 @@ def train(cfg: Config, run_dir: str | Path) -> int:
     total_steps = t.max_steps or t.num_epochs * steps_per_epoch
     learning_rates = {"vision": t.lr_vision, "text": t.lr_text, "connector": t.lr_connector}
     groups = parameter_groups(model, learning_rates, t.weight_decay)
-    fused = t.max_grad_norm >= 0 and (
-        cfg.optimizer.fused if cfg.optimizer.fused is not None else torch.cuda.is_available()
-    )
+    fused = cfg.optimizer.fused if cfg.optimizer.fused is not None else torch.cuda.is_available()
     optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps, fused=fused)
     min_ratios = [t.min_lr / g["lr"] for g in groups]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
