@@ -193,3 +193,15 @@ def test_cli_prints_a_summary_and_reports_errors(tmp_path: Path, capsys: pytest.
     assert "wrote 1 sample(s) (2 page(s) from 1 document(s)" in capsys.readouterr().out
     assert main(["prepare", str(pdf), "--out", str(tmp_path / "out")]) == 2
     assert "error: output folder is not empty" in capsys.readouterr().err
+
+
+def test_validate_reports_the_prepared_real_pages_fully_good(page_dataset: tuple[Path, dict]) -> None:
+    from transformers import AutoProcessor
+
+    from granite_docling.data.validate import validate_dataset
+    from granite_docling.model import ASSETS_DIR
+
+    root, summary = page_dataset
+    report = validate_dataset(root, AutoProcessor.from_pretrained(ASSETS_DIR))
+    assert report["bad"] == 0 and report["good"] == report["samples"] == 9  # every page of the 4 documents
+    assert report["tiles_per_sample"]["min"] >= 13  # A4 and letter pages at a 2048 px long edge: 13-17 tiles
