@@ -196,7 +196,8 @@ def _layout_scores(reference: DoclingDocument, prediction: DoclingDocument | Non
 
 
 def _health_scores(prediction: str, prediction_doc: DoclingDocument | None) -> Scores:
-    parses = prediction_doc is not None
+    # docling-core recovers from almost anything (even an empty string): the prediction must also be DocTags.
+    parses = prediction_doc is not None and contains_doctags(prediction)
     closed = is_well_formed(prediction)
     return {
         "doctags_parses": float(parses),

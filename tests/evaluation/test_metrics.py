@@ -130,3 +130,11 @@ def test_aggregate_builds_the_metrics_json_structure():
 def test_a_dataset_named_overall_is_refused():
     with pytest.raises(ValueError, match="overall"):
         aggregate_metrics({"overall": {"x": []}})
+
+
+def test_a_page_prediction_without_doctags_is_not_valid():
+    reference = "<doctag><text><loc_10><loc_10><loc_200><loc_30>Hello world</text></doctag>"
+    for prediction in ("", "Hello world", "Convert this page to docling."):
+        scores = score_sample(prediction, reference, stopped=True)
+        assert scores["doctags_valid"] == 0.0, prediction
+    assert score_sample(reference, reference, stopped=True)["doctags_valid"] == 1.0
