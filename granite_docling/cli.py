@@ -1,8 +1,8 @@
 """The ``granite-docling`` console script: data and inference tools beside ``train.py`` / ``evaluate.py``.
 
-    granite-docling sample-data OUT [--pages N] [--formulas N] [--seed S]
-    granite-docling prepare ...
-    granite-docling validate PATH... [--json]
+    granite-docling sample-data OUT [--pages N] [--formulas N] [--seed S] [--qa-turns N] [--overwrite]
+    granite-docling prepare INPUT... --out OUT [--unit page|document] [--scale 2.0] [--overwrite]
+    granite-docling validate PATH... [--json] [--max-length N]
     granite-docling predict CHECKPOINT INPUT... --out DIR
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
