@@ -152,6 +152,9 @@ class TrainingConfig:
     push_to_hub: bool = False  # upload final_model/ to the hub at the end
     hub_repo_id: Optional[str] = None  # hub repository to push to, e.g. my-org/granite-docling-invoices
     hub_private: bool = True  # create the hub repository as private
+    image_path: str = "fast"  # fast (uint8 pages through the loader, tiles made on the device) or stock (processor)
+    length_grouping: bool = True  # batch samples of similar (tokens, tiles) together; false = plain random batches
+    length_cache_dir: Optional[str] = None  # cache of per-sample lengths; null = ~/.cache/granite_docling/lengths
 
 
 @dataclass
@@ -194,6 +197,7 @@ def validate(cfg: Config) -> None:
     check_choice("model.attn_implementation", model.attn_implementation, ATTN_IMPLEMENTATIONS)
     check_choice("training.mixed_precision", training.mixed_precision, MIXED_PRECISION)
     check_choice("training.on_bad_sample", training.on_bad_sample, BAD_SAMPLE_POLICIES)
+    check_choice("training.image_path", training.image_path, ("fast", "stock"))
     check_choice("wandb.mode", cfg.wandb.mode, ("online", "offline", "disabled"))
     check_choice("optimizer.name", cfg.optimizer.name, ("adamw",))
 

@@ -40,6 +40,7 @@ from granite_docling.checkpoint import (
 )
 from granite_docling.config import Config
 from granite_docling.data.encoding import IGNORE_INDEX
+from granite_docling.data.image_tiles import batch_pixel_values
 from granite_docling.data.loading import append_problems, build_data, make_loader, summarise
 from granite_docling.loss import TokenLoss
 from granite_docling.model import apply_lora, load_model_and_processor, parameter_groups
@@ -97,6 +98,18 @@ def sum_over_processes(accelerator: Accelerator, *values: float) -> list[float]:
     return accelerator.reduce(tensor, reduction="sum").tolist() if accelerator.num_processes > 1 else tensor.tolist()
 
 
+def model_inputs(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """The model's tensors of a batch, on ``device``; the fast image path's uint8 pages are tiled there."""
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_KEYS if k in batch}
+    if "images" in batch:
+        pixel_values, pixel_attention_mask = batch_pixel_values(
+            batch["images"], batch["image_layouts"], batch["image_spec"], device
+        )
+        if pixel_values is not None:
+            inputs |= {"pixel_values": pixel_values, "pixel_attention_mask": pixel_attention_mask}
+    return inputs
+
+
 def backward_step(accelerator: Accelerator, loss_module: torch.nn.Module, group: list[dict]) -> tuple[float, int]:
     """Forward and backward over one optimizer step's micro-batches; returns (mean loss per token, tokens).
 
@@ -112,7 +125,7 @@ def backward_step(accelerator: Accelerator, loss_module: torch.nn.Module, group:
         sync = micro_step == len(group) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(loss_module):
             if batch["ids"]:
-                inputs = {k: batch[k].to(accelerator.device, non_blocking=True) for k in MODEL_KEYS if k in batch}
+                inputs = model_inputs(batch, accelerator.device)
                 loss_sum, _ = loss_module(**inputs)
             else:  # every sample of this micro-batch was bad: a zero loss keeps the processes in step
                 loss_sum = sum(p.sum() for p in loss_module.parameters() if p.requires_grad) * 0.0
@@ -130,7 +143,7 @@ def validation_loss(accelerator: Accelerator, loss_module: TokenLoss, loader) ->
         for batch in loader:
             if not batch["ids"]:
                 continue
-            inputs = {k: batch[k].to(accelerator.device) for k in MODEL_KEYS if k in batch}
+            inputs = model_inputs(batch, accelerator.device)
             batch_sum, batch_tokens = loss_module(**inputs)
             loss_sum, tokens = loss_sum + batch_sum.item(), tokens + batch_tokens
     loss_module.train()

@@ -86,11 +86,12 @@ def test_validate_reports_every_problem_at_once():
         "training.batch_size=0",
         "model.checkpoint=null",
         "training.on_bad_sample=ignore",
+        "training.image_path=gpu",
     )
     with pytest.raises(ConfigError) as error:
         validate(cfg)
     message = str(error.value)
-    for key in ("mixed_precision", "val_ratio", "batch_size", "model.checkpoint", "on_bad_sample"):
+    for key in ("mixed_precision", "val_ratio", "batch_size", "model.checkpoint", "on_bad_sample", "image_path"):
         assert key in message
 
 

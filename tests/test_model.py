@@ -81,11 +81,14 @@ def test_tiny_model_trains_one_step_on_a_processed_page(tiny):
     assert batch["pixel_values"].shape[1:] == (5, 3, 64, 64)
     assert (batch["input_ids"] == model.config.image_token_id).sum() == 5 * 4
     model(**batch, labels=batch["input_ids"]).loss.backward()  # warm-up: first calls pay one-off setup
-    start = time.perf_counter()
-    loss = model(**batch, labels=batch["input_ids"]).loss
-    loss.backward()
+    seconds = []
+    for _ in range(3):  # the best of three: a busy machine should not fail the test
+        start = time.perf_counter()
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        seconds.append(time.perf_counter() - start)
     assert torch.isfinite(loss)
-    assert time.perf_counter() - start < 1.0  # typically ~0.1 s on a 2-core CPU
+    assert min(seconds) < 1.0  # typically ~0.1 s on a 2-core CPU
 
 
 def test_full_size_architecture_builds_offline_with_random_weights():

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from granite_docling.data.image_tiles import ImageSpec, image_replacements, worker_pixels
 from granite_docling.data.sample import Turn
 
 IGNORE_INDEX = -100
@@ -96,14 +97,37 @@ def encode_conversation(processor, turns: Sequence[Turn], images: list, image_lo
     text = processor.apply_chat_template(build_messages(turns, len(images)))
     kwargs = {"size": {"longest_edge": image_longest_edge}} if image_longest_edge else {}
     encoded = processor(text=text, images=images or None, return_tensors="pt", **kwargs)
-    input_ids = encoded["input_ids"][0]
-    tokenizer = processor.tokenizer
-    mask = assistant_mask(input_ids.tolist(), header_ids(tokenizer), tokenizer.eos_token_id)
-    example = {"input_ids": input_ids, "labels": torch.tensor(masked_labels(input_ids.tolist(), mask))}
+    example = _with_labels(processor.tokenizer, encoded["input_ids"][0])
     if images:
         example["pixel_values"] = encoded["pixel_values"][0]
         example["pixel_attention_mask"] = encoded["pixel_attention_mask"][0].bool()
     return example
+
+
+def encode_conversation_fast(processor, turns: Sequence[Turn], images: list, spec: ImageSpec) -> dict:
+    """:func:`encode_conversation`'s ``input_ids`` and ``labels``, token for token, with the images left as uint8.
+
+    The tile layout of every image comes from its size alone (:meth:`ImageSpec.layout`) and the ``<image>``
+    placeholders are expanded by the processor's own ``replace_image_token``; ``images`` holds the (H, W, 3) uint8
+    pixels and ``image_layouts`` their layouts, for :func:`~granite_docling.data.image_tiles.batch_pixel_values`
+    to make ``pixel_values`` on the training device.
+    """
+    text = processor.apply_chat_template(build_messages(turns, len(images)))
+    layouts = [spec.layout(image.height, image.width) for image in images]
+    if images:
+        replacements = image_replacements(processor, layouts)
+        (text,), _ = processor.get_text_with_replacements([text], images_replacements=replacements)
+    example = _with_labels(processor.tokenizer, torch.tensor(processor.tokenizer(text)["input_ids"]))
+    if images:
+        example["images"] = [worker_pixels(image, layout) for image, layout in zip(images, layouts, strict=True)]
+        example["image_layouts"] = layouts
+        example["image_spec"] = spec
+    return example
+
+
+def _with_labels(tokenizer, input_ids: torch.Tensor) -> dict:
+    mask = assistant_mask(input_ids.tolist(), header_ids(tokenizer), tokenizer.eos_token_id)
+    return {"input_ids": input_ids, "labels": torch.tensor(masked_labels(input_ids.tolist(), mask))}
 
 
 def pad_sequences(sequences: Sequence[torch.Tensor], value: int) -> torch.Tensor:
@@ -134,7 +158,11 @@ def pad_images(tiles: Sequence[torch.Tensor | None], fill: float | bool = 0) -> 
 
 
 def collate(examples: Sequence[dict], pad_id: int) -> dict:
-    """Right-padded batch: ``input_ids`` padded with ``pad_id``, ``attention_mask``, ``labels`` padded with -100."""
+    """Right-padded batch: ``input_ids`` padded with ``pad_id``, ``attention_mask``, ``labels`` padded with -100.
+
+    Stock examples' tiles are stacked into ``pixel_values``; fast examples' uint8 images travel as per-sample lists
+    (``images``, ``image_layouts``, ``image_spec``) for the device to tile.
+    """
     input_ids = [e["input_ids"] for e in examples]
     batch = {
         "input_ids": pad_sequences(input_ids, pad_id),
@@ -145,4 +173,8 @@ def collate(examples: Sequence[dict], pad_id: int) -> dict:
     if pixel_values is not None:
         batch["pixel_values"] = pixel_values
         batch["pixel_attention_mask"] = pad_images([e.get("pixel_attention_mask") for e in examples], False)
+    if any("images" in e for e in examples):  # the fast image path: uint8 pages, tiled on the device
+        batch["images"] = [e.get("images", []) for e in examples]
+        batch["image_layouts"] = [e.get("image_layouts", []) for e in examples]
+        batch["image_spec"] = next(e["image_spec"] for e in examples if "image_spec" in e)
     return batch

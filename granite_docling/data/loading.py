@@ -4,6 +4,10 @@
   and every process, from every source.
 * The epoch order is a pure function of (seed, epoch): :class:`EpochSampler` yields this process's shard of
   it from any position, which is how a resumed run continues at the exact next batch.
+  :class:`LengthGroupedSampler` (``training.length_grouping``, the default) serves the same samples in batches
+  of similar length, known up front (``granite_docling.data.grouping``).
+* ``training.image_path=fast`` (the default) ships uint8 pages out of the workers and tiles them on the device
+  (``granite_docling.data.image_tiles``); ``stock`` runs the processor in the workers.
 * Bad samples never kill a run with ``on_bad_sample=skip``: unreadable records are dropped when read, and
   images that fail to decode (or samples over ``max_length``) come out of the workers as :class:`Problem`
   entries in the batch, for the loop to count and log in ``bad_samples.jsonl``.
@@ -24,12 +28,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from granite_docling.config import Config
-from granite_docling.data.encoding import collate, encode_conversation
+from granite_docling.data.encoding import collate, encode_conversation, encode_conversation_fast
+from granite_docling.data.grouping import grouped_batches, sample_lengths
+from granite_docling.data.image_tiles import ImageSpec
 from granite_docling.data.images import ImageError, decode_image
 from granite_docling.data.readers import ReadOptions, read_dataset
 from granite_docling.data.sample import REASONS, BadSampleError, Problem, Sample
 
 log = logging.getLogger(__name__)
+
+IMAGE_PATHS = ("fast", "stock")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,6 +114,38 @@ class EpochSampler(Sampler[int]):
         return total // self.world_size - self.start
 
 
+class LengthGroupedSampler(EpochSampler):
+    """:class:`EpochSampler` whose shard is ordered in batches of similar (tokens, tiles): a drop-in replacement.
+
+    The same samples per epoch (:func:`epoch_order`, mixture included) and the same shard sizes; every run of
+    ``batch_size`` indices is one batch of :func:`~granite_docling.data.grouping.grouped_batches` (all full but
+    possibly the epoch's last), so the DataLoader's batches are the grouped ones, and every process gets the same
+    number of batches of the same sizes. ``set_epoch(epoch, start)`` resumes at batch ``start // batch_size``.
+    """
+
+    def __init__(self, lengths: Sequence[tuple[int, int]], sizes: Sequence[int], weights: Sequence[float | None],
+                 seed: int, batch_size: int, rank: int = 0, world_size: int = 1):  # fmt: skip
+        super().__init__(sizes, weights, seed, rank, world_size)
+        assert len(lengths) == sum(sizes), "one (tokens, tiles) per sample of the concatenated sources"
+        self.lengths, self.batch_size = list(lengths), batch_size
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        shard_size = sum(mixture_counts(self.sizes, self.weights)) // self.world_size
+        if start % self.batch_size and start < shard_size:
+            raise ValueError(f"start={start} is not at a batch boundary (batch_size {self.batch_size})")
+        super().set_epoch(epoch, start)
+
+    def batches(self) -> list[list[int]]:
+        """This process's batches of the current epoch, in order."""
+        order = epoch_order(self.sizes, self.weights, self.seed, self.epoch)
+        order = order[: len(order) - len(order) % self.world_size]
+        grouped = grouped_batches(order, self.lengths, self.batch_size, self.world_size, self.seed, self.epoch)
+        return [batch[self.rank] for batch in grouped]
+
+    def shard(self) -> list[int]:
+        return [i for batch in self.batches() for i in batch]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The dataset: decode and encode in workers
 
@@ -114,7 +154,9 @@ class ConversationDataset(Dataset):
     """Samples from several sources; ``[i]`` is an encoded example dict, or a :class:`Problem` when it is bad."""
 
     def __init__(self, sources: dict[str, list[Sample]], processor, image_longest_edge: dict[str, int | None],
-                 max_length: int | None = None, on_bad_sample: str = "skip"):  # fmt: skip
+                 max_length: int | None = None, on_bad_sample: str = "skip", image_path: str = "stock"):  # fmt: skip
+        if image_path not in IMAGE_PATHS:
+            raise ValueError(f"training.image_path={image_path!r} is not one of {', '.join(IMAGE_PATHS)}")
         self.source_names = list(sources)
         self.samples = [s for samples in sources.values() for s in samples]
         self.sizes = [len(samples) for samples in sources.values()]
@@ -122,6 +164,15 @@ class ConversationDataset(Dataset):
         self.image_longest_edge = image_longest_edge
         self.max_length = max_length
         self.on_bad_sample = on_bad_sample
+        self.image_path = image_path
+        self._image_specs: dict[str, ImageSpec] = {}
+
+    def image_spec(self, dataset: str) -> ImageSpec:
+        """The fast path's image settings for one source (its ``image_longest_edge`` applied)."""
+        if dataset not in self._image_specs:
+            edge = self.image_longest_edge.get(dataset)
+            self._image_specs[dataset] = ImageSpec.from_processor(self.processor, edge)
+        return self._image_specs[dataset]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -132,7 +183,11 @@ class ConversationDataset(Dataset):
             images = [decode_image(ref) for ref in sample.images]
         except ImageError as error:
             return self._bad(Problem(sample.dataset, sample.id, error.reason, error.detail))
-        example = encode_conversation(self.processor, sample.turns, images, self.image_longest_edge.get(sample.dataset))
+        if self.image_path == "fast":
+            example = encode_conversation_fast(self.processor, sample.turns, images, self.image_spec(sample.dataset))
+        else:
+            edge = self.image_longest_edge.get(sample.dataset)
+            example = encode_conversation(self.processor, sample.turns, images, edge)
         length = len(example["input_ids"])
         if self.max_length is not None and length > self.max_length:
             return self._bad(Problem(sample.dataset, sample.id, "too_long", f"{length} > {self.max_length} tokens"))
@@ -165,7 +220,7 @@ class Data:
 
     train: ConversationDataset
     val: ConversationDataset | None
-    train_sampler: EpochSampler
+    train_sampler: EpochSampler  # a LengthGroupedSampler with training.length_grouping
     problems: list[Problem] = field(default_factory=list)  # found while reading, before training
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # source -> (train, val)
 
@@ -203,12 +258,30 @@ def build_data(cfg: Config, processor, rank: int = 0, world_size: int = 1) -> Da
         log.info("  %s: %d train, %d validation samples", name, *sizes[name])
     edges = {source.name or key: source.image_longest_edge for key, source in cfg.dataset.items()}
     make = partial(ConversationDataset, processor=processor, image_longest_edge=edges,
-                   max_length=cfg.training.max_length, on_bad_sample=cfg.training.on_bad_sample)  # fmt: skip
+                   max_length=cfg.training.max_length, on_bad_sample=cfg.training.on_bad_sample,
+                   image_path=cfg.training.image_path)  # fmt: skip
     train = make(train_sources)
     val = make({k: v for k, v in val_sources.items() if v}) if any(val_sources.values()) else None
     weights = [source.weight for source in cfg.dataset.values()]
-    sampler = EpochSampler(train.sizes, weights, cfg.training.seed, rank, world_size)
+    t = cfg.training
+    if t.length_grouping:
+        lengths = source_lengths(processor, sources, train_sources, edges, t.length_cache_dir)
+        sampler = LengthGroupedSampler(lengths, train.sizes, weights, t.seed, t.batch_size, rank, world_size)
+    else:
+        sampler = EpochSampler(train.sizes, weights, t.seed, rank, world_size)
     return Data(train=train, val=val, train_sampler=sampler, problems=problems, sizes=sizes)
+
+
+def source_lengths(processor, sources: dict[str, list[Sample]], train_sources: dict[str, list[Sample]],
+                   edges: dict[str, int | None], cache_dir: str | None) -> list[tuple[int, int]]:  # fmt: skip
+    """(tokens, tiles) of every training sample, in the order of the concatenated ``train_sources``. Counted (and
+    cached) per whole source, so that another ``val_ratio`` or seed reuses the cache."""
+    lengths = []
+    for name, samples in sources.items():
+        counted = sample_lengths(processor, samples, ImageSpec.from_processor(processor, edges.get(name)), cache_dir)
+        by_id = {sample.id: length for sample, length in zip(samples, counted, strict=True)}
+        lengths += [by_id[sample.id] for sample in train_sources[name]]
+    return lengths
 
 
 def make_loader(dataset: ConversationDataset, sampler: Sampler | Iterable[int], batch_size: int, num_workers: int,

@@ -16,7 +16,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from granite_docling.data.encoding import build_messages
+from granite_docling.data.grouping import LengthCounter
+from granite_docling.data.image_tiles import ImageSpec
 from granite_docling.data.images import ImageError, decode_image
 from granite_docling.data.readers import DatasetNotFoundError, ReadOptions, read_dataset
 from granite_docling.data.sample import REASONS, Problem, Sample
@@ -25,20 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def count_tokens(processor, sample: Sample, image_sizes: list[tuple[int, int]]) -> tuple[int, int]:
-    """(tokens, tiles) the processor would give this sample, computed without resizing any pixel.
-
-    Text is tokenised with one ``<image>`` placeholder per image; each placeholder then expands to the image's
-    tokens (tiles x tokens per tile, plus the row / column / global markers), as the processor expands it.
-    """
-    text = processor.apply_chat_template(build_messages(sample.turns, len(image_sizes)))
-    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-    placeholders = ids.count(processor.image_token_id)
-    if not image_sizes:
-        return len(ids), 0
-    multimodal = processor._get_num_multimodal_tokens(image_sizes=image_sizes)
-    image_tokens = sum(multimodal["num_image_tokens"])
-    tiles = sum(max(1, n) for n in multimodal["num_image_patches"])
-    return len(ids) - placeholders + image_tokens, tiles
+    """(tokens, tiles) the processor would give this sample, from its images' (width, height), no pixel resized."""
+    return LengthCounter(processor).count_one(sample, image_sizes, ImageSpec.from_processor(processor))
 
 
 def percentiles(values: list[int]) -> dict[str, float]:
@@ -56,14 +45,14 @@ def validate_dataset(path: Path, processor, split: str = "train", max_length: in
     """Check every sample of one dataset; a JSON-ready report."""
     samples, problems = read_dataset(path, path.name, ReadOptions(split=split))
     lengths, tiles, turns, images = [], [], [], []
-    good = 0
+    good, counter, spec = 0, LengthCounter(processor), ImageSpec.from_processor(processor)
     for index, sample in enumerate(samples):
         try:
             sizes = [decode_image(ref).size for ref in sample.images]  # (width, height)
         except ImageError as error:
             problems.append(Problem(sample.dataset, sample.id, error.reason, error.detail))
             continue
-        length, n_tiles = count_tokens(processor, sample, [(h, w) for w, h in sizes])
+        length, n_tiles = counter.count_one(sample, sizes, spec)
         if max_length is not None and length > max_length:
             problems.append(Problem(sample.dataset, sample.id, "too_long", f"{length} > {max_length} tokens"))
             continue

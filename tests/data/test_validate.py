@@ -21,12 +21,14 @@ def real_processor():
     return AutoProcessor.from_pretrained(ASSETS_DIR)
 
 
-@pytest.mark.parametrize("sizes", [[(612, 792)], [(8, 8)], [(3000, 400)], [(600, 800), (200, 100)], []])
+@pytest.mark.parametrize(
+    "sizes", [[(612, 792)], [(8, 8)], [(3000, 400)], [(600, 800), (200, 100)], [(700, 500)], [(500, 700)], []]
+)
 def test_token_count_matches_the_real_processor(real_processor, sizes):
     images = [Image.new("RGB", size, "white") for size in sizes]
     sample = Sample("x", "d", tuple(images), (Turn("Convert this page to docling.", "<doctag>hi</doctag>"),))
     encoded = encode_conversation(real_processor, sample.turns, images)
-    tokens, tiles = count_tokens(real_processor, sample, [(h, w) for w, h in sizes])
+    tokens, tiles = count_tokens(real_processor, sample, sizes)
     assert tokens == len(encoded["input_ids"])
     assert tiles == (encoded["pixel_values"].shape[0] if images else 0)
 
@@ -34,7 +36,7 @@ def test_token_count_matches_the_real_processor(real_processor, sizes):
 def test_token_count_matches_the_tiny_processor_with_single_tile_images(tiny_processor):
     images = [Image.new("RGB", (40, 30), "white")]  # fits one 64 px tile: no splitting
     sample = Sample("x", "d", tuple(images), (Turn("q", "a"),))
-    tokens, tiles = count_tokens(tiny_processor, sample, [(30, 40)])
+    tokens, tiles = count_tokens(tiny_processor, sample, [(40, 30)])
     encoded = encode_conversation(tiny_processor, sample.turns, images)
     assert (tokens, tiles) == (len(encoded["input_ids"]), encoded["pixel_values"].shape[0])
 
