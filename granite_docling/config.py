@@ -148,6 +148,7 @@ class TrainingConfig:
     max_length: Optional[int] = None  # drop samples longer than this many tokens, image tokens included
     on_bad_sample: str = "skip"  # skip (count and report) or error (stop at the first, naming it)
     max_nonfinite_steps: int = 5  # stop after this many optimizer steps in a row with a NaN / Inf loss
+    peak_tflops: Optional[float] = None  # device peak for the MFU estimate; null = looked up by GPU name
     loss_chunk_size: int = 2048  # supervised positions per chunk of the output layer + loss (bounds logits memory)
     push_to_hub: bool = False  # upload final_model/ to the hub at the end
     hub_repo_id: Optional[str] = None  # hub repository to push to, e.g. my-org/granite-docling-invoices

@@ -83,6 +83,30 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# Dense bf16 peak of common training GPUs, FLOP/s (no sparsity), for the MFU estimate.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
+                   "L40S": 362e12, "A10G": 125e12, "L4": 121e12}  # fmt: skip
+
+
+def device_peak_flops(peak_tflops: float | None) -> float | None:
+    """The device's peak FLOP/s: ``training.peak_tflops`` if set, else looked up by CUDA device name; None on CPU."""
+    if peak_tflops:
+        return peak_tflops * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def training_flops_per_token(model: torch.nn.Module) -> float:
+    """Approximate training FLOPs per token: 6 per trainable parameter (forward + backward), 2 per frozen one
+    (forward only; backward through frozen layers also costs, so this undercounts for frozen bottom layers).
+    Attention's sequence-length term is left out, so MFU is a slight underestimate for long pages."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return 6.0 * trainable + 2.0 * frozen
+
+
 def take(iterator, n: int) -> list:
     """Up to ``n`` next items of ``iterator``."""
     items = []
@@ -267,7 +291,9 @@ def train(cfg: Config, run_dir: str | Path) -> int:
 
     # ---- the loop
     started = time.time()
-    window_start, window_samples, window_tokens = time.time(), 0, 0
+    window_start, window_samples, window_tokens, window_wait = time.time(), 0, 0, 0.0
+    flops_per_token = training_flops_per_token(model)
+    peak_flops = device_peak_flops(t.peak_tflops)
     batches = None
     exit_code = 0
     loss_module.train()
@@ -275,7 +301,9 @@ def train(cfg: Config, run_dir: str | Path) -> int:
         if batches is None:  # start (or continue) an epoch at the exact sample position
             data.train_sampler.set_epoch(state.epoch, start=state.samples_in_epoch)
             batches = iter(train_loader)
+        fetch_started = time.time()
         group = take(batches, t.gradient_accumulation_steps)
+        window_wait += time.time() - fetch_started
         if not group:  # end of epoch
             state.epoch, state.samples_in_epoch, batches = state.epoch + 1, 0, None
             if t.val_interval and state.epoch % t.val_interval == 0:
@@ -333,15 +361,21 @@ def train(cfg: Config, run_dir: str | Path) -> int:
             elapsed = state.elapsed_seconds + time.time() - started
             samples_per_second = window_samples * world / seconds
             metrics |= {"train/samples_per_second": samples_per_second,
-                        "train/tokens_per_second": window_tokens * world / seconds}  # fmt: skip
+                        "train/tokens_per_second": window_tokens * world / seconds,
+                        "train/data_wait": window_wait / seconds}  # fmt: skip
+            if peak_flops:  # tokens/s of this process times its FLOPs per token, over the device's peak
+                metrics["train/mfu"] = window_tokens / seconds * flops_per_token / peak_flops
             eta = (total_steps - state.step) * seconds / max(1, t.log_interval)
             log.info(
-                "step %d/%d  epoch %d  loss %.4f  avg %.4f  lr %s  %.2f samples/s  %.0f tokens/s  elapsed %s  ETA %s",
+                "step %d/%d  epoch %d  loss %.4f  avg %.4f  lr %s  %.2f samples/s  %.0f tokens/s  data wait %.0f%%%s  "
+                "elapsed %s  ETA %s",
                 state.step, total_steps, state.epoch, step_loss, metrics["train/avg_loss"],
                 "/".join(f"{g['lr']:.2e}" for g in optimizer.param_groups[::2]), samples_per_second,
-                metrics["train/tokens_per_second"], _duration(elapsed), _duration(eta),
+                metrics["train/tokens_per_second"], 100 * metrics["train/data_wait"],
+                f"  MFU {100 * metrics['train/mfu']:.1f}%" if "train/mfu" in metrics else "",
+                _duration(elapsed), _duration(eta),
             )  # fmt: skip
-            window_start, window_samples, window_tokens = time.time(), 0, 0
+            window_start, window_samples, window_tokens, window_wait = time.time(), 0, 0, 0.0
         tracker.log(metrics, step=state.step)
 
         if t.val_steps and state.step % t.val_steps == 0:

@@ -303,3 +303,21 @@ def test_generation_eval_during_training_is_logged(four_samples, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     generated = [r for r in rows if "gen/edit_distance" in r]
     assert len(generated) == 1 and generated[0]["step"] == 2 and generated[0]["gen/n"] == 2
+
+
+def test_throughput_logs_data_wait_and_mfu(four_samples, tmp_path):
+    cfg = demo_config(four_samples, "training.max_steps=2", "training.log_interval=1", "training.peak_tflops=1")
+    assert train_loop.train(cfg, tmp_path) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert 0 <= row["train/data_wait"] <= 1
+        assert row["train/mfu"] > 0 and row["train/tokens_per_second"] > 0
+
+
+def test_flops_per_token_counts_frozen_parameters_as_forward_only():
+    model = torch.nn.Sequential(torch.nn.Linear(10, 10, bias=False), torch.nn.Linear(10, 5, bias=False))
+    model[1].weight.requires_grad_(False)
+    assert train_loop.training_flops_per_token(model) == 6 * 100 + 2 * 50
+    assert train_loop.device_peak_flops(2.0) == 2e12
+    if not torch.cuda.is_available():
+        assert train_loop.device_peak_flops(None) is None
