@@ -51,7 +51,12 @@ test-docling:
 	.venv-docling/bin/python -m pytest -q -m slow tests/evaluation/test_docling_pipeline.py
 
 # The measurements of benchmarks/RESULTS.md; each prints its ratios against a baseline run in the same call.
-bench: learning-curve
+bench: setup
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) benchmarks/image_path.py
+	$(PY) benchmarks/padding.py
+	$(PY) benchmarks/loss_memory.py
+	$(PY) benchmarks/vs_trl.py
 
 # The CPU learning curve (about 20 minutes on 2 cores).
 learning-curve: setup

@@ -101,7 +101,8 @@ def device_peak_flops(peak_tflops: float | None) -> float | None:
 def training_flops_per_token(model: torch.nn.Module) -> float:
     """Approximate training FLOPs per token: 6 per trainable parameter (forward + backward), 2 per frozen one
     (forward only; backward through frozen layers also costs, so this undercounts for frozen bottom layers).
-    Attention's sequence-length term is left out, so MFU is a slight underestimate for long pages."""
+    Counted per text token, the vision encoder's work is undercounted (it runs per image patch, 16 patches per image
+    token for the real model), so this MFU reads low on full pages; benchmarks/gpu_step.py counts per patch."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return 6.0 * trainable + 2.0 * frozen

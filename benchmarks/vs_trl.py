@@ -1,0 +1,307 @@
+"""Training throughput of our loop against TRL's ``SFTTrainer``: same model, pages, batch, steps, workers, lr.
+
+    python benchmarks/vs_trl.py --json                       # real-docs pages, tiny preset, 20 steps of batch 2
+    python benchmarks/vs_trl.py --data data/mine --steps 20 --batch-size 4
+
+Both runs happen in this one process, one after the other, from the same random initialisation (the ``tiny``
+preset: the real vendored tokenizer and processor, 64 px tiles, pages resized to a 128 px long edge, ~900 tokens
+per real page). Ours goes through :func:`granite_docling.train_loop.train` with a composed config (its defaults:
+fast image path, length-grouped batches, chunked loss on supervised positions only). TRL is set up as its docs
+advise for a vision-language model: a prompt-completion dataset (one user turn with the page image, one assistant
+turn), so its ``DataCollatorForVisionLanguageModeling`` runs the stock processor and ``completion_only_loss``
+(TRL's default for that format) masks the prompt. ``assistant_only_loss`` is not available: granite-docling's chat
+template has no ``{% generation %}`` markers and TRL cannot patch it. Both runs: float32, no gradient
+checkpointing, AdamW with the same constant learning rate, weight decay 0.01, clipping at 1.0, no evaluation or
+checkpoints during the timed steps.
+
+Timing: the seconds between the ends of consecutive optimizer steps (data wait included), over every step after
+the first ``--warmup`` ones; samples/s is the samples of those steps over that time. ``ratio`` is ours over TRL's.
+
+The losses are reported, not compared: TRL's completion also supervises the newline the chat template writes after
+each answer's ``<|end_of_text|>``, one more token per sample than ours, so equal models give slightly different
+numbers; and the two runs see the pages in different orders (ours groups them by length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import itertools
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DOCS = REPO / "tests" / "fixtures" / "real_docs"
+
+
+def compose(*overrides: str):
+    """conf/config.yaml composed with ``overrides`` into the typed Config, as train.py does."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from granite_docling.config import register_configs, validate
+    from granite_docling.launch import register_resolvers
+
+    register_configs()
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = OmegaConf.to_object(hydra_compose(config_name="config", overrides=list(overrides)))
+    validate(cfg)
+    return cfg
+
+
+def prepare_real_docs(out: Path, max_pages: int | None = None) -> Path:
+    """The real-docs PDFs rendered at scale 2 (1224x1584 for a letter page), one sample per page."""
+    from granite_docling.data.prepare import prepare_dataset
+
+    prepare_dataset(sorted(glob.glob(str(REAL_DOCS / "*.pdf"))), out, unit="page", scale=2.0)
+    if max_pages is not None:  # keep the first pages only (quick runs): drop the other annotations
+        for extra in sorted((out / "anns" / "train").glob("*.json"))[max_pages:]:
+            extra.unlink()
+    return out
+
+
+def config_overrides(args: argparse.Namespace, data: Path, run_dir: Path) -> list[str]:
+    lr = args.lr
+    return [
+        f"model={args.preset}", "dataset=[folder]", f"dataset.folder.path={data}", "dataset.folder.max_turns=1",
+        f"training.max_steps={args.steps}", f"training.batch_size={args.batch_size}",
+        "training.gradient_accumulation_steps=1", f"training.num_workers={args.num_workers}",
+        "training.gradient_checkpointing=false", "training.mixed_precision=no", "training.val_ratio=0",
+        f"training.lr_vision={lr}", f"training.lr_text={lr}", f"training.lr_connector={lr}",
+        f"training.min_lr={lr}",  # min_lr == lr: a constant schedule, like TRL's lr_scheduler_type=constant
+        "training.warmup_steps=0", "training.weight_decay=0.01", "training.max_grad_norm=1.0",
+        "training.log_interval=1", "training.save_interval=0",
+        f"training.seed={args.seed}", f"training.length_cache_dir={run_dir / 'lengths'}",
+    ]  # fmt: skip
+
+
+def timed_rate(step_seconds: list[float], step_samples: list[int], warmup: int) -> float:
+    """Samples per second over the steps after the first ``warmup``."""
+    seconds, samples = sum(step_seconds[warmup:]), sum(step_samples[warmup:])
+    if seconds <= 0 or samples == 0:
+        raise RuntimeError(f"no timed steps: {len(step_seconds)} steps, {warmup} of them warm-up")
+    return samples / seconds
+
+
+def run_ours(args: argparse.Namespace, data: Path, work: Path) -> dict:
+    """Our loop on the pages; per-step times and samples from its metrics.jsonl (logged every step)."""
+    import granite_docling.train_loop as train_loop
+
+    run_dir = work / "ours"
+    cfg = compose(*config_overrides(args, data, run_dir))
+    samples, padded = [], []
+    backward_step = train_loop.backward_step
+
+    def counting_backward_step(accelerator, loss_module, group):  # records what each step trained on
+        samples.append(sum(len(b["ids"]) for b in group))
+        padded.append(sum(b["input_ids"].numel() for b in group if b["ids"]))
+        return backward_step(accelerator, loss_module, group)
+
+    train_loop.backward_step = counting_backward_step
+    try:
+        exit_code = train_loop.train(cfg, run_dir)
+    finally:
+        train_loop.backward_step = backward_step
+    if exit_code != 0:
+        raise RuntimeError(f"our training loop exited with {exit_code} (its log is on stderr)")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "train/loss" in r]
+    # One step per log window (log_interval=1): the window's seconds = its samples / its samples per second.
+    seconds = [n / r["train/samples_per_second"] for n, r in zip(samples, rows, strict=True)]
+    losses = [r["train/loss"] for r in rows]
+    return {
+        "samples_per_s": timed_rate(seconds, samples, args.warmup),
+        "losses": losses,
+        "supervised_tokens_per_sample": sum(r["train/supervised_tokens"] for r in rows) / sum(samples),
+        "padded_tokens_per_sample": sum(padded) / sum(samples),
+    }
+
+
+def trl_dataset(data: Path):
+    """The same samples (first turn) as a prompt-completion ``datasets.Dataset``; images decoded on access."""
+    import datasets
+
+    from granite_docling.data.readers import ReadOptions, read_dataset
+
+    samples, problems = read_dataset(str(data), "folder", ReadOptions(split="train", max_turns=1), "auto")
+    if problems:
+        raise RuntimeError(f"{len(problems)} bad sample(s) in {data}: {problems[:3]}")
+    columns = {
+        "images": [[str(ref) for ref in s.images] for s in samples],
+        "prompt": [[{"role": "user", "content": s.turns[0].user}] for s in samples],
+        "completion": [[{"role": "assistant", "content": s.turns[0].assistant}] for s in samples],
+    }
+    dataset = datasets.Dataset.from_dict(columns)
+    return dataset.cast_column("images", datasets.List(datasets.Image()))
+
+
+def run_trl(args: argparse.Namespace, data: Path, work: Path) -> dict:
+    """TRL's SFTTrainer on the same model, initialisation, pages and settings."""
+    from accelerate.utils import set_seed
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from granite_docling.model import load_model_and_processor
+
+    cfg = compose(*config_overrides(args, data, work / "trl"))
+    set_seed(args.seed)  # as train() does before building the model: the same random weights
+    model, processor = load_model_and_processor(cfg.model)
+
+    step_ends: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, _args, state, control, **kwargs):
+            step_ends.append(time.perf_counter())
+
+        def on_step_end(self, _args, state, control, **kwargs):
+            step_ends.append(time.perf_counter())
+
+    class CountingSFTTrainer(SFTTrainer):
+        """SFTTrainer that records each step's batch shape and supervised tokens; training is untouched."""
+
+        samples: list[int] = []
+        padded: list[int] = []
+        supervised: list[int] = []
+
+        def training_step(self, model, inputs, *rest, **kwargs):
+            self.samples.append(int(inputs["input_ids"].shape[0]))
+            self.padded.append(int(inputs["input_ids"].numel()))
+            self.supervised.append(int((inputs["labels"][:, 1:] != -100).sum()))
+            return super().training_step(model, inputs, *rest, **kwargs)
+
+    config = SFTConfig(
+        output_dir=str(work / "trl"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        max_length=None,  # never truncate: TRL's default (1024) would cut pages through their answers
+        completion_only_loss=True,  # the default for prompt-completion data, spelled out
+        dataloader_num_workers=args.num_workers,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=args.seed,
+        use_cpu=not _cuda(),
+    )
+    trainer = CountingSFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=trl_dataset(data),
+        processing_class=processor,
+        callbacks=[StepClock()],
+    )
+    trainer.train()
+    seconds = [b - a for a, b in itertools.pairwise(step_ends)]
+    samples = trainer.samples
+    if len(seconds) != len(samples):
+        raise RuntimeError(f"{len(seconds)} timed steps but {len(samples)} batches: accumulation is not 1?")
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {
+        "samples_per_s": timed_rate(seconds, samples, args.warmup),
+        "losses": losses,
+        "supervised_tokens_per_sample": sum(trainer.supervised) / sum(samples),
+        "padded_tokens_per_sample": sum(trainer.padded) / sum(samples),
+    }
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, help="a Docling-format folder; default: the real-docs pages")
+    parser.add_argument("--max-pages", type=int, help="with the default data: use only the first N pages")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run, warm-up included")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the timing")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--num-workers", type=int, default=1, help="DataLoader workers, for both")
+    parser.add_argument("--lr", type=float, default=1e-3, help="constant learning rate, for both")
+    parser.add_argument("--preset", default="tiny", help="conf/model preset (random init)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trl-first", action="store_true", help="run TRL before ours (to check order effects)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (and nothing else on stdout)")
+    args = parser.parse_args(argv)
+    if args.steps <= args.warmup:
+        parser.error(f"--steps ({args.steps}) must be larger than --warmup ({args.warmup})")
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    import torch
+    import transformers
+    import trl
+
+    with tempfile.TemporaryDirectory(prefix="vs_trl_") as tmp:
+        work = Path(tmp)
+        data = args.data or prepare_real_docs(work / "real_docs", args.max_pages)
+        load_before = os.getloadavg()[0]
+        with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its logs; stdout is for the result
+            if args.trl_first:
+                trl_result = run_trl(args, data, work)
+                ours = run_ours(args, data, work)
+            else:
+                ours = run_ours(args, data, work)
+                trl_result = run_trl(args, data, work)
+        load_after = os.getloadavg()[0]
+    result = {
+        "ratio": ours["samples_per_s"] / trl_result["samples_per_s"],
+        "ours_samples_per_s": ours["samples_per_s"],
+        "trl_samples_per_s": trl_result["samples_per_s"],
+        "ours_loss": _mean(ours["losses"]),
+        "trl_loss": _mean(trl_result["losses"]),
+        "ours_final_loss": ours["losses"][-1],
+        "trl_final_loss": trl_result["losses"][-1],
+        "ours_supervised_tokens_per_sample": ours["supervised_tokens_per_sample"],
+        "trl_supervised_tokens_per_sample": trl_result["supervised_tokens_per_sample"],
+        "ours_padded_tokens_per_sample": ours["padded_tokens_per_sample"],
+        "trl_padded_tokens_per_sample": trl_result["padded_tokens_per_sample"],
+        "preset": args.preset,
+        "data": str(args.data) if args.data else "tests/fixtures/real_docs (scale 2)",
+        "steps": args.steps,
+        "warmup_steps": args.warmup,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "lr": args.lr,
+        "order": "trl, ours" if args.trl_first else "ours, trl",
+        "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
+        "load_average_before_after": [round(load_before, 2), round(load_after, 2)],
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:36s} {value:.4g}" if isinstance(value, float) else f"{key:36s} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Every benchmark runs in its smallest mode and prints the JSON its users read (numbers are not checked here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_script
+
+BENCHMARKS = REPO / "benchmarks"
+REAL_DOCS = REPO / "tests" / "fixtures" / "real_docs"
+
+
+def last_json_line(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_loss_memory_chunked_loss_is_the_stock_loss_in_less_memory():
+    # 2,048 positions x 32k classes: full float32 logits are 256 MB, a 256-position chunk 32 MB.
+    done = run_script("benchmarks/loss_memory.py", "--json", "--seq-len", "2048", "--prompt-tokens", "512",
+                      "--vocab", "32768", "--hidden", "64", "--chunk-size", "256")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = last_json_line(done.stdout)
+    assert {"peak_mb_chunked", "peak_mb_full", "ratio", "supervised_tokens"} <= set(result)
+    assert result["supervised_tokens"] == 2048 - 512 - 1
+    assert result["loss_chunked"] == pytest.approx(result["loss_full"], rel=1e-5)
+    assert result["peak_mb_chunked"] < result["peak_mb_full"] / 2
+
+
+def test_gpu_check_cpu_smoke_prints_one_line_per_configuration():
+    env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--cpu-smoke"], capture_output=True, text=True,
+                          timeout=180, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert [line["freeze_vision"] for line in lines] == [False, True]
+    for line in lines:
+        assert {"samples_per_s", "mfu", "peak_memory_gb", "data_wait_share", "batch_size", "tflop_per_sample"} <= set(
+            line
+        )
+        assert line["samples_per_s"] > 0 and 0 <= line["data_wait_share"] <= 1
+        assert line["tiles_per_sample"] > 0 and line["supervised_per_sample"] > 0
+    trained, frozen = lines
+    assert frozen["tflop_per_sample"] < trained["tflop_per_sample"]  # same page: no vision backward when frozen
+
+
+def test_flop_counter_counts_every_parameter_once(tiny_config):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from gpu_step import FlopCounter
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from granite_docling.model import load_model_and_processor
+
+    model, _ = load_model_and_processor(tiny_config.model)
+    flops = FlopCounter(model)
+    parts = flops.vision_params + flops.connector_params + flops.text_params + flops.head_params
+    assert parts == sum(p.numel() for p in model.parameters())
+    # No tokens and no tiles: no work. One supervised token: the output layer's 6 x vocab x hidden.
+    assert flops.sample(0, 0, 0, train_vision=True) == 0
+    assert flops.sample(0, 0, 1, train_vision=True) == 6 * flops.head_params
+
+
+def test_vs_trl_smallest_run(tmp_path: Path):
+    pytest.importorskip("trl")
+    from granite_docling.data.prepare import prepare_dataset
+
+    # One short real page (147 tokens with the tiny preset): both trainers, 2 steps each, the second one timed.
+    prepare_dataset([REAL_DOCS / "multi_page.pdf"], tmp_path)
+    for annotation in (tmp_path / "anns" / "train").glob("*.json"):
+        if annotation.stem != "multi_page_4":
+            annotation.unlink()
+    done = run_script("benchmarks/vs_trl.py", "--json", "--data", str(tmp_path), "--steps", "2", "--warmup", "1",
+                      "--batch-size", "1", "--num-workers", "0", timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = last_json_line(done.stdout)
+    assert {"ratio", "ours_loss", "trl_loss", "ours_samples_per_s", "trl_samples_per_s"} <= set(result)
+    assert result["ratio"] > 0
+    # Same initial weights and the same one page: the losses differ only by TRL's one extra supervised token.
+    assert result["trl_supervised_tokens_per_sample"] == result["ours_supervised_tokens_per_sample"] + 1
+    assert abs(result["ours_loss"] - result["trl_loss"]) < 0.05
