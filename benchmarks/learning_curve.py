@@ -33,18 +33,12 @@ def run(*args: str) -> None:
 def save_untrained(out: Path, seed: int) -> Path:
     """The small preset's random initialisation, as training starts from it (same seed)."""
     from accelerate.utils import set_seed
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     from granite_docling.checkpoint import save_checkpoint
-    from granite_docling.config import register_configs
-    from granite_docling.launch import register_resolvers
+    from granite_docling.launch import compose_config
     from granite_docling.model import load_model_and_processor
 
-    register_configs()
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose(config_name="config", overrides=["experiment=learning_curve"]))
+    cfg = compose_config(REPO / "conf", "experiment=learning_curve")
     set_seed(seed)
     model, processor = load_model_and_processor(cfg.model)
     return save_checkpoint(out, model, processor, None)

@@ -42,21 +42,9 @@ REAL_DOCS = REPO / "tests" / "fixtures" / "real_docs"
 
 def compose(*overrides: str):
     """conf/config.yaml composed with ``overrides`` into the typed Config, as train.py does."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
+    from granite_docling.launch import compose_config
 
-    from granite_docling.config import register_configs, validate
-    from granite_docling.launch import register_resolvers
-
-    register_configs()
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(hydra_compose(config_name="config", overrides=list(overrides)))
-    validate(cfg)
-    return cfg
+    return compose_config(REPO / "conf", *overrides)
 
 
 def prepare_real_docs(out: Path, max_pages: int | None = None) -> Path:

@@ -70,6 +70,23 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
+def compose_config(config_dir: str | Path, *overrides: str, config_name: str = "config"):
+    """``conf/config.yaml`` composed with command-line style ``overrides`` into the typed, validated Config,
+    as train.py would; for scripts and tests that need a config without running train.py."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from granite_docling.config import register_configs, validate
+
+    register_configs()
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose(config_name=config_name, overrides=list(overrides)))
+    validate(cfg)
+    return cfg
+
+
 def translate_legacy_argv(argv: list[str]) -> list[str]:
     """``[--config FILE.py] [--resume CKPT] [overrides...]`` -> Hydra arguments; unchanged without --config.
 
