@@ -9,9 +9,9 @@ the loader float32 tiles: ~49 MB and ~0.3 s of CPU per 1224x1584 page. Here
   decoded uint8 pixels (~6 MB a page; a page larger than the stock's first resize makes it is shrunk by that
   resize first);
 * :func:`batch_pixel_values`, run on the training device before the forward, resizes each image ONCE to its
-  tiled size and once to one tile for the global image, with PIL's Lanczos filter (PIL itself on a CPU; on an
-  accelerator a torch version, separable, rounded and clipped to 0..255 after each pass as PIL does for 8-bit
-  images), splits the tiles, rescales, normalises and pads the batch.
+  tiled size and once to one tile for the global image, with PIL's Lanczos filter (PIL itself on a CPU, the grey
+  parts of a page as one channel; on an accelerator a torch version, separable, rounded and clipped to 0..255
+  after each pass as PIL does for 8-bit images), splits the tiles, rescales, normalises and pads the batch.
 
 Two direct resizes instead of the stock chain of three move pixel values by ~0.2 grey levels on average (99th
 percentile 4 levels on the real-docs pages); token ids and the tile layout are identical, because the prompt is
@@ -206,44 +206,88 @@ def lanczos_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor
     return x
 
 
-def _resized(pixels: torch.Tensor, layout: Layout, tile: int, pil: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(H, W, 3) uint8 -> the image at its layout size (height, width, 3) and, for split layouts, the global image
-    (tile, tile, 3), each by one Lanczos resize of ``pixels``: with PIL (8-bit fixed point; the fastest on a CPU)
-    or with :func:`lanczos_resize` in torch (on accelerators)."""
-    size = (layout.height, layout.width)
-    if not pil:
-        resized = pixels if pixels.shape[:2] == size else lanczos_resize(pixels, *size)
-        return resized, lanczos_resize(pixels, tile, tile) if layout.rows else None
-    array = pixels.numpy()
-    # Grey pages (most text pages) resize as one channel: PIL filters channels alike, so the result is the same
-    # at a third of the cost.
-    grey = bool((array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all())
-    image = Image.fromarray(array[..., 0] if grey else array)
-    parts = [image if pixels.shape[:2] == size else image.resize(size[::-1], Image.Resampling.LANCZOS)]
-    if layout.rows:
-        parts.append(image.resize((tile, tile), Image.Resampling.LANCZOS))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only arrays: only ever read
-        arrays = [torch.from_numpy(np.asarray(part)) for part in parts]
-    if grey:
-        arrays = [a.unsqueeze(-1).expand(-1, -1, 3) for a in arrays]
-    return arrays[0], arrays[1] if layout.rows else None
+GREY_PIECES = 4  # the mostly-grey shortcut checks each tile for colour in GREY_PIECES x GREY_PIECES pieces
+
+
+def _input_window(start: int, stop: int, in_size: int, out_size: int) -> slice:
+    """The input positions PIL's Lanczos reads for outputs ``start..stop-1`` of one axis (a pixel wider each side)."""
+    scale = in_size / out_size
+    support = LANCZOS_SUPPORT * max(scale, 1.0)
+    low = int((start + 0.5) * scale - support + 0.5) - 1
+    high = int((stop - 0.5) * scale + support + 0.5) + 1
+    return slice(max(low, 0), min(high, in_size))
+
+
+def _write_pil_lanczos(tiles: torch.Tensor, pixels: np.ndarray, colour: np.ndarray) -> None:
+    """Fill ``tiles`` (rows, cols, 3, tile, tile) float with PIL's 8-bit Lanczos resize of (H, W, 3) uint8
+    ``pixels`` to (rows x tile, cols x tile), cut into tiles; cheaply for pages.
+
+    PIL filters channels alike, so wherever an output pixel's input window is grey (R == G == B, ``~colour``)
+    resizing one channel gives exactly its pixels, at a third of the cost. Most pages are grey but for a few
+    coloured pixels (links, a logo, a figure): the grey channel is resized once, and each piece (a tile cut into
+    :data:`GREY_PIECES` x :data:`GREY_PIECES`) whose input window holds colour is resized again in RGB through PIL's
+    ``box`` (the same filter coefficients: exactly the full RGB resize's pixels there)."""
+    rows, cols, _, tile, _ = tiles.shape
+    height, width = rows * tile, cols * tile
+    if pixels.shape[:2] == (height, width):
+        tiles.copy_(torch.from_numpy(pixels).view(rows, tile, cols, tile, 3).permute(0, 2, 4, 1, 3))
+        return
+    in_height, in_width = colour.shape
+    step = max(tile // GREY_PIECES, 1)
+    spans = {  # per axis: (start, stop) of each piece, never across a tile border
+        size: [
+            (start, min(start + step, first + tile))
+            for first in range(0, size, tile)
+            for start in range(first, first + tile, step)
+        ]
+        for size in (height, width)
+    }
+    pieces = [(top, left, bottom, right) for top, bottom in spans[height] for left, right in spans[width]]
+    coloured = [
+        (top, left, bottom, right)
+        for top, left, bottom, right in pieces
+        if colour[_input_window(top, bottom, in_height, height), _input_window(left, right, in_width, width)].any()
+    ]
+    if len(coloured) > len(pieces) // 2:  # mostly colour: one RGB resize
+        resized = np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.LANCZOS))
+        tiles.copy_(torch.from_numpy(resized).view(rows, tile, cols, tile, 3).permute(0, 2, 4, 1, 3))
+        return
+    grey_channel = Image.fromarray(np.ascontiguousarray(pixels[..., 0]))
+    grey = torch.from_numpy(np.asarray(grey_channel.resize((width, height), Image.Resampling.LANCZOS)))
+    tiles.copy_(grey.view(rows, tile, cols, tile).permute(0, 2, 1, 3).unsqueeze(2))  # the one channel thrice
+    image, x_scale, y_scale = Image.fromarray(pixels), in_width / width, in_height / height
+    for top, left, bottom, right in coloured:
+        box = (left * x_scale, top * y_scale, right * x_scale, bottom * y_scale)
+        piece = image.resize((right - left, bottom - top), Image.Resampling.LANCZOS, box=box)
+        row, y, col, x = top // tile, top % tile, left // tile, left % tile
+        tiles[row, col, :, y : y + bottom - top, x : x + right - left].copy_(
+            torch.from_numpy(np.asarray(piece)).permute(2, 0, 1)
+        )
 
 
 def write_tiles(out: torch.Tensor, pixels: torch.Tensor, layout: Layout, pil: bool | None = None) -> None:
     """Fill ``out`` (layout.tiles, 3, tile, tile) float with one image's tiles in grey levels: the row-major tiles
     of the image resized to its layout, then the global image (the whole image resized to one tile), in the stock
-    processor's order. ``pixels``: (H, W, 3) uint8 on ``out``'s device; ``pil``: resize with PIL (default: on a
-    CPU) or in torch."""
+    processor's order; each by one Lanczos resize of ``pixels``, (H, W, 3) uint8 on ``out``'s device. ``pil``:
+    resize with PIL (8-bit fixed point; the default and the fastest on a CPU) or in torch (:func:`lanczos_resize`,
+    for accelerators)."""
     tile = out.shape[-1]
-    pil = pixels.device.type == "cpu" if pil is None else pil
-    resized, global_image = _resized(pixels, layout, tile, pil)
-    if not layout.rows:
-        out[0].copy_(resized.permute(2, 0, 1))
+    rows, cols = (layout.rows, layout.cols) if layout.rows else (1, 1)
+    grid = out[: rows * cols].view(rows, cols, 3, tile, tile)
+    if pixels.device.type == "cpu" if pil is None else pil:
+        array = pixels.numpy()
+        colour = (array[..., 0] != array[..., 1]) | (array[..., 1] != array[..., 2])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only arrays: only ever read
+            _write_pil_lanczos(grid, array, colour)
+            if layout.rows:
+                _write_pil_lanczos(out[-1:].view(1, 1, 3, tile, tile), array, colour)
         return
-    grid = resized.view(layout.rows, tile, layout.cols, tile, 3).permute(0, 2, 4, 1, 3)  # (rows, cols, 3, t, t)
-    out[:-1].view(layout.rows, layout.cols, 3, tile, tile).copy_(grid)
-    out[-1].copy_(global_image.permute(2, 0, 1))
+    size = (rows * tile, cols * tile)
+    resized = pixels if pixels.shape[:2] == size else lanczos_resize(pixels, *size)
+    grid.copy_(resized.view(rows, tile, cols, tile, 3).permute(0, 2, 4, 1, 3))
+    if layout.rows:
+        out[-1].copy_(lanczos_resize(pixels, tile, tile).permute(2, 0, 1))
 
 
 def batch_pixel_values(

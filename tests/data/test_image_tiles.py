@@ -112,16 +112,45 @@ def test_torch_lanczos_equals_pils_to_a_level_or_two(pages):
         assert difference.max() <= 2 and difference.mean() < 0.01, (height, width, difference.max(), difference.mean())
 
 
-def test_grey_pages_take_the_single_channel_shortcut_exactly(pages):
-    grey = pages[1].crop((0, 0, 400, 500)).convert("L").convert("RGB")
-    spec = ImageSpec(longest_edge=512, tile=256, split=True, rescale_factor=1 / 255, mean=(0.5,) * 3, std=(0.5,) * 3)
-    layout = spec.layout(grey.height, grey.width)
-    colour = np.array(grey)
-    colour[0, 0] = (255, 0, 0)  # one colour pixel: the full RGB resize
-    pixel_values = [
-        batch_pixel_values([[torch.from_numpy(a)]], [[layout]], spec, "cpu")[0][0] for a in (np.array(grey), colour)
+def full_rgb_tiles(pixels: np.ndarray, layout, tile: int) -> torch.Tensor:
+    """The tiles by the plain route: PIL's RGB Lanczos resize of the whole image, cut up, then the global image."""
+    image = Image.fromarray(pixels)
+    resized = np.asarray(image.resize((layout.width, layout.height), Image.Resampling.LANCZOS))
+    tiles = [
+        resized[y : y + tile, x : x + tile] for y in range(0, layout.height, tile) for x in range(0, layout.width, tile)
     ]
-    assert torch.equal(pixel_values[0][:, :, 8:, 8:], pixel_values[1][:, :, 8:, 8:])  # away from that pixel
+    if layout.rows:
+        tiles.append(np.asarray(image.resize((tile, tile), Image.Resampling.LANCZOS)))
+    return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).float()
+
+
+def cpu_tiles(pixels: np.ndarray, layout, tile: int) -> torch.Tensor:
+    from granite_docling.data.image_tiles import write_tiles
+
+    out = torch.full((layout.tiles, 3, tile, tile), -1.0)
+    write_tiles(out, torch.from_numpy(pixels), layout, pil=True)
+    return out
+
+
+def test_mostly_grey_pages_resize_exactly_like_the_full_rgb_resize(real_processor, pages):
+    """The CPU path resizes grey parts as one channel and re-resizes only coloured pieces in RGB: pixel for pixel
+    the plain RGB resize, on the real pages (grey, a few coloured links, a colour figure) and on a grey page with
+    colour patches on piece and tile borders, at tile sizes that GREY_PIECES does and does not divide."""
+    spec = ImageSpec.from_processor(real_processor)
+    for page in pages:
+        pixels = np.array(page)
+        layout = spec.layout(*pixels.shape[:2])
+        assert torch.equal(cpu_tiles(pixels, layout, spec.tile), full_rgb_tiles(pixels, layout, spec.tile))
+    grey = np.array(pages[1].crop((0, 0, 400, 500)).convert("L").convert("RGB"))
+    patched = grey.copy()
+    patched[0:3, 0:3] = (255, 0, 0)
+    patched[247:252, 198:203] = (0, 0, 255)  # the middle: a tile corner for 2 x 2 tiles
+    patched[490:500, 100:110] = (0, 200, 0)
+    for tile, longest_edge in ((256, 512), (64, 256), (30, 100), (128, 128)):
+        spec = ImageSpec(longest_edge, tile, split=True, rescale_factor=1 / 255, mean=(0.5,) * 3, std=(0.5,) * 3)
+        layout = spec.layout(*grey.shape[:2])
+        for pixels in (grey, patched):
+            assert torch.equal(cpu_tiles(pixels, layout, tile), full_rgb_tiles(pixels, layout, tile)), (tile, layout)
 
 
 def test_batch_pads_like_the_stock_collate(real_processor, pages):
