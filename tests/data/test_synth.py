@@ -18,13 +18,12 @@ from PIL import Image
 from granite_docling.cli import main
 from granite_docling.data.prepare import PrepareError
 from granite_docling.data.synth import (
-    PAGE_HEIGHT,
-    PAGE_WIDTH,
     plan_documents,
     synth_document,
     synth_formula,
     write_sample_data,
 )
+from granite_docling.data.synth_pages import PAGE_HEIGHT, PAGE_WIDTH
 
 LOCS = re.compile(r"<loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)>")
 ALL_LAYERS = {ContentLayer.BODY, ContentLayer.FURNITURE}
