@@ -17,22 +17,9 @@ DocTags as answers. One model is built; each configuration gets fresh optimizer 
 Timing: every step is synchronised; ``data_wait_share`` is the time spent waiting for the next batch over the
 step time, both summed over the timed steps (the first ``--warmup`` steps are left out).
 
-FLOPs per sample (model FLOPs: what the architecture needs, not what the hardware ran; our loss recomputes each
-chunk's logits in backward, which is not counted, and neither is padding):
-
-* trained parts: 6 x parameters x tokens they process (forward 2, backward 4); frozen parts: 2 x (forward only);
-* vision: its parameters x patches (1,024 per 512 px tile; padding tiles are dropped by Idefics3 and not counted),
-  plus attention 4 x layers x patches^2 x width per tile (QK^T and AV, 2 FLOPs per multiply-add);
-* connector: its parameters x image tokens (64 per tile);
-* text: its parameters without the embedding x the sample's tokens, plus attention 4 x layers x tokens^2 x width
-  (the full square, the usual convention, though the mask is causal);
-* output layer (tied to the embedding): vocabulary x hidden x supervised tokens, the only positions our loss
-  projects.
-
-MFU = FLOPs per second / ``--peak-tflops`` (989: the H100 SXM's dense bf16 peak; 756 for an H100 PCIe).
-``mfu_loop_formula`` is the ``train/mfu`` that the training loop logs (6, or 2 if frozen, x every parameter x text
-tokens, no attention), for comparison: it runs the vision encoder once per text token instead of once per patch
-(16 patches per image token), so on full pages it reads ~4x lower than ``mfu``.
+MFU = model FLOPs per second (:class:`granite_docling.flops.ModelFlops`, the count the training loop logs as
+``train/mfu``: vision per patch, attention included, the output layer at supervised positions only) over
+``--peak-tflops`` (989: the H100 SXM's dense bf16 peak; 756 for an H100 PCIe).
 """
 
 from __future__ import annotations
@@ -88,60 +75,20 @@ def compose(*overrides: str):
     return compose_config(REPO / "conf", *overrides)
 
 
-class FlopCounter:
-    """Model FLOPs of one training sample from parameter counts, token counts and tiles (see the module docstring)."""
-
-    def __init__(self, model):
-        from granite_docling.model import parameter_counts
-
-        counts = parameter_counts(model)
-        config = model.config
-        vision, text = config.vision_config, config.text_config
-        embedding = model.get_input_embeddings().weight.numel()
-        self.vision_params = counts["vision"]
-        self.connector_params = counts["connector"]
-        self.text_params = counts["text"] - embedding  # the embedding is a lookup; as output layer, counted apart
-        self.head_params = embedding  # tied: vocab x hidden
-        self.patches = (vision.image_size // vision.patch_size) ** 2
-        self.tokens_per_tile = self.patches // config.scale_factor**2
-        self.vision_attention = 4 * vision.num_hidden_layers * self.patches**2 * vision.hidden_size
-        self.text_attention_per_token2 = 4 * text.num_hidden_layers * text.num_attention_heads * text.head_dim
-
-    def sample(self, tokens: int, tiles: int, supervised: int, train_vision: bool) -> float:
-        vision = tiles * (2 * self.vision_params * self.patches + self.vision_attention)
-        connector = 2 * self.connector_params * tiles * self.tokens_per_tile
-        text = 2 * self.text_params * tokens + self.text_attention_per_token2 * tokens**2
-        head = 2 * self.head_params * supervised
-        return vision * (3 if train_vision else 1) + 3 * (connector + text + head)
-
-
-def batch_shape(batch: dict) -> list[tuple[int, int, int]]:
-    """(tokens, tiles, supervised tokens) of every sample of a batch, padding excluded."""
-    tokens = batch["attention_mask"].sum(dim=1).tolist()
-    supervised = (batch["labels"][:, 1:] != -100).sum(dim=1).tolist()
-    if "image_layouts" in batch:  # the fast image path
-        tiles = [sum(layout.tiles for layout in layouts) for layouts in batch["image_layouts"]]
-    elif "pixel_values" in batch:  # the stock path: all-zero tiles are padding
-        tiles = (batch["pixel_values"].flatten(2).abs().sum(-1) > 0).sum(dim=1).tolist()
-    else:
-        tiles = [0] * len(tokens)
-    return list(zip(tokens, tiles, supervised, strict=True))
-
-
 def peak_memory_gb(device) -> float | None:
     import torch
 
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def run_configuration(accelerator, loss_module, cfg, processor, flops: FlopCounter, batch_size: int,
+def run_configuration(accelerator, loss_module, cfg, processor, flops, batch_size: int,
                       freeze_vision: bool, steps: int, warmup: int, peak_tflops: float) -> dict:  # fmt: skip
     """Time ``steps`` optimizer steps of one (batch size, vision frozen or not) configuration."""
     import torch
     from accelerate.utils import set_seed
 
-    from granite_docling import train_loop
     from granite_docling.data.loading import build_data, make_loader
+    from granite_docling.flops import batch_shape
     from granite_docling.model import component_of, parameter_groups
     from granite_docling.train_loop import backward_step
 
@@ -186,10 +133,8 @@ def run_configuration(accelerator, loss_module, cfg, processor, flops: FlopCount
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
-        shape = batch_shape(batch) if batch["ids"] else []
+        shape = batch_shape(batch)
         records.append({"seconds": time.perf_counter() - start, "wait": waited, "loss": loss, "shape": shape})
-    loop_formula = getattr(train_loop, "training_flops_per_token", None)  # the loop's own logged MFU, to compare
-    loop_flops_per_token = loop_formula(model) if loop_formula else None
     timed = records[warmup:]
     seconds = sum(r["seconds"] for r in timed)
     samples = sum(len(r["shape"]) for r in timed)
@@ -200,10 +145,6 @@ def run_configuration(accelerator, loss_module, cfg, processor, flops: FlopCount
         "samples_per_s": samples / seconds,
         "tokens_per_s": sum(s[0] for r in timed for s in r["shape"]) / seconds,
         "mfu": model_flops / seconds / (peak_tflops * 1e12),
-        # train/mfu as train_loop logs it: 6 (2 if frozen) x every parameter x text tokens, no attention term
-        "mfu_loop_formula": None
-        if loop_flops_per_token is None
-        else sum(s[0] for r in timed for s in r["shape"]) * loop_flops_per_token / seconds / (peak_tflops * 1e12),
         "tflops_per_s": model_flops / seconds / 1e12,
         "tflop_per_sample": model_flops / samples / 1e12,
         "peak_memory_gb": peak_memory_gb(device),
@@ -247,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from granite_docling.flops import ModelFlops
     from granite_docling.loss import TokenLoss
     from granite_docling.model import load_model_and_processor
 
@@ -272,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
         set_seed(cfg.training.seed)
         model, processor = load_model_and_processor(cfg.model)
-        flops = FlopCounter(model)
+        flops = ModelFlops(model)
         loss_module = accelerator.prepare(TokenLoss(model, cfg.training.loss_chunk_size))
         loss_module.train()
         device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

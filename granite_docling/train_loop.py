@@ -42,6 +42,7 @@ from granite_docling.config import Config
 from granite_docling.data.encoding import IGNORE_INDEX
 from granite_docling.data.image_tiles import batch_pixel_values
 from granite_docling.data.loading import append_problems, build_data, make_loader, summarise
+from granite_docling.flops import ModelFlops, vision_trains
 from granite_docling.loss import TokenLoss
 from granite_docling.model import apply_lora, load_model_and_processor, parameter_groups
 from granite_docling.tracking import NullTracker, Tracker, plot_loss_curve
@@ -96,16 +97,6 @@ def device_peak_flops(peak_tflops: float | None) -> float | None:
         return None
     name = torch.cuda.get_device_name()
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-
-
-def training_flops_per_token(model: torch.nn.Module) -> float:
-    """Approximate training FLOPs per token: 6 per trainable parameter (forward + backward), 2 per frozen one
-    (forward only; backward through frozen layers also costs, so this undercounts for frozen bottom layers).
-    Counted per text token, the vision encoder's work is undercounted (it runs per image patch, 16 patches per image
-    token for the real model), so this MFU reads low on full pages; benchmarks/gpu_step.py counts per patch."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    return 6.0 * trainable + 2.0 * frozen
 
 
 def take(iterator, n: int) -> list:
@@ -292,9 +283,9 @@ def train(cfg: Config, run_dir: str | Path) -> int:
 
     # ---- the loop
     started = time.time()
-    window_start, window_samples, window_tokens, window_wait = time.time(), 0, 0, 0.0
-    flops_per_token = training_flops_per_token(model)
+    window_start, window_samples, window_tokens, window_wait, window_flops = time.time(), 0, 0, 0.0, 0.0
     peak_flops = device_peak_flops(t.peak_tflops)
+    model_flops, train_vision = ModelFlops(model), vision_trains(model)
     batches = None
     exit_code = 0
     loss_module.train()
@@ -351,6 +342,8 @@ def train(cfg: Config, run_dir: str | Path) -> int:
             window_samples + samples,
             window_tokens + sum(int(b["attention_mask"].sum()) for b in group if b["ids"]),
         )
+        if peak_flops:
+            window_flops += sum(model_flops.batch(b, train_vision) for b in group)
         lrs = {f"train/lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
         metrics = {"train/loss": step_loss, "train/avg_loss": state.loss_sum / state.loss_steps,
                    "train/lr": optimizer.param_groups[0]["lr"], **lrs, "epoch": state.epoch,
@@ -364,8 +357,8 @@ def train(cfg: Config, run_dir: str | Path) -> int:
             metrics |= {"train/samples_per_second": samples_per_second,
                         "train/tokens_per_second": window_tokens * world / seconds,
                         "train/data_wait": window_wait / seconds}  # fmt: skip
-            if peak_flops:  # tokens/s of this process times its FLOPs per token, over the device's peak
-                metrics["train/mfu"] = window_tokens / seconds * flops_per_token / peak_flops
+            if peak_flops:  # this process's model FLOPs per second over its device's peak
+                metrics["train/mfu"] = window_flops / seconds / peak_flops
             eta = (total_steps - state.step) * seconds / max(1, t.log_interval)
             log.info(
                 "step %d/%d  epoch %d  loss %.4f  avg %.4f  lr %s  %.2f samples/s  %.0f tokens/s  data wait %.0f%%%s  "
@@ -376,7 +369,7 @@ def train(cfg: Config, run_dir: str | Path) -> int:
                 f"  MFU {100 * metrics['train/mfu']:.1f}%" if "train/mfu" in metrics else "",
                 _duration(elapsed), _duration(eta),
             )  # fmt: skip
-            window_start, window_samples, window_tokens, window_wait = time.time(), 0, 0, 0.0
+            window_start, window_samples, window_tokens, window_wait, window_flops = time.time(), 0, 0, 0.0, 0.0
         tracker.log(metrics, step=state.step)
 
         if t.val_steps and state.step % t.val_steps == 0:
