@@ -257,6 +257,7 @@ def build_data(cfg: Config, processor, rank: int = 0, world_size: int = 1) -> Da
         sizes[name] = (len(train_sources[name]), len(val_sources[name]))
         log.info("  %s: %d train, %d validation samples", name, *sizes[name])
     edges = {source.name or key: source.image_longest_edge for key, source in cfg.dataset.items()}
+    warn_about_image_sizes(edges, processor)
     make = partial(ConversationDataset, processor=processor, image_longest_edge=edges,
                    max_length=cfg.training.max_length, on_bad_sample=cfg.training.on_bad_sample,
                    image_path=cfg.training.image_path)  # fmt: skip
@@ -270,6 +271,21 @@ def build_data(cfg: Config, processor, rank: int = 0, world_size: int = 1) -> Da
     else:
         sampler = EpochSampler(train.sizes, weights, t.seed, rank, world_size)
     return Data(train=train, val=val, train_sampler=sampler, problems=problems, sizes=sizes)
+
+
+def warn_about_image_sizes(edges: dict[str, int | None], processor) -> None:
+    """A source resized to another long edge than the processor's trains at a size the saved model is not told
+    about: the saved processor (what AutoProcessor and docling load) keeps ``model.image_longest_edge``."""
+    size = processor.image_processor.size
+    saved = size["longest_edge"] if isinstance(size, dict) else size.longest_edge
+    for name, edge in edges.items():
+        if edge and edge != saved:
+            log.warning(
+                "dataset %s trains at a %d px long edge, but the saved processor resizes images to %d px "
+                "(model.image_longest_edge): inference with the saved model uses %d px unless it is told otherwise. "
+                "If your inference images are all like this source's, set model.image_longest_edge=%d instead.",
+                name, edge, saved, saved, edge,
+            )  # fmt: skip
 
 
 def source_lengths(processor, sources: dict[str, list[Sample]], train_sources: dict[str, list[Sample]],

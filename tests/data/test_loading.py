@@ -101,3 +101,13 @@ def test_problem_log_and_summary(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "bad.jsonl").read_text().splitlines()]
     assert [line["file"] for line in lines] == ["a.json", "b.json", "c.json"]
     assert lines[2]["detail"] == "line 1" and lines[0]["meaning"]
+
+
+def test_a_source_resized_unlike_the_saved_processor_is_warned_about(tiny_processor, caplog):
+    from granite_docling.data.loading import warn_about_image_sizes
+
+    saved = tiny_processor.image_processor.size.longest_edge
+    with caplog.at_level("WARNING", logger="granite_docling.data.loading"):
+        warn_about_image_sizes({"pages": None, "same": saved, "formulas": saved // 2}, tiny_processor)
+    assert len(caplog.records) == 1
+    assert "dataset formulas trains at" in caplog.text and f"model.image_longest_edge={saved // 2}" in caplog.text
