@@ -47,9 +47,6 @@ class ModelFlops:
         head = 2 * self.head_params * supervised
         return vision * (3 if train_vision else 1) + 3 * (connector + text + head)
 
-    def batch(self, batch: dict, train_vision: bool) -> float:
-        return sum(self.sample(*shape, train_vision=train_vision) for shape in batch_shape(batch))
-
 
 def vision_trains(model: torch.nn.Module) -> bool:
     return any(p.requires_grad for name, p in model.named_parameters() if component_of(name) == "vision")

@@ -42,7 +42,7 @@ from granite_docling.config import Config
 from granite_docling.data.encoding import IGNORE_INDEX
 from granite_docling.data.image_tiles import batch_pixel_values
 from granite_docling.data.loading import append_problems, build_data, make_loader, summarise
-from granite_docling.flops import ModelFlops, vision_trains
+from granite_docling.flops import ModelFlops, batch_shape, vision_trains
 from granite_docling.loss import TokenLoss
 from granite_docling.model import apply_lora, load_model_and_processor, parameter_groups
 from granite_docling.tracking import NullTracker, Tracker, plot_loss_curve
@@ -337,13 +337,11 @@ def train(cfg: Config, run_dir: str | Path) -> int:
         progress.update(1)
 
         # ---- log every step to metrics.jsonl; a console line every log_interval steps
-        samples = sum(len(b["ids"]) for b in group)
-        window_samples, window_tokens = (
-            window_samples + samples,
-            window_tokens + sum(int(b["attention_mask"].sum()) for b in group if b["ids"]),
-        )
+        shapes = [shape for batch in group for shape in batch_shape(batch)]  # (tokens, tiles, supervised) per sample
+        window_samples += len(shapes)
+        window_tokens += sum(tokens for tokens, _, _ in shapes)
         if peak_flops:
-            window_flops += sum(model_flops.batch(b, train_vision) for b in group)
+            window_flops += sum(model_flops.sample(*shape, train_vision=train_vision) for shape in shapes)
         lrs = {f"train/lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
         metrics = {"train/loss": step_loss, "train/avg_loss": state.loss_sum / state.loss_steps,
                    "train/lr": optimizer.param_groups[0]["lr"], **lrs, "epoch": state.epoch,

@@ -316,15 +316,16 @@ def test_throughput_logs_data_wait_and_mfu(four_samples, tmp_path):
     # of the step's samples: within the range of the four samples' own counts
     from granite_docling.data.loading import ConversationDataset, collate_skipping_problems
     from granite_docling.data.readers import ReadOptions, read_dataset
-    from granite_docling.flops import ModelFlops
+    from granite_docling.flops import ModelFlops, batch_shape
 
     model, processor = load_model_and_processor(cfg.model)
     samples, _ = read_dataset(four_samples, "sample", ReadOptions())
     dataset = ConversationDataset({"sample": samples}, processor, {}, image_path="fast")
     pad_id = processor.tokenizer.pad_token_id
     per_sample = [
-        ModelFlops(model).batch(collate_skipping_problems([dataset[i]], pad_id), train_vision=True)
+        ModelFlops(model).sample(*shape, train_vision=True)
         for i in range(len(samples))
+        for shape in batch_shape(collate_skipping_problems([dataset[i]], pad_id))
     ]
     for row in rows:
         logged = row["train/mfu"] * 1e12 / row["train/samples_per_second"]
