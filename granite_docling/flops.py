@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from granite_docling.data.encoding import IGNORE_INDEX
 from granite_docling.model import component_of, parameter_counts
 
 
@@ -57,7 +58,7 @@ def batch_shape(batch: dict) -> list[tuple[int, int, int]]:
     if not batch["ids"]:  # every sample of the batch was bad: nothing ran
         return []
     tokens = batch["attention_mask"].sum(dim=1).tolist()
-    supervised = (batch["labels"][:, 1:] != -100).sum(dim=1).tolist()
+    supervised = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
     if "image_layouts" in batch:  # the fast image path
         tiles = [sum(layout.tiles for layout in layouts) for layouts in batch["image_layouts"]]
     elif "pixel_attention_mask" in batch:  # the stock path: padding tiles are masked out entirely

@@ -218,6 +218,16 @@ def _input_window(start: int, stop: int, in_size: int, out_size: int) -> slice:
     return slice(max(low, 0), min(high, in_size))
 
 
+def _piece_spans(size: int, tile: int) -> list[tuple[int, int]]:
+    """(start, stop) of the pieces along one axis of ``size`` pixels: each tile cut in :data:`GREY_PIECES`."""
+    step = max(tile // GREY_PIECES, 1)
+    return [
+        (start, min(start + step, first + tile))
+        for first in range(0, size, tile)
+        for start in range(first, first + tile, step)
+    ]
+
+
 def _write_pil_lanczos(tiles: torch.Tensor, pixels: np.ndarray, colour: np.ndarray) -> None:
     """Fill ``tiles`` (rows, cols, 3, tile, tile) float with PIL's 8-bit Lanczos resize of (H, W, 3) uint8
     ``pixels`` to (rows x tile, cols x tile), cut into tiles; cheaply for pages.
@@ -233,16 +243,11 @@ def _write_pil_lanczos(tiles: torch.Tensor, pixels: np.ndarray, colour: np.ndarr
         tiles.copy_(torch.from_numpy(pixels).view(rows, tile, cols, tile, 3).permute(0, 2, 4, 1, 3))
         return
     in_height, in_width = colour.shape
-    step = max(tile // GREY_PIECES, 1)
-    spans = {  # per axis: (start, stop) of each piece, never across a tile border
-        size: [
-            (start, min(start + step, first + tile))
-            for first in range(0, size, tile)
-            for start in range(first, first + tile, step)
-        ]
-        for size in (height, width)
-    }
-    pieces = [(top, left, bottom, right) for top, bottom in spans[height] for left, right in spans[width]]
+    pieces = [
+        (top, left, bottom, right)
+        for top, bottom in _piece_spans(height, tile)
+        for left, right in _piece_spans(width, tile)
+    ]
     coloured = [
         (top, left, bottom, right)
         for top, left, bottom, right in pieces
