@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from granite_docling.data.image_tiles import batch_pixel_values  # noqa: E402
 from granite_docling.data.loading import ConversationDataset, collate_skipping_problems, make_loader  # noqa: E402
-from granite_docling.data.readers import ReadOptions, read_dataset  # noqa: E402
+from granite_docling.data.sources import ReadOptions, read_dataset  # noqa: E402
 
 REAL_DOCS = REPO / "tests" / "fixtures" / "real_docs"
 
@@ -112,8 +112,8 @@ def measure(data: Path, repeats: int, max_samples: int | None) -> dict:
     torch.set_num_threads(1)  # CPU seconds then measure one core's work (the forked worker inherits this)
     processor = AutoProcessor.from_pretrained(ASSETS_DIR)
     samples, _ = read_dataset(data, data.name, ReadOptions(max_samples=max_samples))
-    stock = ConversationDataset({data.name: samples}, processor, {}, image_path="stock")
-    fast = ConversationDataset({data.name: samples}, processor, {}, image_path="fast")
+    stock = ConversationDataset.from_samples({data.name: samples}, processor, {}, image_path="stock")
+    fast = ConversationDataset.from_samples({data.name: samples}, processor, {}, image_path="fast")
     pad_id = processor.tokenizer.pad_token_id
     spec = fast.image_spec(data.name)
     result = compare(stock, fast, pad_id, spec)

@@ -64,7 +64,7 @@ def real_prompt_tokens(height: int = 1584, width: int = 1224) -> int:
 def longest_answer_tokens(data: Path) -> int:
     """Tokens of the longest first-turn answer in a Docling-format folder, with the real tokenizer."""
     from granite_docling.config import ModelConfig
-    from granite_docling.data.readers import ReadOptions, read_dataset
+    from granite_docling.data.sources import ReadOptions, read_dataset
     from granite_docling.model import load_model_config, load_processor
 
     cfg = ModelConfig(checkpoint=None, random_init=True)

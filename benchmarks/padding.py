@@ -5,7 +5,7 @@
     python benchmarks/padding.py --data PATH        # any Docling-format folder
     python benchmarks/padding.py --real-docs        # the 9 real-docs fixture pages (prepare_dataset)
 
-Lengths (tokens, tiles) come from the text and the image headers (``granite_docling.data.grouping``), with the
+Lengths (tokens, tiles) come from the text and the image headers (``granite_docling.data.lengths``), with the
 real processor; the first batches are then encoded through the real loader to check that the padding the sampler
 predicts is the padding the batches get. Both samplers see the same epochs (same seed, same samples);
 ``padding_fraction`` is the share of the padded (B, T_max) token grid that is padding, summed over the epochs.
@@ -23,15 +23,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from granite_docling.data.grouping import padding_fraction, sample_lengths  # noqa: E402
+import numpy as np  # noqa: E402
+
 from granite_docling.data.image_tiles import ImageSpec  # noqa: E402
-from granite_docling.data.loading import (  # noqa: E402
-    ConversationDataset,
-    EpochSampler,
-    LengthGroupedSampler,
-    make_loader,
-)
-from granite_docling.data.readers import ReadOptions, read_dataset  # noqa: E402
+from granite_docling.data.lengths import LengthCounter, padding_fraction  # noqa: E402
+from granite_docling.data.loading import ConversationDataset, make_loader  # noqa: E402
+from granite_docling.data.sampler import GlobalBatchSampler  # noqa: E402
+from granite_docling.data.sources import ReadOptions, read_dataset  # noqa: E402
 
 
 def synthetic_dataset(out: Path, pages: int, formulas: int) -> Path:
@@ -46,13 +44,6 @@ def real_docs_dataset(out: Path) -> Path:
 
     prepare_dataset(sorted((REPO / "tests" / "fixtures" / "real_docs").glob("*.pdf")), out, unit="page")
     return out
-
-
-def batches_of(sampler: EpochSampler, batch_size: int) -> list[list[int]]:
-    if isinstance(sampler, LengthGroupedSampler):
-        return sampler.batches()
-    shard = sampler.shard()
-    return [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)]
 
 
 def measured_padding(dataset: ConversationDataset, batches: list[list[int]], pad_id: int) -> float:
@@ -72,15 +63,16 @@ def measure(data: Path, batch_size: int, epochs: int, check_batches: int, seed: 
 
     processor = AutoProcessor.from_pretrained(ASSETS_DIR)
     samples, _ = read_dataset(data, data.name, ReadOptions())
-    lengths = sample_lengths(processor, samples, ImageSpec.from_processor(processor), min_cached=len(samples) + 1)
+    lengths = LengthCounter(processor).count(samples, ImageSpec.from_processor(processor))
     tokens, tiles = [t for t, _ in lengths], [n for _, n in lengths]
-    grouped = LengthGroupedSampler(lengths, [len(samples)], [None], seed, batch_size)
-    plain = EpochSampler([len(samples)], [None], seed)
+    arrays = (np.array(tokens), np.array(tiles))
+    grouped = GlobalBatchSampler([len(samples)], [None], seed, batch_size, lengths=arrays)
+    plain = GlobalBatchSampler([len(samples)], [None], seed, batch_size)
     epochs_batches = {"grouped": [], "random": []}
     for epoch in range(epochs):
         for name, sampler in (("grouped", grouped), ("random", plain)):
             sampler.set_epoch(epoch)
-            epochs_batches[name] += batches_of(sampler, batch_size)
+            epochs_batches[name] += list(sampler)
 
     result = {
         "data": str(data),
@@ -95,7 +87,7 @@ def measure(data: Path, batch_size: int, epochs: int, check_batches: int, seed: 
     }
     result["padding_ratio"] = result["random_padding_fraction"] / max(result["padding_fraction"], 1e-12)
     if check_batches:
-        dataset = ConversationDataset({data.name: samples}, processor, {}, image_path="fast")
+        dataset = ConversationDataset.from_samples({data.name: samples}, processor, {}, image_path="fast")
         full = [b for b in epochs_batches["grouped"] if len(b) == batch_size][:check_batches]
         predicted = padding_fraction(full, tokens)
         result["checked_batches"] = len(full)

@@ -119,7 +119,7 @@ def trl_dataset(data: Path):
     """The same samples (first turn) as a prompt-completion ``datasets.Dataset``; images decoded on access."""
     import datasets
 
-    from granite_docling.data.readers import ReadOptions, read_dataset
+    from granite_docling.data.sources import ReadOptions, read_dataset
 
     samples, problems = read_dataset(str(data), "folder", ReadOptions(split="train", max_turns=1), "auto")
     if problems:

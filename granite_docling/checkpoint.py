@@ -35,12 +35,14 @@ class LoopState:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epochs completed
-    samples_in_epoch: int = 0  # samples of this process's shard consumed in the current epoch
+    samples_in_epoch: int = 0  # samples of the epoch's global order consumed (streaming: this process's batches)
     skipped_steps: int = 0  # steps skipped for a non-finite loss, in total
     nonfinite_in_a_row: int = 0  # consecutive non-finite steps
     loss_sum: float = 0.0  # running totals behind train/avg_loss
     loss_steps: int = 0
-    bad_samples: int = 0  # samples skipped while loading, this process
+    bad_samples: int = 0  # bad samples found by the workers and listed, in total
+    global_batch: int = 0  # batch x accumulation x processes when saved (0: unknown, an older checkpoint)
+    processes: int = 0  # number of processes when saved
     elapsed_seconds: float = 0.0  # training time before this (resumed) process started
     extra: dict = field(default_factory=dict)
 

@@ -100,6 +100,8 @@ class DatasetConfig:
     max_images_per_sample: Optional[int] = None  # keep the first N images of each sample
     weight: Optional[float] = None  # sampling ratio when mixing sources; null = in proportion to size
     image_longest_edge: Optional[int] = None  # per-source resize target in px (formula crops need no 2048 px)
+    streaming: bool = False  # read parquet shards as a stream (hub ids, data bigger than the disk); no index
+    shuffle_buffer: int = 1000  # streaming: rows shuffled together (plus a shuffled shard and row-group order)
 
 
 @dataclass
@@ -155,7 +157,8 @@ class TrainingConfig:
     hub_private: bool = True  # create the hub repository as private
     image_path: str = "fast"  # fast (uint8 pages through the loader, tiles made on the device) or stock (processor)
     length_grouping: bool = True  # batch samples of similar (tokens, tiles) together; false = plain random batches
-    length_cache_dir: Optional[str] = None  # cache of per-sample lengths; null = ~/.cache/granite_docling/lengths
+    index_cache_dir: Optional[str] = None  # cache of dataset indexes; null = ~/.cache/granite_docling/index
+    length_cache_dir: Optional[str] = None  # the older name of index_cache_dir (used when that is null)
 
 
 @dataclass

@@ -41,7 +41,7 @@ from granite_docling.checkpoint import (
 from granite_docling.config import Config
 from granite_docling.data.encoding import IGNORE_INDEX
 from granite_docling.data.image_tiles import batch_pixel_values
-from granite_docling.data.loading import append_problems, build_data, make_loader, summarise
+from granite_docling.data.loading import append_problems, build_data, listed_problems, make_loader, summarise
 from granite_docling.flops import ModelFlops, batch_shape, vision_trains
 from granite_docling.loss import TokenLoss
 from granite_docling.model import apply_lora, load_model_and_processor, parameter_groups
@@ -191,9 +191,10 @@ def train(cfg: Config, run_dir: str | Path) -> int:
         model = apply_lora(model, cfg.model.lora)
     pad_id = processor.tokenizer.pad_token_id
     data = build_data(cfg, processor, rank, world)
-    bad_samples_file = run_dir / f"bad_samples{'' if rank == 0 else f'_rank{rank}'}.jsonl"
+    bad_samples_file = run_dir / "bad_samples.jsonl"  # the main process lists every bad sample once
+    listed = listed_problems(bad_samples_file)
     if is_main:
-        append_problems(bad_samples_file, data.problems)
+        append_problems(bad_samples_file, data.problems, listed)
         if data.problems:
             log.warning("%s (listed in %s)", summarise(data.problems), bad_samples_file)
     train_loader = make_loader(data.train, data.train_sampler, t.batch_size, t.num_workers, pad_id)
@@ -202,8 +203,11 @@ def train(cfg: Config, run_dir: str | Path) -> int:
         val_indices = range(rank, len(data.val), world)  # no shuffling, no padding: each process a share
         val_loader = make_loader(data.val, val_indices, t.batch_size, t.num_workers, pad_id)
 
-    micro_steps_per_epoch = math.ceil(len(data.train_sampler) / t.batch_size)
-    steps_per_epoch = math.ceil(micro_steps_per_epoch / t.gradient_accumulation_steps)
+    global_batch = t.batch_size * t.gradient_accumulation_steps * world
+    if data.streaming:  # the stream's length is known from its footers; the processes agree on its end
+        steps_per_epoch = math.ceil(sum(train for train, _ in data.sizes.values()) / global_batch)
+    else:
+        steps_per_epoch = data.train_sampler.steps_per_epoch
     total_steps = t.max_steps or t.num_epochs * steps_per_epoch
     learning_rates = {"vision": t.lr_vision, "text": t.lr_text, "connector": t.lr_connector}
     groups = parameter_groups(model, learning_rates, t.weight_decay)
@@ -218,8 +222,8 @@ def train(cfg: Config, run_dir: str | Path) -> int:
         loss_module = torch.compile(loss_module)
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
     log.info("%d optimizer steps (%d per epoch; effective batch %d = %d x %d accumulation x %d processes)",
-             total_steps, steps_per_epoch, t.batch_size * t.gradient_accumulation_steps * world, t.batch_size,
-             t.gradient_accumulation_steps, world)  # fmt: skip
+             total_steps, steps_per_epoch, global_batch, t.batch_size, t.gradient_accumulation_steps,
+             world)  # fmt: skip
 
     # ---- resume
     state = LoopState()
@@ -235,8 +239,10 @@ def train(cfg: Config, run_dir: str | Path) -> int:
             accelerator.scaler.load_state_dict(saved["scaler"])
         state = LoopState(**saved["loop"])
         set_rng_state(saved["rng"][min(rank, len(saved["rng"]) - 1)])
-        log.info("resumed from %s at step %d (epoch %d, %d samples into it)", resume_from, state.step, state.epoch,
-                 state.samples_in_epoch)  # fmt: skip
+        log.info("resumed from %s at step %d (epoch %d, %d %s into it)", resume_from, state.step, state.epoch,
+                 state.samples_in_epoch, "micro-batches" if data.streaming else "samples")  # fmt: skip
+        check_resumed_shape(state, global_batch, world, data.streaming)
+    state.global_batch, state.processes = global_batch, world
 
     tracker = Tracker(run_dir, cfg) if is_main else NullTracker()
     stop = StopRequest()
@@ -260,7 +266,7 @@ def train(cfg: Config, run_dir: str | Path) -> int:
         if data.val is not None and is_main:
             from granite_docling.evaluation.generate import evaluate_generation
 
-            samples = data.val.samples[: t.gen_eval_samples]
+            samples = data.val.samples(t.gen_eval_samples)
             model_to_run = accelerator.unwrap_model(loss_module).model
             with accelerator.autocast():
                 scores = evaluate_generation(
@@ -296,6 +302,9 @@ def train(cfg: Config, run_dir: str | Path) -> int:
         fetch_started = time.time()
         group = take(batches, t.gradient_accumulation_steps)
         window_wait += time.time() - fetch_started
+        if data.streaming:  # streams of the processes differ in length: the epoch ends when any one runs short
+            (short,) = sum_over_processes(accelerator, float(len(group) < t.gradient_accumulation_steps))
+            group = group if not short else []
         if not group:  # end of epoch
             state.epoch, state.samples_in_epoch, batches = state.epoch + 1, 0, None
             if t.val_interval and state.epoch % t.val_interval == 0:
@@ -304,11 +313,12 @@ def train(cfg: Config, run_dir: str | Path) -> int:
                 write_checkpoint(f"checkpoint_epoch_{state.epoch}")
             continue
 
-        # Bad samples travel in the batches; count and list them, train on the rest.
+        # Bad samples travel in the batches; train on the rest (listed below, once, by the main process).
         problems = [p for batch in group for p in batch["problems"]]
-        state.samples_in_epoch += sum(len(b["ids"]) + len(b["problems"]) for b in group)
-        state.bad_samples += len(problems)
-        append_problems(bad_samples_file, problems)
+        if data.streaming:
+            state.samples_in_epoch += len(group)  # micro-batches of this process
+        else:
+            state.samples_in_epoch = data.train_sampler.advance(state.samples_in_epoch)  # global samples
 
         step_loss, global_tokens = backward_step(accelerator, loss_module, group)
 
@@ -376,7 +386,13 @@ def train(cfg: Config, run_dir: str | Path) -> int:
             run_generation_eval()
         if t.save_steps and state.step % t.save_steps == 0:
             write_checkpoint(f"checkpoint_step_{state.step}")
-        (stop_votes,) = sum_over_processes(accelerator, float(stop.requested))
+        stop_votes, bad_count = sum_over_processes(accelerator, float(stop.requested), float(len(problems)))
+        if bad_count:  # rare: gather the new ones to the main process, which lists each sample once
+            found = gather_object(problems) if world > 1 else problems
+            new = append_problems(bad_samples_file, found, listed) if is_main else 0
+            state.bad_samples += new
+            if new:
+                log.warning("step %d: %s (listed in %s)", state.step, summarise(found), bad_samples_file)
         if stop_votes:
             folder = write_checkpoint(f"checkpoint_step_{state.step}")
             log.warning("stopped at step %d; resume with training.resume=%s", state.step, folder)
@@ -390,6 +406,22 @@ def train(cfg: Config, run_dir: str | Path) -> int:
     tracker.finish()
     accelerator.end_training()
     return exit_code
+
+
+def check_resumed_shape(state: LoopState, global_batch: int, world: int, streaming: bool) -> None:
+    """Say what a resume on another shape means for the data order (see granite_docling.data.sampler)."""
+    saved_batch, saved_world = state.global_batch, state.processes
+    if streaming and (saved_world, saved_batch) not in ((0, 0), (world, global_batch)):
+        log.warning("resumed a streaming run on %d process(es) with global batch %d (was %d, %d): a stream's "
+                    "position is exact only on the same shape; each worker skips its share of %d micro-batches",
+                    world, global_batch, saved_world, saved_batch, state.samples_in_epoch)  # fmt: skip
+    elif saved_batch and saved_batch != global_batch:
+        log.warning("the global batch changed from %d to %d samples (batch x accumulation x processes): continuing "
+                    "the same sample order from global sample %d of epoch %d, in steps of the new size",
+                    saved_batch, global_batch, state.samples_in_epoch, state.epoch)  # fmt: skip
+    elif saved_world and saved_world != world:
+        log.info("resumed on %d process(es) instead of %d with the same global batch of %d: every step holds the "
+                 "same samples as before", world, saved_world, global_batch)  # fmt: skip
 
 
 def _finish(cfg, accelerator, loss_module, processor, final_dir, run_dir, state, data) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,10 @@ from granite_docling.launch import register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+# Dataset indexes (and HF datasets' Arrow conversions) of test runs go to a folder of this session, not ~/.cache;
+# subprocesses inherit it.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="granite_docling_test_cache_")
 
 register_configs()
 register_resolvers()

@@ -16,7 +16,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from granite_docling import train_loop
 from granite_docling.data.loading import ConversationDataset, collate_skipping_problems
-from granite_docling.data.readers import ReadOptions, read_dataset
+from granite_docling.data.sources import ReadOptions, read_dataset
 from granite_docling.loss import TokenLoss, shift_labels, supervised_cross_entropy
 from granite_docling.model import load_model_and_processor
 from granite_docling.train_loop import backward_step, lr_lambda, push_to_hub
@@ -31,7 +31,7 @@ def tiny_loss_module(seed: int = 0):
 def example_batches(dataset_path, processor) -> list[dict]:
     """One single-sample micro-batch per sample of the dataset (samples of unequal length)."""
     samples, _ = read_dataset(dataset_path, "d", ReadOptions())
-    dataset = ConversationDataset({"d": samples}, processor, {})
+    dataset = ConversationDataset.from_samples({"d": samples}, processor, {})
     pad_id = processor.tokenizer.pad_token_id
     return [collate_skipping_problems([dataset[i]], pad_id) for i in range(len(dataset))]
 
@@ -315,12 +315,12 @@ def test_throughput_logs_data_wait_and_mfu(four_samples, tmp_path):
     # MFU = model FLOPs / s / peak (1 TFLOP/s here), so MFU x peak / samples per second is the mean model FLOPs
     # of the step's samples: within the range of the four samples' own counts
     from granite_docling.data.loading import ConversationDataset, collate_skipping_problems
-    from granite_docling.data.readers import ReadOptions, read_dataset
+    from granite_docling.data.sources import ReadOptions, read_dataset
     from granite_docling.flops import ModelFlops, batch_shape
 
     model, processor = load_model_and_processor(cfg.model)
     samples, _ = read_dataset(four_samples, "sample", ReadOptions())
-    dataset = ConversationDataset({"sample": samples}, processor, {}, image_path="fast")
+    dataset = ConversationDataset.from_samples({"sample": samples}, processor, {}, image_path="fast")
     pad_id = processor.tokenizer.pad_token_id
     per_sample = [
         ModelFlops(model).sample(*shape, train_vision=True)

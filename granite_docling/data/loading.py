@@ -1,39 +1,50 @@
-"""From config to DataLoaders: read every source, split off validation, mix, order, shard, skip bad samples.
+"""From config to DataLoaders, in one straight line::
 
-* The validation split is a pure function of (seed, source name): the same samples are held out on every run
-  and every process, from every source.
-* The epoch order is a pure function of (seed, epoch): :class:`EpochSampler` yields this process's shard of
-  it from any position, which is how a resumed run continues at the exact next batch.
-  :class:`LengthGroupedSampler` (``training.length_grouping``, the default) serves the same samples in batches
-  of similar length, known up front (``granite_docling.data.grouping``).
-* ``training.image_path=fast`` (the default) ships uint8 pages out of the workers and tiles them on the device
-  (``granite_docling.data.image_tiles``); ``stock`` runs the processor in the workers.
-* Bad samples never kill a run with ``on_bad_sample=skip``: unreadable records are dropped when read, and
-  images that fail to decode (or samples over ``max_length``) come out of the workers as :class:`Problem`
-  entries in the batch, for the loop to count and log in ``bad_samples.jsonl``.
+    sources (sources.py) -> index (index.py) -> split (split.py) -> sampler (sampler.py) -> loader (this module)
+
+1. **Sources**: every ``dataset.<name>`` is opened where it lies (a Docling folder, parquet / Arrow files, a
+   ``save_to_disk`` folder, a hub id), nothing read yet.
+2. **Index**: per source, the good records' locators and (tokens, tiles), memory-mapped from a cache entry that
+   one process builds (in parallel, with a progress bar) and every other process and later run reuses. A process
+   holds a few numbers per sample, never the samples.
+3. **Split**: the validation share, a pure function of (seed, source name); samples over ``max_length`` are
+   dropped here, before training, from their known lengths.
+4. **Sampler**: one global order per epoch, independent of the number of processes, cut into optimizer steps
+   (length-grouped by default). The position is global: resuming on another number of processes continues it.
+5. **Loader**: workers read each record by its locator, decode its images and encode it
+   (``training.image_path=fast`` ships uint8 pages and tiles them on the device, ``stock`` runs the processor).
+
+``dataset.<name>.streaming=true`` replaces steps 2-4 for data bigger than the disk
+(:mod:`granite_docling.data.streaming`).
+
+Bad samples never kill a run with ``on_bad_sample=skip``: records found bad while indexing are reported at the
+start; images that fail to decode come out of the workers as :class:`Problem` entries in the batch, for the loop
+to list once in ``bad_samples.jsonl``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from granite_docling.config import Config
 from granite_docling.data.encoding import collate, encode_conversation, encode_conversation_fast
-from granite_docling.data.grouping import grouped_batches, sample_lengths
 from granite_docling.data.image_tiles import ImageSpec
 from granite_docling.data.images import ImageError, decode_image
-from granite_docling.data.readers import ReadOptions, read_dataset
+from granite_docling.data.index import SourceIndex, cache_root, load_or_build
 from granite_docling.data.sample import REASONS, BadSampleError, Problem, Sample
+from granite_docling.data.sampler import GlobalBatchSampler
+from granite_docling.data.sources import ReadOptions, RecordError, Source, open_source
+from granite_docling.data.split import split_positions
 
 log = logging.getLogger(__name__)
 
@@ -41,131 +52,66 @@ IMAGE_PATHS = ("fast", "stock")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Splits and order: pure functions of the seed
+# The dataset: read, decode and encode in workers
 
 
-def split_validation(samples: Sequence[Sample], val_ratio: float, seed: int, name: str) -> tuple[list, list]:
-    """(train, val): a seeded random ``val_ratio`` share of one source; at least one sample when the ratio > 0."""
-    if val_ratio <= 0 or len(samples) < 2:
-        return list(samples), []
-    indices = list(range(len(samples)))
-    random.Random(f"{seed}/{name}").shuffle(indices)
-    n_val = min(len(samples) - 1, max(1, round(len(samples) * val_ratio)))
-    held_out = set(indices[:n_val])
-    train = [s for i, s in enumerate(samples) if i not in held_out]
-    val = [s for i, s in enumerate(samples) if i in held_out]
-    return train, val
+@dataclass
+class Part:
+    """The records of one source that a dataset serves: positions into its index (or into the source itself)."""
+
+    source: Source
+    positions: np.ndarray  # int64 record positions
+    index: SourceIndex | None = None  # None: positions are the source's own record numbers
+
+    def locator(self, k: int) -> str | int:
+        position = int(self.positions[k])
+        return self.index.locator(position) if self.index is not None else self.source.locator(position)
 
 
-def mixture_counts(sizes: Sequence[int], weights: Sequence[float | None]) -> list[int]:
-    """Samples per epoch from each source. No weights: every sample once. With weights: an epoch keeps the total
-    size and gives source i the share ``w_i / sum(w)``; sources without a weight count at their natural share."""
-    total = sum(sizes)
-    if all(w is None for w in weights) or total == 0:
-        return list(sizes)
-    shares = [w if w is not None else size / total for w, size in zip(weights, sizes, strict=True)]
-    return [round(total * share / sum(shares)) if size else 0 for share, size in zip(shares, sizes, strict=True)]
+class MemorySource(Source):
+    """Samples already in memory (tests, benchmarks, evaluation of a few samples)."""
 
+    def __init__(self, name: str, samples: Sequence[Sample]):
+        self.name, self.samples, self.options = name, list(samples), ReadOptions()
 
-def epoch_order(sizes: Sequence[int], weights: Sequence[float | None], seed: int, epoch: int) -> list[int]:
-    """Indices into the concatenated sources for one epoch, shuffled; a pure function of (seed, epoch)."""
-    rng = random.Random(seed * 1_000_003 + epoch)
-    order, offset = [], 0
-    for size, count in zip(sizes, mixture_counts(sizes, weights), strict=True):
-        drawn: list[int] = []
-        while len(drawn) < count:  # a source drawn more often than its size goes round again, reshuffled
-            cycle = list(range(offset, offset + size))
-            rng.shuffle(cycle)
-            drawn += cycle
-        order += drawn[:count]
-        offset += size
-    rng.shuffle(order)
-    return order
-
-
-class EpochSampler(Sampler[int]):
-    """This process's shard of :func:`epoch_order`, from a start position within the shard.
-
-    Every process gets the same number of samples (the last ``< world_size`` are dropped), so no process waits
-    for a gradient sync that never comes. ``set_epoch(epoch, start)`` skips the first ``start`` samples of the
-    shard: resuming after ``k`` micro-batches of size ``b`` is ``start = k * b``.
-    """
-
-    def __init__(
-        self, sizes: Sequence[int], weights: Sequence[float | None], seed: int, rank: int = 0, world_size: int = 1
-    ):
-        self.sizes, self.weights, self.seed = list(sizes), list(weights), seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def shard(self) -> list[int]:
-        order = epoch_order(self.sizes, self.weights, self.seed, self.epoch)
-        usable = len(order) - len(order) % self.world_size
-        return order[:usable][self.rank :: self.world_size]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.shard()[self.start :])
+    def fingerprint(self) -> str:
+        raise NotImplementedError("in-memory samples are not indexed")
 
     def __len__(self) -> int:
-        total = sum(mixture_counts(self.sizes, self.weights))
-        return total // self.world_size - self.start
+        return len(self.samples)
 
+    def locator(self, i: int) -> int:
+        return i
 
-class LengthGroupedSampler(EpochSampler):
-    """:class:`EpochSampler` whose shard is ordered in batches of similar (tokens, tiles): a drop-in replacement.
+    def record_id(self, locator: str | int) -> str:
+        return self.samples[int(locator)].id
 
-    The same samples per epoch (:func:`epoch_order`, mixture included) and the same shard sizes; every run of
-    ``batch_size`` indices is one batch of :func:`~granite_docling.data.grouping.grouped_batches` (all full but
-    possibly the epoch's last), so the DataLoader's batches are the grouped ones, and every process gets the same
-    number of batches of the same sizes. ``set_epoch(epoch, start)`` resumes at batch ``start // batch_size``.
-    """
-
-    def __init__(self, lengths: Sequence[tuple[int, int]], sizes: Sequence[int], weights: Sequence[float | None],
-                 seed: int, batch_size: int, rank: int = 0, world_size: int = 1):  # fmt: skip
-        super().__init__(sizes, weights, seed, rank, world_size)
-        assert len(lengths) == sum(sizes), "one (tokens, tiles) per sample of the concatenated sources"
-        self.lengths, self.batch_size = list(lengths), batch_size
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        shard_size = sum(mixture_counts(self.sizes, self.weights)) // self.world_size
-        if start % self.batch_size and start < shard_size:
-            raise ValueError(f"start={start} is not at a batch boundary (batch_size {self.batch_size})")
-        super().set_epoch(epoch, start)
-
-    def batches(self) -> list[list[int]]:
-        """This process's batches of the current epoch, in order."""
-        order = epoch_order(self.sizes, self.weights, self.seed, self.epoch)
-        order = order[: len(order) - len(order) % self.world_size]
-        grouped = grouped_batches(order, self.lengths, self.batch_size, self.world_size, self.seed, self.epoch)
-        return [batch[self.rank] for batch in grouped]
-
-    def shard(self) -> list[int]:
-        return [i for batch in self.batches() for i in batch]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The dataset: decode and encode in workers
+    def read(self, locator: str | int) -> Sample:
+        return self.samples[int(locator)]
 
 
 class ConversationDataset(Dataset):
     """Samples from several sources; ``[i]`` is an encoded example dict, or a :class:`Problem` when it is bad."""
 
-    def __init__(self, sources: dict[str, list[Sample]], processor, image_longest_edge: dict[str, int | None],
+    def __init__(self, parts: Sequence[Part], processor, image_longest_edge: dict[str, int | None],
                  max_length: int | None = None, on_bad_sample: str = "skip", image_path: str = "stock"):  # fmt: skip
         if image_path not in IMAGE_PATHS:
             raise ValueError(f"training.image_path={image_path!r} is not one of {', '.join(IMAGE_PATHS)}")
-        self.source_names = list(sources)
-        self.samples = [s for samples in sources.values() for s in samples]
-        self.sizes = [len(samples) for samples in sources.values()]
+        self.parts = list(parts)
+        self.source_names = [part.source.name for part in self.parts]
+        self.sizes = [len(part.positions) for part in self.parts]
+        self._offsets = np.cumsum([0, *self.sizes])
         self.processor = processor
         self.image_longest_edge = image_longest_edge
         self.max_length = max_length
         self.on_bad_sample = on_bad_sample
         self.image_path = image_path
         self._image_specs: dict[str, ImageSpec] = {}
+
+    @classmethod
+    def from_samples(cls, sources: dict[str, Sequence[Sample]], processor, image_longest_edge=None, **kwargs):
+        parts = [Part(MemorySource(name, samples), np.arange(len(samples))) for name, samples in sources.items()]
+        return cls(parts, processor, image_longest_edge or {}, **kwargs)
 
     def image_spec(self, dataset: str) -> ImageSpec:
         """The fast path's image settings for one source (its ``image_longest_edge`` applied)."""
@@ -175,10 +121,40 @@ class ConversationDataset(Dataset):
         return self._image_specs[dataset]
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return int(self._offsets[-1])
+
+    def _where(self, index: int) -> tuple[Part, str | int]:
+        p = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        part = self.parts[p]
+        return part, part.locator(index - int(self._offsets[p]))
+
+    def sample(self, index: int) -> Sample:
+        """The ``index``-th sample, parsed (raises RecordError when it is bad)."""
+        part, locator = self._where(index)
+        return part.source.read(locator)
+
+    def samples(self, limit: int) -> list[Sample]:
+        """The first ``limit`` good samples (generation during training)."""
+        found = []
+        for index in range(len(self)):
+            if len(found) == limit:
+                break
+            try:
+                found.append(self.sample(index))
+            except RecordError:
+                continue
+        return found
 
     def __getitem__(self, index: int) -> dict | Problem:
-        sample = self.samples[index]
+        part, locator = self._where(index)
+        try:
+            sample = part.source.read(locator)
+        except RecordError as error:  # changed since it was indexed
+            return self._bad(Problem(part.source.name, part.source.record_id(locator), error.reason, error.detail))
+        return self.example(sample)
+
+    def example(self, sample: Sample) -> dict | Problem:
+        """Decode and encode one sample (a Problem when an image fails or it is too long)."""
         try:
             images = [decode_image(ref) for ref in sample.images]
         except ImageError as error:
@@ -218,59 +194,88 @@ def collate_skipping_problems(items: Sequence[dict | Problem], pad_id: int) -> d
 class Data:
     """Everything the loop needs from the data side."""
 
-    train: ConversationDataset
+    train: Dataset  # a ConversationDataset, or a StreamingDataset
     val: ConversationDataset | None
-    train_sampler: EpochSampler  # a LengthGroupedSampler with training.length_grouping
-    problems: list[Problem] = field(default_factory=list)  # found while reading, before training
+    train_sampler: GlobalBatchSampler | None  # None when streaming
+    problems: list[Problem] = field(default_factory=list)  # found before training
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # source -> (train, val)
 
+    @property
+    def streaming(self) -> bool:
+        return self.train_sampler is None
 
-def read_sources(cfg: Config) -> tuple[dict[str, list[Sample]], list[Problem]]:
-    """Every configured source's samples (keyed by display name) and the problems met while reading them."""
-    sources, problems = {}, []
-    cap = cfg.training.max_samples_per_dataset
-    for key, source in cfg.dataset.items():
-        name = source.name or key
-        limits = [n for n in (source.max_samples, cap) if n is not None]
-        options = ReadOptions(
-            source.split, source.max_turns, min(limits) if limits else None, source.max_images_per_sample
-        )
-        log.info("reading dataset %s from %s", name, source.path)
-        samples, found = read_dataset(source.path, name, options, source.format)
-        if found and cfg.training.on_bad_sample == "error":
-            raise BadSampleError(found[0])
-        if not samples:
-            raise ValueError(
-                f"dataset {name} ({source.path}) has no usable samples: {summarise(found) or 'it is empty'}"
-            )
-        sources[name], problems = samples, problems + found
-    return sources, problems
+
+def source_options(cfg: Config, key: str) -> ReadOptions:
+    source = cfg.dataset[key]
+    limits = [n for n in (source.max_samples, cfg.training.max_samples_per_dataset) if n is not None]
+    return ReadOptions(source.split, source.max_turns, min(limits) if limits else None, source.max_images_per_sample)
+
+
+def image_edges(cfg: Config) -> dict[str, int | None]:
+    return {source.name or key: source.image_longest_edge for key, source in cfg.dataset.items()}
+
+
+def indexed_sources(cfg: Config, processor, rank: int = 0) -> list[tuple[Source, SourceIndex]]:
+    """Steps 1 and 2: every configured source and its index (built or reused)."""
+    root = cache_root(cfg.training.index_cache_dir or cfg.training.length_cache_dir)
+    edges, found = image_edges(cfg), []
+    for key, config in cfg.dataset.items():
+        name = config.name or key
+        log.info("dataset %s: %s", name, config.path)
+        source = open_source(config.path, name, source_options(cfg, key), config.format, root)
+        index = load_or_build(source, processor, ImageSpec.from_processor(processor, edges[name]), root, rank)
+        if index.problems and cfg.training.on_bad_sample == "error":
+            raise BadSampleError(index.problems[0])
+        if not len(index):
+            summary = summarise(index.problems) or "it is empty"
+            raise ValueError(f"dataset {name} ({config.path}) has no usable samples: {summary}")
+        found.append((source, index))
+    return found
+
+
+def too_long(index: SourceIndex, positions: np.ndarray, max_length: int | None) -> np.ndarray:
+    """The positions whose known length is over ``max_length`` (none without a limit)."""
+    if max_length is None or not len(positions):
+        return positions[:0]
+    return positions[np.asarray(index.tokens)[positions] > max_length]
 
 
 def build_data(cfg: Config, processor, rank: int = 0, world_size: int = 1) -> Data:
-    sources, problems = read_sources(cfg)
-    train_sources, val_sources, sizes = {}, {}, {}
-    for name, samples in sources.items():
-        train_sources[name], val_sources[name] = split_validation(
-            samples, cfg.training.val_ratio, cfg.training.seed, name
-        )
-        sizes[name] = (len(train_sources[name]), len(val_sources[name]))
-        log.info("  %s: %d train, %d validation samples", name, *sizes[name])
-    edges = {source.name or key: source.image_longest_edge for key, source in cfg.dataset.items()}
-    warn_about_image_sizes(edges, processor)
-    make = partial(ConversationDataset, processor=processor, image_longest_edge=edges,
-                   max_length=cfg.training.max_length, on_bad_sample=cfg.training.on_bad_sample,
-                   image_path=cfg.training.image_path)  # fmt: skip
-    train = make(train_sources)
-    val = make({k: v for k, v in val_sources.items() if v}) if any(val_sources.values()) else None
-    weights = [source.weight for source in cfg.dataset.values()]
     t = cfg.training
+    if any(source.streaming for source in cfg.dataset.values()):
+        from granite_docling.data.streaming import build_streaming_data
+
+        return build_streaming_data(cfg, processor, rank, world_size)
+    train_parts, val_parts, problems, sizes = [], [], [], {}
+    for source, index in indexed_sources(cfg, processor, rank):
+        problems += index.problems
+        train, val = split_positions(len(index), t.val_ratio, t.seed, source.name)
+        for positions in (train, val):
+            dropped = too_long(index, positions, t.max_length)
+            problems += [Problem(source.name, source.record_id(index.locator(int(i))), "too_long",
+                                 f"{int(index.tokens[i])} > {t.max_length} tokens") for i in dropped]  # fmt: skip
+        if t.max_length is not None:
+            train, val = (p[np.asarray(index.tokens)[p] <= t.max_length] for p in (train, val))
+        train_parts.append(Part(source, train, index))
+        val_parts.append(Part(source, val, index))
+        sizes[source.name] = (len(train), len(val))
+        log.info("  %s: %d train, %d validation samples", source.name, *sizes[source.name])
+    if not any(len(part.positions) for part in train_parts):
+        raise ValueError(f"no training samples left: {summarise(problems) or 'every source is empty'}")
+    edges = image_edges(cfg)
+    warn_about_image_sizes(edges, processor)
+    make = partial(ConversationDataset, processor=processor, image_longest_edge=edges, max_length=t.max_length,
+                   on_bad_sample=t.on_bad_sample, image_path=t.image_path)  # fmt: skip
+    val_parts = [part for part in val_parts if len(part.positions)]
+    lengths = None
     if t.length_grouping:
-        lengths = source_lengths(processor, sources, train_sources, edges, t.length_cache_dir)
-        sampler = LengthGroupedSampler(lengths, train.sizes, weights, t.seed, t.batch_size, rank, world_size)
-    else:
-        sampler = EpochSampler(train.sizes, weights, t.seed, rank, world_size)
-    return Data(train=train, val=val, train_sampler=sampler, problems=problems, sizes=sizes)
+        lengths = tuple(np.concatenate([np.asarray(getattr(part.index, key))[part.positions] for part in train_parts])
+                        for key in ("tokens", "tiles"))  # fmt: skip
+    weights = [source.weight for source in cfg.dataset.values()]
+    sampler = GlobalBatchSampler([len(part.positions) for part in train_parts], weights, t.seed, t.batch_size,
+                                 t.gradient_accumulation_steps, rank, world_size, lengths)  # fmt: skip
+    return Data(train=make(train_parts), val=make(val_parts) if val_parts else None, train_sampler=sampler,
+                problems=problems, sizes=sizes)  # fmt: skip
 
 
 def warn_about_image_sizes(edges: dict[str, int | None], processor) -> None:
@@ -288,24 +293,15 @@ def warn_about_image_sizes(edges: dict[str, int | None], processor) -> None:
             )  # fmt: skip
 
 
-def source_lengths(processor, sources: dict[str, list[Sample]], train_sources: dict[str, list[Sample]],
-                   edges: dict[str, int | None], cache_dir: str | None) -> list[tuple[int, int]]:  # fmt: skip
-    """(tokens, tiles) of every training sample, in the order of the concatenated ``train_sources``. Counted (and
-    cached) per whole source, so that another ``val_ratio`` or seed reuses the cache."""
-    lengths = []
-    for name, samples in sources.items():
-        counted = sample_lengths(processor, samples, ImageSpec.from_processor(processor, edges.get(name)), cache_dir)
-        by_id = {sample.id: length for sample, length in zip(samples, counted, strict=True)}
-        lengths += [by_id[sample.id] for sample in train_sources[name]]
-    return lengths
-
-
-def make_loader(dataset: ConversationDataset, sampler: Sampler | Iterable[int], batch_size: int, num_workers: int,
+def make_loader(dataset: Dataset, sampler: Sampler | Iterable[int] | None, batch_size: int, num_workers: int,
                 pad_id: int) -> DataLoader:  # fmt: skip
+    """A DataLoader over ``dataset``: a :class:`GlobalBatchSampler` gives whole micro-batches, any other sampler
+    (or index list) single indices batched by ``batch_size``; an iterable dataset batches itself."""
+    batching = {"batch_sampler": sampler} if isinstance(sampler, GlobalBatchSampler) else {
+        "batch_size": batch_size, "sampler": sampler}  # fmt: skip
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
+        **batching,
         num_workers=num_workers,
         collate_fn=partial(collate_skipping_problems, pad_id=pad_id),
         pin_memory=torch.cuda.is_available(),
@@ -327,10 +323,26 @@ def summarise(problems: Iterable[Problem]) -> str:
     return f"{sum(counts.values())} bad sample(s) skipped: {parts}"
 
 
-def append_problems(path: Path, problems: Iterable[Problem]) -> None:
-    """Append one JSON line per problem to ``path`` (the run's bad_samples.jsonl)."""
-    problems = list(problems)
-    if problems:
+def append_problems(path: Path, problems: Iterable[Problem], seen: set[tuple[str, str]] | None = None) -> int:
+    """Append one JSON line per problem to ``path`` (the run's bad_samples.jsonl), skipping those in ``seen``
+    (which it updates): each bad sample is listed once. Returns how many were new."""
+    new = []
+    for problem in problems:
+        key = (problem.dataset, problem.file)
+        if seen is None or key not in seen:
+            new.append(problem)
+            if seen is not None:
+                seen.add(key)
+    if new:
         with path.open("a", encoding="utf-8") as f:
-            for problem in problems:
+            for problem in new:
                 f.write(json.dumps({**problem.to_dict(), "meaning": REASONS.get(problem.reason, "")}) + "\n")
+    return len(new)
+
+
+def listed_problems(path: Path) -> set[tuple[str, str]]:
+    """(dataset, file) of every problem already in ``path`` (a resumed run lists none twice)."""
+    if not path.is_file():
+        return set()
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {(row["dataset"], row["file"]) for row in rows}

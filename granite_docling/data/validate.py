@@ -16,11 +16,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from granite_docling.data.grouping import LengthCounter
 from granite_docling.data.image_tiles import ImageSpec
 from granite_docling.data.images import ImageError, decode_image
-from granite_docling.data.readers import DatasetNotFoundError, ReadOptions, read_dataset
+from granite_docling.data.lengths import LengthCounter
 from granite_docling.data.sample import REASONS, Problem, Sample
+from granite_docling.data.sources import DatasetNotFoundError, ReadOptions, open_source
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,13 @@ def percentiles(values: list[int]) -> dict[str, float]:
 
 def validate_dataset(path: Path, processor, split: str = "train", max_length: int | None = None) -> dict:
     """Check every sample of one dataset; a JSON-ready report."""
-    samples, problems = read_dataset(path, path.name, ReadOptions(split=split))
-    lengths, tiles, turns, images = [], [], [], []
+    source = open_source(path, path.name, ReadOptions(split=split))
+    lengths, tiles, turns, images, problems = [], [], [], [], []
     good, counter, spec = 0, LengthCounter(processor), ImageSpec.from_processor(processor)
-    for index, sample in enumerate(samples):
+    for index, sample in source.records():  # one record at a time: any size of dataset
+        if isinstance(sample, Problem):
+            problems.append(sample)
+            continue
         try:
             sizes = [decode_image(ref).size for ref in sample.images]  # (width, height)
         except ImageError as error:
@@ -62,7 +65,7 @@ def validate_dataset(path: Path, processor, split: str = "train", max_length: in
         turns.append(len(sample.turns))
         images.append(len(sample.images))
         if (index + 1) % 200 == 0:
-            log.info("%s: %d / %d samples checked", path, index + 1, len(samples))
+            log.info("%s: %d / %d samples checked", path, index + 1, len(source))
     by_reason = Counter(p.reason for p in problems)
     return {
         "path": str(path),

@@ -7,7 +7,7 @@ and ``dataset.<name>.path=...`` mean exactly what they mean for ``train.py``::
     python evaluate.py checkpoint=outputs/run/final_model compare_to=ibm-granite/granite-docling-258M
     python evaluate.py eval.predictions=outputs/eval/predictions.jsonl      # re-score a file, no model loaded
 
-``eval.split=val`` evaluates the samples training held out: the same ``read_sources`` + ``split_validation``
+``eval.split=val`` evaluates the samples training held out: the same index and ``split_positions``
 with the training run's seed and val_ratio (read from the checkpoint's run folder when ``eval.seed`` /
 ``eval.val_ratio`` are null).
 """

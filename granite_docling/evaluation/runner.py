@@ -2,7 +2,8 @@
 
     python evaluate.py checkpoint=outputs/demo/final_model dataset=[sample] eval.split=all
 
-1. Samples: ``read_sources`` and, for ``eval.split=val``, ``split_validation`` with the training run's seed and
+1. Samples: the sources' indexes (``indexed_sources``) and, for ``eval.split=val``, ``split_positions`` with the
+   training run's seed and
    val_ratio, so the held-out samples are exactly the ones training never saw; then ``eval.max_samples``.
 2. Answers: the first turn of every sample, generated with :func:`granite_docling.evaluation.generate.generate`;
    under torchrun / accelerate launch each process takes every world_size-th sample and the main process
@@ -20,8 +21,10 @@ from pathlib import Path
 import torch
 
 from granite_docling.config import Config, ConfigError, ModelConfig, TrainingConfig
-from granite_docling.data.loading import read_sources, split_validation, summarise
+from granite_docling.data.loading import indexed_sources, summarise
 from granite_docling.data.sample import Sample
+from granite_docling.data.sources import RecordError
+from granite_docling.data.split import split_positions
 from granite_docling.evaluation.config import EvalConfig, EvaluateConfig, is_predictions_file, training_split_settings
 from granite_docling.evaluation.generate import first_turn_prompt, generate, prompt_text, reference_budgets
 from granite_docling.evaluation.report import (
@@ -68,19 +71,32 @@ def evaluation_samples(cfg: EvaluateConfig) -> dict[str, list[Sample]]:
     e = cfg.eval
     val_ratio, seed = training_split_settings(cfg.checkpoint or cfg.compare_to, e)
     config = Config(dataset=cfg.dataset, training=TrainingConfig(val_ratio=val_ratio, seed=seed))
-    sources, problems = read_sources(config)
-    if problems:
-        log.warning("%s", summarise(problems))
+    from transformers import AutoProcessor
+
+    from granite_docling.model import ASSETS_DIR
+
+    processor = AutoProcessor.from_pretrained(ASSETS_DIR)  # the records and their order; lengths are not used
     chosen = {}
-    for name, samples in sources.items():
+    for source, index in indexed_sources(config, processor):
+        name = source.name
+        if index.problems:
+            log.warning("%s: %s", name, summarise(index.problems))
+        positions = range(len(index))
         if e.split == "val":
-            _, samples = split_validation(samples, val_ratio, seed, name)
-            if not samples:
+            _, positions = split_positions(len(index), val_ratio, seed, name)
+            if not len(positions):
                 raise ConfigError(
                     f"dataset {name}: training held out no validation samples (val_ratio={val_ratio}, seed={seed}); "
                     "use eval.split=all, or set eval.val_ratio / eval.seed to the training run's values"
                 )
-        chosen[name] = samples[: e.max_samples] if e.max_samples else samples
+        chosen[name] = []
+        for position in positions:
+            if e.max_samples and len(chosen[name]) == e.max_samples:
+                break
+            try:
+                chosen[name].append(source.read(index.locator(int(position))))
+            except RecordError as error:  # changed since it was indexed
+                log.warning("%s: record %s skipped: %s", name, index.locator(int(position)), error)
         log.info("%s: %d sample(s) to evaluate (split=%s, val_ratio=%s, seed=%d)", name, len(chosen[name]),
                  e.split, val_ratio, seed)  # fmt: skip
     return chosen

@@ -18,8 +18,8 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from granite_docling.data.encoding import collate, encode_conversation, encode_conversation_fast
-from granite_docling.data.grouping import LengthCounter
 from granite_docling.data.image_tiles import ImageSpec, batch_pixel_values, lanczos_resize
+from granite_docling.data.lengths import LengthCounter
 from granite_docling.data.sample import Sample, Turn
 from granite_docling.model import ASSETS_DIR, load_model_config, load_processor
 
@@ -215,7 +215,8 @@ def test_fast_batches_through_worker_processes_give_the_stock_loss(tmp_path):
     from granite_docling.train_loop import model_inputs
 
     path = good_dataset(tmp_path / "data", 4)
-    overrides = ["model=tiny", "dataset=[folder]", f"dataset.folder.path={path}", "training.val_ratio=0"]
+    overrides = ["model=tiny", "dataset=[folder]", f"dataset.folder.path={path}", "training.val_ratio=0",
+                 "training.batch_size=4", "training.gradient_accumulation_steps=1"]  # fmt: skip
     torch.manual_seed(0)
     model, processor = load_model_and_processor(compose_config(*overrides).model)
     loss_module = TokenLoss(model).eval()

@@ -1,4 +1,4 @@
-"""Validation split, epoch order, resumable sharded sampling, bad samples in workers."""
+"""Validation split, epoch order, bad samples found while indexing and in the workers, max_length."""
 
 from __future__ import annotations
 
@@ -8,17 +8,10 @@ import pytest
 from conftest import compose_config
 from fixture_data import BAD_FILES, dataset_with_bad_samples, good_dataset
 
-from granite_docling.data.loading import (
-    EpochSampler,
-    append_problems,
-    build_data,
-    epoch_order,
-    make_loader,
-    mixture_counts,
-    split_validation,
-    summarise,
-)
+from granite_docling.data.loading import append_problems, build_data, listed_problems, make_loader, summarise
 from granite_docling.data.sample import BadSampleError, Problem
+from granite_docling.data.sampler import epoch_order, mixture_counts
+from granite_docling.data.split import split_positions, split_validation
 
 
 def test_validation_split_is_deterministic_per_seed_and_source():
@@ -30,14 +23,16 @@ def test_validation_split_is_deterministic_per_seed_and_source():
     assert split_validation(samples, 0.1, seed=1, name="b")[1] != val
     assert split_validation(samples, 0.0, seed=1, name="a") == (samples, [])
     assert len(split_validation(list(range(5)), 0.01, seed=1, name="a")[1]) == 1  # every source gives at least one
+    train_positions, val_positions = split_positions(100, 0.1, seed=1, name="a")
+    assert train_positions.tolist() == train and val_positions.tolist() == val
 
 
 def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
-    first = epoch_order([5, 7], [None, None], seed=3, epoch=0)
+    first = epoch_order([5, 7], [None, None], seed=3, epoch=0).tolist()
     assert sorted(first) == list(range(12))
-    assert epoch_order([5, 7], [None, None], seed=3, epoch=0) == first
-    assert epoch_order([5, 7], [None, None], seed=3, epoch=1) != first
-    assert epoch_order([5, 7], [None, None], seed=4, epoch=0) != first
+    assert epoch_order([5, 7], [None, None], seed=3, epoch=0).tolist() == first
+    assert epoch_order([5, 7], [None, None], seed=3, epoch=1).tolist() != first
+    assert epoch_order([5, 7], [None, None], seed=4, epoch=0).tolist() != first
 
 
 def test_weights_set_the_mixture_and_keep_the_epoch_size():
@@ -46,20 +41,10 @@ def test_weights_set_the_mixture_and_keep_the_epoch_size():
     order = epoch_order([90, 10], [1.0, 1.0], seed=0, epoch=0)
     assert len(order) == 100
     assert sum(i >= 90 for i in order) == 50  # the small source is drawn five times over
-    assert len(set(i for i in order if i >= 90)) == 10
+    assert len(set(int(i) for i in order if i >= 90)) == 10
 
 
-def test_sampler_shards_are_disjoint_equal_and_resume_at_a_position():
-    shards = [EpochSampler([10, 5], [None, None], seed=0, rank=r, world_size=2) for r in range(2)]
-    for s in shards:
-        s.set_epoch(1)
-    a, b = list(shards[0]), list(shards[1])
-    assert len(a) == len(b) == 7 and not set(a) & set(b)
-    shards[0].set_epoch(1, start=3)
-    assert list(shards[0]) == a[3:] and len(shards[0]) == 4
-
-
-def test_dataset_reports_bad_images_as_problems_and_sizes_per_source(tmp_path, tiny_processor):
+def test_bad_records_are_found_while_indexing_or_in_the_workers(tmp_path, tiny_processor):
     root = dataset_with_bad_samples(tmp_path / "bad")
     good_dataset(tmp_path / "other", 6)
     cfg = compose_config("model=tiny", "dataset=[sample,folder]", f"dataset.folder.path={root}",
@@ -77,6 +62,16 @@ def test_dataset_reports_bad_images_as_problems_and_sizes_per_source(tmp_path, t
     assert sum(len(b["ids"]) for b in batches) + sum(len(b["problems"]) for b in batches) == len(data.train)
 
 
+def test_a_record_broken_after_indexing_is_a_problem_in_the_worker(tmp_path, tiny_processor):
+    root = good_dataset(tmp_path / "data", 4)
+    cfg = compose_config("model=tiny", "dataset=[folder]", f"dataset.folder.path={root}", "training.val_ratio=0")
+    data = build_data(cfg, tiny_processor)
+    (root / "anns" / "train" / "001.json").write_text("{ not json")  # after the index was built
+    items = [data.train[i] for i in range(len(data.train))]
+    problems = [item for item in items if isinstance(item, Problem)]
+    assert [(p.file, p.reason) for p in problems] == [("anns/train/001.json", "invalid_json")]
+
+
 def test_on_bad_sample_error_stops_at_the_first_naming_it(tmp_path, tiny_processor):
     root = dataset_with_bad_samples(tmp_path / "bad")
     cfg = compose_config(
@@ -86,20 +81,29 @@ def test_on_bad_sample_error_stops_at_the_first_naming_it(tmp_path, tiny_process
         build_data(cfg, tiny_processor)
 
 
-def test_max_length_drops_and_counts_long_samples(tmp_path, tiny_processor):
-    cfg = compose_config("model=tiny", "dataset=[folder]", f"dataset.folder.path={good_dataset(tmp_path, 2)}",
-                         "training.max_length=10", "training.val_ratio=0")  # fmt: skip
-    data = build_data(cfg, tiny_processor)
-    assert all(isinstance(data.train[i], Problem) and data.train[i].reason == "too_long" for i in range(2))
+def test_max_length_drops_and_counts_long_samples_before_training(tmp_path, tiny_processor):
+    root = good_dataset(tmp_path, 4)
+    base = ["model=tiny", "dataset=[folder]", f"dataset.folder.path={root}", "training.val_ratio=0"]
+    lengths = sorted(build_data(compose_config(*base), tiny_processor).train_sampler.lengths[0].tolist())
+    data = build_data(compose_config(*base, f"training.max_length={lengths[1]}"), tiny_processor)
+    assert len(data.train) == sum(n <= lengths[1] for n in lengths)
+    assert [p.reason for p in data.problems] == ["too_long"] * (4 - len(data.train))
+    with pytest.raises(ValueError, match="no training samples left: 4 bad sample"):
+        build_data(compose_config(*base, "training.max_length=10"), tiny_processor)
 
 
-def test_problem_log_and_summary(tmp_path):
+def test_problem_log_lists_each_sample_once(tmp_path):
     problems = [Problem("d", "a.json", "missing_image"), Problem("d", "b.json", "missing_image"),
                 Problem("d", "c.json", "invalid_json", "line 1")]  # fmt: skip
     assert summarise(problems) == "3 bad sample(s) skipped: 2 missing_image, 1 invalid_json"
-    append_problems(tmp_path / "bad.jsonl", problems)
-    lines = [json.loads(line) for line in (tmp_path / "bad.jsonl").read_text().splitlines()]
-    assert [line["file"] for line in lines] == ["a.json", "b.json", "c.json"]
+    path = tmp_path / "bad.jsonl"
+    seen = listed_problems(path)
+    assert append_problems(path, problems, seen) == 3
+    assert append_problems(path, problems[:2] + [Problem("e", "a.json", "missing_image")], seen) == 1
+    assert append_problems(path, problems, listed_problems(path)) == 0  # a resumed run reads what is listed
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(line["dataset"], line["file"]) for line in lines] == [("d", "a.json"), ("d", "b.json"), ("d", "c.json"),
+                                                                   ("e", "a.json")]  # fmt: skip
     assert lines[2]["detail"] == "line 1" and lines[0]["meaning"]
 
 

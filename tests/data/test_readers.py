@@ -11,8 +11,8 @@ import pytest
 from fixture_data import BAD_FILES, dataset_with_bad_samples, good_dataset, write_annotation, write_image
 
 from granite_docling.data.images import ImageError, decode_image
-from granite_docling.data.readers import DatasetNotFoundError, ReadOptions, detect_format, read_dataset
 from granite_docling.data.sample import Turn
+from granite_docling.data.sources import DatasetNotFoundError, ReadOptions, detect_format, read_dataset
 
 
 def test_docling_folder_reads_both_annotation_options(tmp_path):

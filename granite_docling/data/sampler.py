@@ -1,0 +1,136 @@
+"""The order of training: one global sample order per epoch, cut into optimizer steps, served to each process.
+
+* :func:`epoch_order` is a pure function of (seed, epoch) over the concatenated sources, mixture weights
+  included. It does not depend on the number of processes, the batch size or the accumulation.
+* With length grouping (the default), :func:`grouped_order` reorders it so that runs of :data:`BLOCK` samples
+  have similar (tokens, tiles): windows of :data:`WINDOW` samples are sorted by length, cut into blocks, and the
+  blocks shuffled. Still a function of (seed, epoch) and the lengths only.
+* :class:`GlobalBatchSampler` cuts the order into steps of ``batch_size x accumulation x processes`` samples (the
+  global batch). A step's samples are sorted by length and dealt out as micro-batches: micro-step ``m`` of
+  process ``r`` gets the ``(m * processes + r)``-th ``batch_size`` slice, so that at each micro-step the
+  processes hold batches of similar length. The epoch's last step may be smaller; a process whose slice is empty
+  gets an empty batch (the loop backpropagates a zero loss, keeping the processes in step).
+
+The position is the number of samples of the global order consumed in the epoch. A run resumed on another number
+of processes continues the same order from there: with the same global batch, every step holds the same samples
+as the uninterrupted run's (and so the same loss); with another, the steps are cut differently from the same
+position, nothing repeated, nothing skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from granite_docling.data.split import seeded_rng
+
+BLOCK = 64  # samples of similar length kept together; larger packs tighter, smaller varies batch company more
+WINDOW = 64 * BLOCK  # samples sorted together
+
+
+def mixture_counts(sizes: Sequence[int], weights: Sequence[float | None]) -> list[int]:
+    """Samples per epoch from each source. No weights: every sample once. With weights: an epoch keeps the total
+    size and gives source i the share ``w_i / sum(w)``; sources without a weight count at their natural share."""
+    total = sum(sizes)
+    if all(w is None for w in weights) or total == 0:
+        return list(sizes)
+    shares = [w if w is not None else size / total for w, size in zip(weights, sizes, strict=True)]
+    return [round(total * share / sum(shares)) if size else 0 for share, size in zip(shares, sizes, strict=True)]
+
+
+def epoch_order(sizes: Sequence[int], weights: Sequence[float | None], seed: int, epoch: int) -> np.ndarray:
+    """Indices into the concatenated sources for one epoch, shuffled; a pure function of (seed, epoch)."""
+    rng = seeded_rng(seed, epoch, "order")
+    parts, offset = [], 0
+    for size, count in zip(sizes, mixture_counts(sizes, weights), strict=True):
+        cycles = [rng.permutation(size) + offset for _ in range(math.ceil(count / size))] if size else []
+        parts.append(np.concatenate(cycles)[:count] if cycles else np.empty(0, dtype=np.int64))
+        offset += size  # a source drawn more often than its size goes round again, reshuffled
+    order = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+    return order[rng.permutation(len(order))]
+
+
+def by_length(indices: np.ndarray, tokens: np.ndarray, tiles: np.ndarray) -> np.ndarray:
+    """``indices`` sorted by (tokens, tiles); ties keep their order (a stable sort)."""
+    return indices[np.lexsort((tiles[indices], tokens[indices]))]
+
+
+def grouped_order(order: np.ndarray, tokens: np.ndarray, tiles: np.ndarray, seed: int, epoch: int,
+                  block: int = BLOCK, window: int = WINDOW) -> np.ndarray:  # fmt: skip
+    """``order`` regrouped into blocks of ``block`` samples of similar length, in shuffled block order; the one
+    short block an epoch may have comes last."""
+    blocks = []
+    for start in range(0, len(order), window):
+        ranked = by_length(order[start : start + window], tokens, tiles)
+        blocks += [ranked[i : i + block] for i in range(0, len(ranked), block)]
+    full = [b for b in blocks if len(b) == block]
+    short = [b for b in blocks if len(b) < block]
+    shuffled = [full[i] for i in seeded_rng(seed, epoch, "blocks").permutation(len(full))]
+    return np.concatenate(shuffled + short) if blocks else order
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """This process's micro-batches (lists of dataset indices), ``accumulation`` per optimizer step.
+
+    ``set_epoch(epoch, start)`` starts at global sample ``start`` of the epoch's order (see the module docstring);
+    every process yields the same number of micro-batches, so no process waits for a step that never comes.
+    ``lengths`` (tokens, tiles) per sample turns length grouping on.
+    """
+
+    def __init__(self, sizes: Sequence[int], weights: Sequence[float | None], seed: int, batch_size: int,
+                 accumulation: int = 1, rank: int = 0, world_size: int = 1,
+                 lengths: tuple[np.ndarray, np.ndarray] | None = None):  # fmt: skip
+        self.sizes, self.weights, self.seed = list(sizes), list(weights), seed
+        self.batch_size, self.accumulation, self.rank, self.world_size = batch_size, accumulation, rank, world_size
+        self.lengths = lengths
+        if lengths is not None:
+            assert len(lengths[0]) == len(lengths[1]) == sum(sizes), "one (tokens, tiles) per sample"
+        self.epoch, self.start = 0, 0
+        self._order: tuple[int, np.ndarray] | None = None
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.accumulation * self.world_size
+
+    @property
+    def epoch_size(self) -> int:
+        return sum(mixture_counts(self.sizes, self.weights))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.epoch_size / self.global_batch)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def advance(self, position: int) -> int:
+        """The global position after one more step from ``position``."""
+        return min(self.epoch_size, position + self.global_batch)
+
+    def order(self) -> np.ndarray:
+        """The epoch's global sample order (cached for the current epoch)."""
+        if self._order is None or self._order[0] != self.epoch:
+            order = epoch_order(self.sizes, self.weights, self.seed, self.epoch)
+            if self.lengths is not None:
+                order = grouped_order(order, *self.lengths, self.seed, self.epoch)
+            self._order = (self.epoch, order)
+        return self._order[1]
+
+    def step_batches(self, step_samples: np.ndarray) -> list[list[int]]:
+        """This process's ``accumulation`` micro-batches of one step's samples (empty lists where none are left)."""
+        if self.lengths is not None:
+            step_samples = by_length(step_samples, *self.lengths)
+        b, world = self.batch_size, self.world_size
+        return [step_samples[(m * world + self.rank) * b : (m * world + self.rank + 1) * b].tolist()
+                for m in range(self.accumulation)]  # fmt: skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.order()
+        for position in range(self.start, len(order), self.global_batch):
+            yield from self.step_batches(order[position : position + self.global_batch])
+
+    def __len__(self) -> int:
+        return self.accumulation * math.ceil(max(0, self.epoch_size - self.start) / self.global_batch)

@@ -1,0 +1,370 @@
+"""Sources: where a dataset's records live, and how to read one record into a :class:`Sample`.
+
+Layouts (``dataset.<name>.format``; ``auto`` detects them):
+
+* ``docling``: the Docling folder format, ``ROOT/anns/<split>/*.json`` + images, paths relative to ROOT::
+
+      {"img_pth": "images/train/x.png" | [...], "anns": {"user", "assistant", "source"} | [...]}
+
+* ``hub``: the layout of HuggingFaceM4/DoclingMatix and ds4sd/SynthFormulaNet, an ``images`` list (encoded
+  images) and a ``texts`` list of ``{user, assistant, source}`` per row: parquet files or a folder of them, a
+  ``datasets.save_to_disk`` folder or Arrow files, or a hub id. Read through HF ``datasets`` as memory-mapped
+  Arrow: parquet and hub ids are converted once into its cache (under ``training.index_cache_dir``), Arrow files
+  and ``save_to_disk`` folders are mapped where they are. Nothing is loaded into memory.
+
+A source addresses records by a *locator* (the annotation file's relative name, or the row number) and reads
+one at a time: :meth:`Source.read` parses and checks what is cheap to check (JSON, schema, empty answers, image
+paths inside the root and present) and raises :class:`RecordError` with a reason key of
+:data:`~granite_docling.data.sample.REASONS`. Images are decoded later, in loader workers
+(:mod:`granite_docling.data.images`). :func:`read_dataset` reads a whole (small) source into a list, for
+``validate``, evaluation and tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from granite_docling.data.images import ImageError, resolve_inside
+from granite_docling.data.sample import Problem, Sample, Turn
+
+log = logging.getLogger(__name__)
+
+
+class DatasetNotFoundError(ValueError):
+    """The path is not a dataset in any known layout; the message says what was expected."""
+
+
+class RecordError(ValueError):
+    """One record cannot be used; ``reason`` is a key of REASONS."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason}: {detail}")
+
+
+SchemaError = RecordError  # the name parse_turns' callers know
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """What to keep of each source (the per-dataset options of the config)."""
+
+    split: str = "train"
+    max_turns: int | None = None
+    max_samples: int | None = None
+    max_images_per_sample: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure parsing of one record
+
+
+def parse_turns(raw: Any) -> list[Turn]:
+    """``{user, assistant, source}`` or a list of them -> turns; raises :class:`RecordError`."""
+    entries = [raw] if isinstance(raw, dict) else raw
+    if not isinstance(entries, list) or not entries:
+        raise RecordError("bad_schema", "expected a {user, assistant} object or a non-empty list of them")
+    turns = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise RecordError("bad_schema", f"turn {i} is a {type(entry).__name__}, not an object")
+        user, assistant, source = entry.get("user"), entry.get("assistant"), entry.get("source")
+        if not isinstance(user, str) or not isinstance(assistant, str):
+            raise RecordError("bad_schema", f"turn {i} needs string 'user' and 'assistant' fields")
+        if source is not None and not isinstance(source, str):
+            raise RecordError("bad_schema", f"turn {i}: 'source' must be a string")
+        if not assistant.strip():
+            raise RecordError("empty_answer", f"turn {i} has an empty assistant answer")
+        turns.append(Turn(user=user, assistant=assistant, source=source))
+    return turns
+
+
+def parse_docling_annotation(record: Any) -> tuple[list[str], list[Turn]]:
+    """A Docling-format annotation -> (image paths relative to the root, turns); raises :class:`RecordError`."""
+    if not isinstance(record, dict):
+        raise RecordError("bad_schema", f"the file holds a {type(record).__name__}, not an object")
+    if "img_pth" not in record or "anns" not in record:
+        raise RecordError("bad_schema", f"needs 'img_pth' and 'anns', has {sorted(record)}")
+    paths = record["img_pth"]
+    paths = [paths] if isinstance(paths, str) else paths
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise RecordError("bad_schema", "'img_pth' must be a path or a list of paths")
+    return paths, parse_turns(record["anns"])
+
+
+def limit(sample: Sample, options: ReadOptions) -> Sample:
+    """Keep the first ``max_turns`` turns and the first ``max_images_per_sample`` images."""
+    turns = sample.turns[: options.max_turns] if options.max_turns else sample.turns
+    images = sample.images[: options.max_images_per_sample] if options.max_images_per_sample else sample.images
+    return Sample(id=sample.id, dataset=sample.dataset, images=images, turns=turns, root=sample.root)
+
+
+def image_bytes(image: Any) -> bytes:
+    """The encoded bytes of a hub image cell: a {'bytes', 'path'} struct or raw bytes."""
+    if isinstance(image, dict):
+        image = image.get("bytes")
+    if not isinstance(image, bytes) or not image:
+        raise RecordError("bad_schema", "an entry of 'images' holds no encoded image bytes")
+    return image
+
+
+def files_fingerprint(files: Sequence[Path], root: Path) -> str:
+    """A digest of (name, size, modification time) of every file: any change, addition or removal shows."""
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(root) if file != root else file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+                      .encode())  # fmt: skip
+    return digest.hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layouts
+
+
+class Source:
+    """One dataset's records: ``len`` of them, each read by locator. Subclasses say where they live."""
+
+    name: str
+    options: ReadOptions
+
+    def fingerprint(self) -> str:
+        """Changes whenever a record could have changed (cheap: file sizes and times, not contents)."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def locator(self, i: int) -> str | int:
+        """How record ``i`` (in the source's own order) is addressed; the index stores it."""
+        raise NotImplementedError
+
+    def record_id(self, locator: str | int) -> str:
+        """The name a person finds the record by (bad_samples.jsonl, validate)."""
+        raise NotImplementedError
+
+    def read(self, locator: str | int) -> Sample:
+        """The record as a Sample (``max_turns`` / ``max_images_per_sample`` applied); raises RecordError."""
+        raise NotImplementedError
+
+    def records(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Sample | Problem]]:
+        """(i, Sample or Problem) for records ``start..stop`` in order."""
+        for i in range(start, len(self) if stop is None else stop):
+            locator = self.locator(i)
+            try:
+                yield i, self.read(locator)
+            except RecordError as error:
+                yield i, Problem(self.name, self.record_id(locator), error.reason, error.detail)
+
+
+class FolderSource(Source):
+    """A Docling folder: one JSON file per record under ``anns/<split>/``, sorted by name."""
+
+    def __init__(self, root: Path, name: str, options: ReadOptions):
+        self.root, self.name, self.options = Path(root), name, options
+        self.ann_dir = self.root / "anns" / options.split
+        if not self.ann_dir.is_dir():
+            anns = self.root / "anns"
+            splits = sorted(p.name for p in anns.iterdir() if p.is_dir()) if anns.is_dir() else []
+            raise DatasetNotFoundError(f"{self.ann_dir} does not exist; splits found under {anns}: {splits or 'none'}")
+        self._names: list[str] | None = None
+
+    def fingerprint(self) -> str:
+        """Order-independent sum of every annotation file's (name, size, mtime) hash: no list of names is kept."""
+        total, count = 0, 0
+        with os.scandir(self.ann_dir) as entries:
+            for entry in entries:
+                if entry.name.endswith(".json") and entry.is_file():
+                    stat = entry.stat()
+                    key = f"{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
+                    total += int.from_bytes(hashlib.blake2b(key, digest_size=16).digest(), "little")
+                    count += 1
+        return hashlib.sha256(f"folder\0{self.ann_dir.resolve()}\0{count}\0{total % 2**128}".encode()).hexdigest()[:32]
+
+    def names(self) -> list[str]:
+        """The annotation file names, sorted (listed once, when an index is built)."""
+        if self._names is None:
+            with os.scandir(self.ann_dir) as entries:
+                self._names = sorted(e.name for e in entries if e.name.endswith(".json") and e.is_file())
+        return self._names
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def locator(self, i: int) -> str:
+        return self.names()[i]
+
+    def record_id(self, locator: str | int) -> str:
+        return f"anns/{self.options.split}/{locator}"
+
+    def read(self, locator: str | int) -> Sample:
+        relative = self.record_id(locator)
+        try:
+            record = json.loads((self.ann_dir / str(locator)).read_text(encoding="utf-8"))
+        except FileNotFoundError as error:
+            raise RecordError("invalid_json", f"the file is gone: {error}") from error
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise RecordError("invalid_json", str(error)) from error
+        paths, turns = parse_docling_annotation(record)
+        try:
+            images = tuple(_checked_image_path(self.root, p) for p in paths)
+        except ImageError as error:
+            raise RecordError(error.reason, error.detail) from error
+        sample = Sample(id=relative, dataset=self.name, images=images, turns=tuple(turns), root=self.root)
+        return limit(sample, self.options)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_names": None}  # workers read by name; they never need the whole list
+
+
+def _checked_image_path(root: Path, relative: str) -> Path:
+    path = resolve_inside(root, relative)
+    if not path.is_file():
+        raise ImageError("missing_image", f"{relative} does not exist")
+    return path
+
+
+class HubSource(Source):
+    """Rows with ``images`` + ``texts`` in a memory-mapped Arrow table (HF ``datasets``)."""
+
+    def __init__(self, path: str | Path, name: str, options: ReadOptions, cache_dir: Path | None = None):
+        self.path, self.name, self.options = path, name, options
+        self.cache_dir = cache_dir
+        self._dataset, self._fingerprint = open_arrow_dataset(path, options.split, cache_dir)
+        missing = {"images", "texts"} - set(self._dataset.column_names)
+        if missing:
+            raise DatasetNotFoundError(
+                f"{path} has columns {self._dataset.column_names}; the hub layout needs 'images' and 'texts'"
+            )
+        self._table = self._dataset.data  # datasets.table.Table: memory-mapped, bisect-based slicing
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def __len__(self) -> int:
+        return self._dataset.num_rows
+
+    def locator(self, i: int) -> int:
+        return i
+
+    def record_id(self, locator: str | int) -> str:
+        return f"{Path(str(self.path)).name}#{locator}"
+
+    def read(self, locator: str | int) -> Sample:
+        (row,) = self._table.fast_slice(int(locator), 1).select(["images", "texts"]).to_pylist()
+        return self.sample_of(row, int(locator))
+
+    def sample_of(self, row: dict, locator: int) -> Sample:
+        images = tuple(image_bytes(image) for image in row.get("images") or [])
+        turns = parse_turns(row.get("texts"))
+        return limit(Sample(id=self.record_id(locator), dataset=self.name, images=images, turns=tuple(turns)),
+                     self.options)  # fmt: skip
+
+    def records(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Sample | Problem]]:
+        """Read a record batch at a time: one Arrow slice per 64 rows, not one per row."""
+        stop = len(self) if stop is None else stop
+        for batch_start in range(start, stop, 64):
+            rows = self._table.fast_slice(batch_start, min(64, stop - batch_start)).select(["images", "texts"])
+            for offset, row in enumerate(rows.to_pylist()):
+                i = batch_start + offset
+                try:
+                    yield i, self.sample_of(row, i)
+                except RecordError as error:
+                    yield i, Problem(self.name, self.record_id(i), error.reason, error.detail)
+
+    def __getstate__(self) -> dict:  # spawned workers map the same files again instead of pickling the table
+        return {"path": self.path, "name": self.name, "options": self.options, "cache_dir": self.cache_dir}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+
+def hub_files(path: Path, split: str) -> list[Path]:
+    """The parquet (or else Arrow) files of a split under ``path``: names containing the split, else all."""
+    if path.is_file():
+        return [path]
+    arrow = sorted(p for p in path.rglob("*.arrow") if not p.name.startswith("cache-"))  # not datasets' own caches
+    files = sorted(path.rglob("*.parquet")) or arrow
+    of_split = [f for f in files if split in f.relative_to(path).as_posix()]
+    return of_split or files
+
+
+def open_arrow_dataset(path: str | Path, split: str, cache_dir: Path | None):
+    """(datasets.Dataset, fingerprint) for a parquet file or folder, Arrow files, a save_to_disk folder or hub id."""
+    try:
+        import datasets
+    except ImportError as error:  # a dependency; only a broken install lands here
+        raise DatasetNotFoundError(f"reading {path} needs HF datasets: pip install datasets") from error
+    cache = str(cache_dir / "arrow") if cache_dir else None
+    local = Path(path)
+    if not local.exists():  # a hub id: downloaded and converted into the cache once
+        dataset = datasets.load_dataset(str(path), split=split, cache_dir=cache)
+        return dataset, dataset._fingerprint
+    if local.is_dir() and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
+        dataset = datasets.load_from_disk(str(local))
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise DatasetNotFoundError(f"{local} has splits {sorted(dataset)}, not {split!r}")
+            dataset = dataset[split]
+        return dataset, f"disk-{dataset._fingerprint}"
+    files = hub_files(local, split)
+    fingerprint = files_fingerprint(files, local if local.is_dir() else local.parent)
+    if files[0].suffix == ".arrow":
+        dataset = datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in files])
+    else:
+        processes = min(len(files), available_cpus())
+        dataset = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", cache_dir=cache,
+                                        num_proc=processes if processes > 1 else None)  # fmt: skip
+    return dataset, fingerprint
+
+
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def detect_format(path: str | Path) -> str:
+    """'docling' or 'hub'; raises :class:`DatasetNotFoundError` for anything else."""
+    path = Path(path)
+    if path.is_dir() and (path / "anns").is_dir():
+        return "docling"
+    if path.is_file() and path.suffix in (".parquet", ".arrow"):
+        return "hub"
+    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        return "hub"
+    if path.is_dir() and (any(path.rglob("*.parquet")) or any(path.rglob("*.arrow"))):
+        return "hub"
+    if not path.exists() and str(path).count("/") == 1 and not str(path).startswith("."):
+        return "hub"  # looks like a hub id: org/name
+    raise DatasetNotFoundError(
+        f"{path} is not a dataset: expected a Docling folder (anns/<split>/*.json + images), parquet or Arrow "
+        "files in the hub layout, or a hub id"
+    )
+
+
+def open_source(path: str | Path, name: str, options: ReadOptions, fmt: str = "auto",
+                cache_dir: Path | None = None) -> Source:  # fmt: skip
+    """The source behind ``path`` in its layout."""
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "docling":
+        return FolderSource(Path(path), name, options)
+    return HubSource(path, name, options, cache_dir)
+
+
+def read_dataset(path: str | Path, name: str, options: ReadOptions, fmt: str = "auto",
+                 cache_dir: Path | None = None) -> tuple[list[Sample], list[Problem]]:  # fmt: skip
+    """All good samples of a small source in a list (after ``max_samples``), and the problems found on the way.
+    Training never calls this: it reads through the index (:mod:`granite_docling.data.index`)."""
+    source = open_source(path, name, options, fmt, cache_dir)
+    samples, problems = [], []
+    for _, item in source.records():
+        if options.max_samples is not None and len(samples) >= options.max_samples:
+            break
+        (problems if isinstance(item, Problem) else samples).append(item)
+    return samples, problems

@@ -1,0 +1,35 @@
+"""The validation split: a pure function of (seed, source name, number of records).
+
+The same records are held out on every run and every process, and by ``evaluate.py eval.split=val``, which
+calls the same function on the same index. Positions are record numbers of the source's index, kept in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def seeded_rng(*parts: object) -> np.random.Generator:
+    """A numpy generator seeded by any printable parts (no global state touched)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+
+
+def split_positions(size: int, val_ratio: float, seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) record positions: a seeded random ``val_ratio`` share held out, at least one when > 0."""
+    everything = np.arange(size, dtype=np.int64)
+    if val_ratio <= 0 or size < 2:
+        return everything, np.empty(0, dtype=np.int64)
+    n_val = min(size - 1, max(1, round(size * val_ratio)))
+    held_out = np.zeros(size, dtype=bool)
+    held_out[seeded_rng(seed, name, "validation").permutation(size)[:n_val]] = True
+    return everything[~held_out], everything[held_out]
+
+
+def split_validation(samples: Sequence, val_ratio: float, seed: int, name: str) -> tuple[list, list]:
+    """:func:`split_positions` applied to a list (small in-memory sources, tests)."""
+    train, val = split_positions(len(samples), val_ratio, seed, name)
+    return [samples[i] for i in train], [samples[i] for i in val]

@@ -1,0 +1,71 @@
+"""Elastic resume: a run continued on another number of processes trains the same global sample order.
+
+With the global batch kept (batch x accumulation x processes = 4), the per-step losses of 2 -> 1 and 1 -> 2
+process runs equal the uninterrupted 1-process run's; torchrun on CPU (gloo). The index is built once: the log
+says which process built it and that the other reused it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from conftest import REPO, run_script
+from fixture_data import good_dataset
+
+
+def losses(run_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return good_dataset(tmp_path_factory.mktemp("elastic"), 24)  # 6 steps per epoch: resumes mid-epoch
+
+
+def train(data, run_dir, processes: int, max_steps: int, *extra: str, accumulation: int | None = None):
+    accumulation = accumulation or 4 // processes  # global batch 4 on either shape
+    overrides = ["experiment=demo", f"dataset.sample.path={data}", f"training.max_steps={max_steps}",
+                 "training.batch_size=1", f"training.gradient_accumulation_steps={accumulation}",
+                 "training.val_ratio=0", "training.num_workers=0", "training.save_steps=4", "training.warmup_steps=0",
+                 "training.min_lr=3e-3", "training.log_interval=1", f"hydra.run.dir={run_dir}", *extra]  # fmt: skip
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
+    result = run_script(*launch, str(REPO / "train.py"), *overrides, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference")
+    train(data, run_dir, 1, 8)
+    return losses(run_dir)
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_processes_gives_the_same_losses(data, tmp_path, uninterrupted, before, after):
+    first = train(data, tmp_path / "first", before, 4, f"training.index_cache_dir={tmp_path / 'cache'}")
+    if before == 2:  # a fresh cache: one of the two processes builds the index, the other waits and maps it
+        log = (tmp_path / "first" / "train.log").read_text() + (tmp_path / "first" / "train_rank1.log").read_text()
+        built = re.findall(r"data index sample: rank (\d) built 24 records", log)
+        reused = re.findall(r"data index sample: rank (\d) reused \S+ \(24 records, built by rank (\d)", log)
+        assert len(built) == 1 and len(reused) == 1 and reused[0] == (str(1 - int(built[0])), built[0])
+    checkpoint = tmp_path / "first" / "checkpoints" / "checkpoint_step_4"
+    resumed = train(data, tmp_path / "second", after, 8, f"training.resume={checkpoint}")
+    output = resumed.stdout + resumed.stderr
+    assert "at step 4" in output and f"instead of {before} with the same global batch of 4" in output
+    assert first.returncode == 0
+    got = losses(tmp_path / "first") | losses(tmp_path / "second")
+    assert sorted(got) == sorted(uninterrupted) == list(range(1, 9))
+    for step, loss in uninterrupted.items():
+        assert got[step] == pytest.approx(loss, abs=1e-4), f"step {step}"
+
+
+def test_a_changed_global_batch_is_logged_and_continues_from_the_global_position(data, tmp_path):
+    train(data, tmp_path / "first", 1, 4)
+    checkpoint = tmp_path / "first" / "checkpoints" / "checkpoint_step_4"
+    resumed = train(data, tmp_path / "second", 1, 6, f"training.resume={checkpoint}", accumulation=2)
+    assert "global batch changed from 4 to 2 samples" in resumed.stdout + resumed.stderr
+    assert "from global sample 16 of epoch 0" in resumed.stdout + resumed.stderr
