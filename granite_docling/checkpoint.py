@@ -43,6 +43,7 @@ class LoopState:
     bad_samples: int = 0  # bad samples found by the workers and listed, in total
     global_batch: int = 0  # batch x accumulation x processes when saved (0: unknown, an older checkpoint)
     processes: int = 0  # number of processes when saved
+    workers: int = 0  # DataLoader workers per process when saved (a stream's position depends on them)
     elapsed_seconds: float = 0.0  # training time before this (resumed) process started
     extra: dict = field(default_factory=dict)
 

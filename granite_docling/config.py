@@ -252,6 +252,14 @@ def validate(cfg: Config) -> None:
                 problems.append(f"{prefix}.{name}={value} must be at least 1 (or null for no limit)")
         if source.weight is not None and source.weight <= 0:
             problems.append(f"{prefix}.weight={source.weight} must be positive")
+        if source.shuffle_buffer < 1:
+            problems.append(f"{prefix}.shuffle_buffer={source.shuffle_buffer} must be at least 1")
+    streamed = sorted(key for key, source in cfg.dataset.items() if source.streaming)
+    if streamed and len(streamed) < len(cfg.dataset):
+        problems.append(
+            f"dataset.{streamed[0]}.streaming=true but {', '.join(sorted(set(cfg.dataset) - set(streamed)))} "
+            "is not streamed: stream all sources or none"
+        )
 
     for name in ("batch_size", "gradient_accumulation_steps", "num_epochs", "log_interval", "val_interval"):
         if getattr(training, name) < 1:

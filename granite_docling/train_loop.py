@@ -204,11 +204,12 @@ def train(cfg: Config, run_dir: str | Path) -> int:
         val_loader = make_loader(data.val, val_indices, t.batch_size, t.num_workers, pad_id)
 
     global_batch = t.batch_size * t.gradient_accumulation_steps * world
-    if data.streaming:  # the stream's length is known from its footers; the processes agree on its end
-        steps_per_epoch = math.ceil(sum(train for train, _ in data.sizes.values()) / global_batch)
+    if data.streaming:  # planned from the parquet footers: the steps until the first process runs short
+        epoch_steps = [data.train.steps_in_epoch(e, t.gradient_accumulation_steps) for e in range(t.num_epochs)]
+        steps_per_epoch, total_steps = epoch_steps[0], t.max_steps or sum(epoch_steps)
     else:
         steps_per_epoch = data.train_sampler.steps_per_epoch
-    total_steps = t.max_steps or t.num_epochs * steps_per_epoch
+        total_steps = t.max_steps or t.num_epochs * steps_per_epoch
     learning_rates = {"vision": t.lr_vision, "text": t.lr_text, "connector": t.lr_connector}
     groups = parameter_groups(model, learning_rates, t.weight_decay)
     fused = cfg.optimizer.fused if cfg.optimizer.fused is not None else torch.cuda.is_available()
@@ -241,8 +242,8 @@ def train(cfg: Config, run_dir: str | Path) -> int:
         set_rng_state(saved["rng"][min(rank, len(saved["rng"]) - 1)])
         log.info("resumed from %s at step %d (epoch %d, %d %s into it)", resume_from, state.step, state.epoch,
                  state.samples_in_epoch, "micro-batches" if data.streaming else "samples")  # fmt: skip
-        check_resumed_shape(state, global_batch, world, data.streaming)
-    state.global_batch, state.processes = global_batch, world
+        check_resumed_shape(state, global_batch, world, t.num_workers, data.streaming)
+    state.global_batch, state.processes, state.workers = global_batch, world, t.num_workers
 
     tracker = Tracker(run_dir, cfg) if is_main else NullTracker()
     stop = StopRequest()
@@ -297,7 +298,7 @@ def train(cfg: Config, run_dir: str | Path) -> int:
     loss_module.train()
     while state.step < total_steps:
         if batches is None:  # start (or continue) an epoch at the exact sample position
-            data.train_sampler.set_epoch(state.epoch, start=state.samples_in_epoch)
+            (data.train if data.streaming else data.train_sampler).set_epoch(state.epoch, state.samples_in_epoch)
             batches = iter(train_loader)
         fetch_started = time.time()
         group = take(batches, t.gradient_accumulation_steps)
@@ -408,13 +409,14 @@ def train(cfg: Config, run_dir: str | Path) -> int:
     return exit_code
 
 
-def check_resumed_shape(state: LoopState, global_batch: int, world: int, streaming: bool) -> None:
+def check_resumed_shape(state: LoopState, global_batch: int, world: int, workers: int, streaming: bool) -> None:
     """Say what a resume on another shape means for the data order (see granite_docling.data.sampler)."""
     saved_batch, saved_world = state.global_batch, state.processes
-    if streaming and (saved_world, saved_batch) not in ((0, 0), (world, global_batch)):
-        log.warning("resumed a streaming run on %d process(es) with global batch %d (was %d, %d): a stream's "
-                    "position is exact only on the same shape; each worker skips its share of %d micro-batches",
-                    world, global_batch, saved_world, saved_batch, state.samples_in_epoch)  # fmt: skip
+    if streaming and saved_world and (saved_world, saved_batch, state.workers) != (world, global_batch, workers):
+        log.warning("resumed a streaming run on %d process(es) x %d workers with global batch %d (saved: %d x %d, "
+                    "%d): a stream's position is exact only on the same shape; each worker skips its share of %d "
+                    "micro-batches", world, workers, global_batch, saved_world, state.workers, saved_batch,
+                    state.samples_in_epoch)  # fmt: skip
     elif saved_batch and saved_batch != global_batch:
         log.warning("the global batch changed from %d to %d samples (batch x accumulation x processes): continuing "
                     "the same sample order from global sample %d of epoch %d, in steps of the new size",

@@ -79,3 +79,13 @@ def dataset_with_bad_samples(root: Path, n_good: int = 4) -> Path:
 
     (root / "anns" / "train" / "README.txt").write_text("not an annotation: ignored")
     return root
+
+
+def to_hub_rows(samples) -> list[dict]:
+    """Samples of a folder as rows of the hub layout (``images`` with the encoded bytes, ``texts``)."""
+    rows = []
+    for sample in samples:
+        images = [{"bytes": ref.read_bytes(), "path": ref.name} for ref in sample.images]
+        texts = [{"user": t.user, "assistant": t.assistant, "source": t.source} for t in sample.turns]
+        rows.append({"images": images, "texts": texts})
+    return rows

@@ -12,7 +12,7 @@ import re
 
 import pytest
 from conftest import REPO, run_script
-from fixture_data import good_dataset
+from fixture_data import good_dataset, to_hub_rows
 
 
 def losses(run_dir) -> dict[int, float]:
@@ -69,3 +69,26 @@ def test_a_changed_global_batch_is_logged_and_continues_from_the_global_position
     resumed = train(data, tmp_path / "second", 1, 6, f"training.resume={checkpoint}", accumulation=2)
     assert "global batch changed from 4 to 2 samples" in resumed.stdout + resumed.stderr
     assert "from global sample 16 of epoch 0" in resumed.stdout + resumed.stderr
+
+
+def test_a_streaming_run_resumes_exactly_through_train_py(data, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from granite_docling.data.sources import ReadOptions, read_dataset
+
+    rows = to_hub_rows(read_dataset(data, "d", ReadOptions())[0])
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(3):  # 3 files x 2 row groups: units for 2 workers
+        pq.write_table(pa.Table.from_pylist(rows[i * 8 : (i + 1) * 8]), shards / f"train-{i:05d}-of-00003.parquet",
+                       row_group_size=4)  # fmt: skip
+    stream = [f"dataset.sample.path={shards}", "dataset.sample.streaming=true", "training.num_workers=2"]
+    train(data, tmp_path / "whole", 1, 5, *stream)
+    train(data, tmp_path / "first", 1, 4, *stream)
+    checkpoint = tmp_path / "first" / "checkpoints" / "checkpoint_step_4"
+    train(data, tmp_path / "second", 1, 5, *stream, f"training.resume={checkpoint}")
+    expected, got = losses(tmp_path / "whole"), losses(tmp_path / "first") | losses(tmp_path / "second")
+    assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5]
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, abs=1e-5), f"step {step}"

@@ -10,8 +10,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fixture_data import good_dataset, write_annotation
-from test_readers import to_hub_rows
+from fixture_data import good_dataset, to_hub_rows, write_annotation
 
 from granite_docling.data.image_tiles import ImageSpec
 from granite_docling.data.index import load_or_build

@@ -8,7 +8,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fixture_data import BAD_FILES, dataset_with_bad_samples, good_dataset, write_annotation, write_image
+from fixture_data import BAD_FILES, dataset_with_bad_samples, good_dataset, to_hub_rows, write_annotation, write_image
 
 from granite_docling.data.images import ImageError, decode_image
 from granite_docling.data.sample import Turn
@@ -52,15 +52,6 @@ def test_limits_keep_the_first_turns_images_and_samples(tmp_path):
     assert len(samples) == 2
     assert [t.user for t in samples[0].turns] == ["q0", "q1"]  # the first turns, not the last
     assert len(samples[0].images) == 1 and samples[0].images[0].name == "0a.png"
-
-
-def to_hub_rows(samples):
-    rows = []
-    for sample in samples:
-        images = [{"bytes": ref.read_bytes(), "path": ref.name} for ref in sample.images]
-        texts = [{"user": t.user, "assistant": t.assistant, "source": t.source} for t in sample.turns]
-        rows.append({"images": images, "texts": texts})
-    return rows
 
 
 def test_parquet_in_the_hub_layout_yields_the_same_samples_as_the_folder(tmp_path):

@@ -1,0 +1,337 @@
+"""Streaming: hub-layout parquet shards read as a stream, for hub ids and data bigger than the local disk.
+
+``dataset.<name>.streaming=true`` (every source, or none). Files are a local parquet file or folder, a URL
+(``hf://``, ``s3://``, any fsspec filesystem) or a hub id, listed as ``hf://datasets/<id>/**/*.parquet``; all are
+opened the same way, with ``pyarrow.parquet.ParquetFile``. Only the footers are read at the start (in threads):
+they give every row group's row count, and nothing else is needed to plan an epoch::
+
+    python train.py dataset=[docling_matix] dataset.docling_matix.streaming=true
+
+* **Units and slots.** Every (file, row group) is a unit. Per epoch the units are put in a seeded order and dealt
+  round-robin to ``S = world_size x K`` slots (``K = max(1, num_workers)``); slot ``rank x K + L`` is read by
+  logical worker ``L`` of process ``rank``. A slot reads its units in order and shuffles rows within consecutive
+  blocks of ``shuffle_buffer`` rows. Several sources are mixed per slot by seeded draws, each with probability
+  proportional to its weight (null: to its rows) among those not yet exhausted. An epoch is every row once;
+  weights set the mixing order, not the amounts.
+* **Exact resume.** A slot's stream is a pure function of (seed, epoch, world_size, K) and the footers. Resuming
+  after ``c`` micro-batches of a process replays the DataLoader's round-robin over its workers (known batch counts,
+  exhausted workers dropping out) to find each worker's position, replays the mixing draws (vectorised, no
+  reading), skips whole units by their row counts and whole blocks, and reads only the one partial block. Every
+  row gives exactly one item (an encoded example or a :class:`Problem`), so the batch count stays exact.
+* **Shuffle quality.** Coarse: the unit order is a full permutation, but rows stay within ``shuffle_buffer`` of
+  their slot's stream, so a row group's rows (often a shard's neighbours) come out close together. Processes get
+  different numbers of rows (up to a few units); the loop ends the epoch when any one runs short. No validation
+  split, no length grouping.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+from torch.utils.data import IterableDataset, get_worker_info
+
+from granite_docling.config import Config
+from granite_docling.data.loading import ConversationDataset, Data, image_edges, source_options
+from granite_docling.data.sample import BadSampleError, Problem, Sample
+from granite_docling.data.sources import (
+    DatasetNotFoundError,
+    ReadOptions,
+    RecordError,
+    available_cpus,
+    hub_files,
+    image_bytes,
+    limit,
+    parse_turns,
+)
+from granite_docling.data.split import seeded_rng
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["images", "texts"]
+DRAW_CHUNK = 4096  # uniforms drawn at a time by the mixer; part of the stream's definition, keep it fixed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files and footers
+
+
+def list_files(path: str, split: str) -> list[str]:
+    """The parquet files of ``split``: a local file or folder, an fsspec URL, or a hub id (``org/name``)."""
+    if "://" not in path and Path(path).exists():
+        return [str(f) for f in hub_files(Path(path), split)]
+    if "://" not in path and (path.count("/") != 1 or path.startswith((".", "/", "~"))):
+        raise DatasetNotFoundError(
+            f"{path} does not exist (streaming reads a parquet file or folder, a URL or a hub id)"
+        )
+    url = path if "://" in path else f"hf://datasets/{path}"
+    fs, root = fsspec.core.url_to_fs(url)
+    if fs.isfile(root):
+        return [url]
+    files = sorted(fs.glob(f"{root.rstrip('/')}/**/*.parquet"))
+    of_split = [f for f in files if split in f[len(root) :]]
+    return [fs.unstrip_protocol(f) for f in of_split or files]
+
+
+def open_file(file: str):
+    return fsspec.open(file, "rb").open() if "://" in file else open(file, "rb")
+
+
+def footer(file: str) -> tuple[list[int], list[str]]:
+    """(rows per row group, column names) from a parquet footer."""
+    with open_file(file) as f:
+        metadata = pq.ParquetFile(f).metadata
+    groups = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+    return groups, metadata.schema.to_arrow_schema().names
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One row group: the ``rows`` first rows of group ``group`` of file ``file``, whose first row is ``first``."""
+
+    file: int
+    group: int
+    first: int
+    rows: int
+
+
+@dataclass
+class StreamSource:
+    """One streaming source: its files and units (file order), its mixing share and its read options."""
+
+    name: str
+    files: list[str]
+    units: list[Unit]
+    options: ReadOptions
+    weight: float | None = None
+    shuffle_buffer: int = 1000
+
+    @cached_property
+    def unit_rows(self) -> np.ndarray:
+        return np.array([unit.rows for unit in self.units], dtype=np.int64)
+
+    @property
+    def rows(self) -> int:
+        return int(self.unit_rows.sum())
+
+
+def open_stream_source(name: str, path: str, options: ReadOptions, weight: float | None = None,
+                       shuffle_buffer: int = 1000) -> StreamSource:  # fmt: skip
+    """List the files, read their footers, cut them into units (``max_samples`` rows at most)."""
+    files = list_files(path, options.split)
+    if not files or not all(f.endswith(".parquet") for f in files):
+        raise DatasetNotFoundError(f"streaming dataset {name}: {path} has no parquet files (streaming reads parquet)")
+    with ThreadPoolExecutor(min(32, len(files), 4 * available_cpus())) as pool:
+        footers = list(pool.map(footer, files))
+    units, left = [], options.max_samples if options.max_samples is not None else math.inf
+    for i, (groups, columns) in enumerate(footers):
+        if missing := set(COLUMNS) - set(columns):
+            raise DatasetNotFoundError(f"{files[i]} lacks columns {sorted(missing)}; the hub layout has images, texts")
+        for group, first in zip(range(len(groups)), np.cumsum([0, *groups[:-1]]), strict=True):
+            if left > 0 and groups[group]:
+                units.append(Unit(i, group, int(first), int(min(groups[group], left))))
+                left -= units[-1].rows
+    return StreamSource(name, files, units, options, weight, max(1, shuffle_buffer))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One slot's stream of one source
+
+
+def slot_units(source: StreamSource, seed: int, epoch: int, slots: int) -> list[np.ndarray]:
+    """Unit indices read by each slot in the epoch, in reading order."""
+    order = seeded_rng(seed, epoch, source.name, "units").permutation(len(source.units))
+    return [order[slot::slots] for slot in range(slots)]
+
+
+def unit_rows(source: StreamSource, unit: Unit, skip: int) -> Iterator[Sample | Problem]:
+    """The unit's rows from row ``skip`` on, parsed (a :class:`Problem` for a bad one)."""
+    file = source.files[unit.file]
+    with open_file(file) as f:
+        start = 0  # the batch's first row in the row group
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=64, row_groups=[unit.group], columns=COLUMNS):
+            low, high = max(skip, start), min(start + batch.num_rows, unit.rows)
+            for row, values in enumerate(batch.slice(low - start, max(0, high - low)).to_pylist(), low):
+                yield parse_row(source, f"{Path(file).name}#{unit.first + row}", values)
+            start += batch.num_rows
+            if start >= unit.rows:
+                return
+
+
+def parse_row(source: StreamSource, record_id: str, row: dict) -> Sample | Problem:
+    """A hub-layout row as a Sample, like :meth:`HubSource.sample_of`; a Problem when it is bad."""
+    try:
+        images = tuple(image_bytes(image) for image in row.get("images") or [])
+        turns = tuple(parse_turns(row.get("texts")))
+    except RecordError as error:
+        return Problem(source.name, record_id, error.reason, error.detail)
+    return limit(Sample(id=record_id, dataset=source.name, images=images, turns=turns), source.options)
+
+
+def slot_stream(source: StreamSource, units: np.ndarray, seed: int, epoch: int, slot: int,
+                skip: int = 0) -> Iterator[Sample | Problem]:  # fmt: skip
+    """The slot's rows of ``source`` from row ``skip`` on: units in order, rows shuffled in blocks."""
+    rows = source.unit_rows[units]
+    block = skip // source.shuffle_buffer
+    position = block * source.shuffle_buffer  # first row of the first block to read
+    first = int(np.searchsorted(np.cumsum(rows), position, side="right"))  # whole units before it are skipped
+    offset = position - int(rows[:first].sum())
+    reading = itertools.chain.from_iterable(
+        unit_rows(source, source.units[u], offset if k == 0 else 0) for k, u in enumerate(units[first:]))  # fmt: skip
+    while items := list(itertools.islice(reading, source.shuffle_buffer)):
+        order = seeded_rng(seed, epoch, source.name, slot, block).permutation(len(items))
+        yield from (items[i] for i in order[max(0, skip - position) :])
+        position, block = position + len(items), block + 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mixing sources, and the DataLoader's round-robin over workers
+
+
+class Draws:
+    """Which source gives each row of one slot: seeded draws by ``shares`` among sources with rows ``left``."""
+
+    def __init__(self, rng: np.random.Generator, shares: Sequence[float], left: Sequence[int]):
+        self.rng, self.shares, self.left = rng, np.asarray(shares, dtype=np.float64), np.array(left, dtype=np.int64)
+        self.uniforms, self.used = np.empty(0), 0
+
+    def _choose(self, uniforms: np.ndarray) -> np.ndarray:
+        cumulative = np.cumsum(np.where(self.left > 0, self.shares, 0.0))
+        last = int(np.flatnonzero(self.left > 0)[-1])
+        return np.minimum(np.searchsorted(cumulative, uniforms * cumulative[-1], side="right"), last)
+
+    def _peek(self, n: int) -> np.ndarray:
+        if self.used == len(self.uniforms):
+            self.uniforms, self.used = self.rng.random(DRAW_CHUNK), 0
+        return self.uniforms[self.used : self.used + n]
+
+    def skip(self, n: int) -> np.ndarray:
+        """Make the next ``n`` draws at once; rows drawn from each source."""
+        drawn = np.zeros(len(self.left), dtype=np.int64)
+        while n > 0 and self.left.sum() > 0:
+            choices = self._choose(self._peek(n))
+            counts = np.cumsum(np.eye(len(self.left), dtype=np.int64)[choices], axis=0)  # (draws, sources)
+            # the first draw that exhausts a source: the active set (and so the odds) change after it
+            run_out = np.flatnonzero(((counts >= self.left) & (self.left > 0)).any(axis=1))
+            taken = int(run_out[0]) + 1 if len(run_out) else len(choices)
+            used = np.bincount(choices[:taken], minlength=len(self.left))
+            self.left, drawn, self.used, n = self.left - used, drawn + used, self.used + taken, n - taken
+        return drawn
+
+    def next(self) -> int | None:
+        """The source of the next row; None when every source is exhausted."""
+        if self.left.sum() == 0:
+            return None
+        source = int(self._choose(self._peek(1))[0])
+        self.left[source] -= 1
+        self.used += 1
+        return source
+
+
+def worker_progress(consumed: int, batches: Sequence[int]) -> tuple[list[int], int]:
+    """After ``consumed`` batches of a round-robin over workers giving ``batches[w]`` each (exhausted ones drop
+    out, as in torch's DataLoader): (batches given by each worker, the worker giving the next)."""
+    n = np.asarray(batches, dtype=np.int64)
+    low, high = 0, int(n.max(initial=0))  # the round j (batch j of every worker with more than j) holding it
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if np.minimum(n, middle).sum() <= consumed else (low, middle - 1)
+    done, active = np.minimum(n, low), np.flatnonzero(n > low)
+    extra = min(consumed - int(done.sum()), len(active))
+    done[active[:extra]] += 1
+    return done.tolist(), int(active[extra]) if extra < len(active) else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The dataset
+
+
+class StreamingDataset(IterableDataset):
+    """This process's rows of every source, one encoded example (or Problem) per row. ``set_epoch(epoch,
+    start_batches)`` before iterating: ``start_batches`` micro-batches of this process are already consumed."""
+
+    def __init__(self, sources: Sequence[StreamSource], encoder: ConversationDataset, seed: int, batch_size: int,
+                 num_workers: int, rank: int = 0, world_size: int = 1):  # fmt: skip
+        self.sources, self.encoder, self.seed, self.batch_size = list(sources), encoder, seed, batch_size
+        self.workers, self.rank, self.world_size = max(1, num_workers), rank, world_size
+        total = sum(source.rows for source in self.sources) or 1
+        self.shares = [s.weight if s.weight is not None else s.rows / total for s in self.sources]
+        self.epoch, self.start_batches = 0, 0
+
+    def set_epoch(self, epoch: int, start_batches: int = 0) -> None:
+        self.epoch, self.start_batches = epoch, start_batches
+
+    def _units(self, epoch: int) -> list[list[np.ndarray]]:  # [source][slot] -> unit indices
+        return [slot_units(s, self.seed, epoch, self.world_size * self.workers) for s in self.sources]
+
+    def slot_rows(self, epoch: int) -> np.ndarray:
+        """(sources, slots): rows of each source that each slot reads in ``epoch``."""
+        units = self._units(epoch)
+        return np.array([[s.unit_rows[u].sum() for u in slots] for s, slots in zip(self.sources, units, strict=True)],
+                        dtype=np.int64)  # fmt: skip
+
+    def worker_batches(self, epoch: int, rank: int | None = None) -> list[int]:
+        """Micro-batches each logical worker of process ``rank`` (this one by default) gives in ``epoch``."""
+        rank = self.rank if rank is None else rank
+        rows = self.slot_rows(epoch).sum(axis=0)[rank * self.workers : (rank + 1) * self.workers]
+        return [math.ceil(int(r) / self.batch_size) for r in rows]
+
+    def steps_in_epoch(self, epoch: int, accumulation: int) -> int:
+        """Optimizer steps of ``epoch``: every process needs ``accumulation`` micro-batches per step."""
+        return min(sum(self.worker_batches(epoch, r)) for r in range(self.world_size)) // accumulation
+
+    def rows(self, epoch: int, slot: int, skip: int = 0) -> Iterator[Sample | Problem]:
+        """The slot's mixed stream from row ``skip`` on."""
+        units, left = self._units(epoch), self.slot_rows(epoch)[:, slot]
+        draws = Draws(seeded_rng(self.seed, epoch, "mix", slot), self.shares, left)
+        skipped = draws.skip(skip)
+        streams = [slot_stream(s, units[i][slot], self.seed, epoch, slot, int(skipped[i]))
+                   for i, s in enumerate(self.sources)]  # fmt: skip
+        while (source := draws.next()) is not None:
+            yield next(streams[source])
+
+    def __iter__(self) -> Iterator[dict | Problem]:
+        info = get_worker_info()
+        if (info.num_workers if info else 1) != self.workers:
+            given = info.num_workers if info else 0
+            raise ValueError(f"this StreamingDataset was built for {self.workers} DataLoader worker(s), not {given}: "
+                             "give it the loader's num_workers")  # fmt: skip
+        done, first = worker_progress(self.start_batches, self.worker_batches(self.epoch))
+        worker = ((info.id if info else 0) + first) % self.workers  # the loader starts its round-robin at worker 0
+        for item in self.rows(self.epoch, self.rank * self.workers + worker, done[worker] * self.batch_size):
+            if isinstance(item, Problem):
+                if self.encoder.on_bad_sample == "error":
+                    raise BadSampleError(item)
+                yield item
+            else:
+                yield self.encoder.example(item)
+
+
+def build_streaming_data(cfg: Config, processor, rank: int = 0, world_size: int = 1) -> Data:
+    """:class:`Data` whose ``train`` is a :class:`StreamingDataset` over every (streaming) source."""
+    t = cfg.training
+    if not all(source.streaming for source in cfg.dataset.values()):
+        listed = ", ".join(f"{key}={source.streaming}" for key, source in cfg.dataset.items())
+        raise ValueError(f"dataset.<name>.streaming must be true for every source or for none ({listed})")
+    sources = []
+    for key, config in cfg.dataset.items():
+        if config.format == "docling":
+            raise ValueError(f"dataset {key}: streaming reads parquet in the hub layout, not a Docling folder")
+        source = open_stream_source(config.name or key, config.path, source_options(cfg, key), config.weight,
+                                    config.shuffle_buffer)  # fmt: skip
+        log.info("streaming %s (%s): %d files, %d row groups, %d rows", source.name, config.path, len(source.files),
+                 len(source.units), source.rows)  # fmt: skip
+        sources.append(source)
+    log.info("streaming: no validation split (training.val_ratio is ignored) and no length grouping")
+    encoder = ConversationDataset([], processor, image_edges(cfg), t.max_length, t.on_bad_sample, t.image_path)
+    train = StreamingDataset(sources, encoder, t.seed, t.batch_size, t.num_workers, rank, world_size)
+    return Data(train=train, val=None, train_sampler=None, problems=[], sizes={s.name: (s.rows, 0) for s in sources})
