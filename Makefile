@@ -57,6 +57,7 @@ bench: setup
 	$(PY) benchmarks/padding.py
 	$(PY) benchmarks/loss_memory.py
 	$(PY) benchmarks/vs_trl.py
+	$(PY) benchmarks/scale.py
 
 # The CPU learning curve (about 20 minutes on 2 cores).
 learning-curve: setup

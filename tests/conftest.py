@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,8 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 # Dataset indexes (and HF datasets' Arrow conversions) of test runs go to a folder of this session, not ~/.cache;
-# subprocesses inherit it.
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="granite_docling_test_cache_")
+# subprocesses inherit it, and the session that made it removes it.
+if "GRANITE_DOCLING_TEST_CACHE" not in os.environ:
+    os.environ["GRANITE_DOCLING_TEST_CACHE"] = os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gd_test_cache_")
+    atexit.register(shutil.rmtree, os.environ["GRANITE_DOCLING_TEST_CACHE"], ignore_errors=True)
 
 register_configs()
 register_resolvers()
