@@ -32,6 +32,9 @@ lengths) and the second is the cached figure. Per run:
   (model, optimizer, the dataset as the code holds it, workers) and moves less from run to run.
 * ``startup_s``: seconds from launch to the first ``train/loss`` line in the run's ``metrics.jsonl`` (Python
   imports, config, reading the data, index / lengths, model, first step; 0.2 s resolution).
+* ``ready_s``: seconds from launch to the loop's ``N optimizer steps (...)`` log line: imports, config, data
+  (sources, index, split, sampler) and model ready, before any step is computed. ``startup_s`` minus ``ready_s``
+  is the first step itself, whose time varies with the lengths of the first batch.
 * ``index_s`` / ``index_processes``: what the code logs when it builds its index (``data index NAME: rank R
   built N records (...) in S s with P processes``), summed over sources; null when it logs no such line.
 
@@ -42,6 +45,7 @@ the cached memory and start-up of each larger dataset minus those of the smalles
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import random
@@ -76,6 +80,8 @@ TRAIN_OVERRIDES = (
 )  # fmt: skip
 INDEX_BUILT = re.compile(r"data index (?P<name>\S+?):? .*?built (?P<records>\d+) records.*? in (?P<seconds>[\d.]+) ?s\b"
                          r".*? with (?P<processes>\d+) process")  # fmt: skip
+READY_LINE = re.compile(r"^\[(?P<time>[\d-]+ [\d:,]+)\]\[granite_docling\.train_loop\]\[INFO\] - \d+ optimizer steps",
+                        re.MULTILINE)  # fmt: skip
 INDEX_REUSED = re.compile(r"data index \S+ .*?reused")
 
 
@@ -96,6 +102,7 @@ class RunResult:
 
     returncode: int | None = None
     startup_s: float | None = None  # launch -> first optimizer step logged
+    ready_s: float | None = None  # launch -> the loop's "optimizer steps" line (everything but the first step)
     steps: int = 0  # optimizer steps seen in metrics.jsonl before the stop
     memory_mb: float | None = None  # peak PSS of the process tree, MB (10^6 bytes)
     steady_mb: float | None = None  # the lowest PSS sampled between the first and the last step, MB
@@ -339,7 +346,7 @@ def launch(command: list[str], repo: Path, run_dir: Path, timeout: float) -> Run
     log_path = run_dir.with_suffix(".log")
     result = RunResult(log=str(log_path))
     with open(log_path, "wb") as log:
-        started = time.perf_counter()
+        started, launched_at = time.perf_counter(), time.time()
         process = subprocess.Popen(command, cwd=repo, env=train_env(repo), stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # fmt: skip
         try:
@@ -348,6 +355,10 @@ def launch(command: list[str], repo: Path, run_dir: Path, timeout: float) -> Run
             result.returncode = stop(process)
     text = log_path.read_text(encoding="utf-8", errors="replace")
     scrape_index(text, result)
+    ready = READY_LINE.search(text)
+    if ready:
+        stamp = datetime.datetime.strptime(ready["time"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        result.ready_s = round(stamp - launched_at, 2)
     if not result.steps and result.error is None:
         result.error = f"exit {result.returncode} before the first step:\n" + "\n".join(text.splitlines()[-15:])
     return result
@@ -372,7 +383,7 @@ def describe(result: RunResult) -> str:
     if result.error and not result.steps:
         return "FAILED " + result.error.splitlines()[0] + f" (log: {result.log})"
     return (f"peak {result.memory_mb:,.0f} MB ({cell(result.steady_mb, ',.0f')} MB between steps), first step after "
-            f"{result.startup_s} s, {result.steps} steps")  # fmt: skip
+            f"{result.startup_s} s (ready after {result.ready_s} s), {result.steps} steps")  # fmt: skip
 
 
 def package_of(repo: Path) -> str:
@@ -416,7 +427,8 @@ def growth(cases: list[Case]) -> list[dict]:
             rows.append({"layout": layout, "from": base.samples, "to": case.samples,
                          "memory_mb": round(figure(case, "memory_mb") - figure(base, "memory_mb"), 1),
                          "steady_mb": difference(figure(case, "steady_mb"), figure(base, "steady_mb")),
-                         "startup_s": round(figure(case, "startup_s") - figure(base, "startup_s"), 2)})  # fmt: skip
+                         "startup_s": round(figure(case, "startup_s") - figure(base, "startup_s"), 2),
+                         "ready_s": difference(figure(case, "ready_s"), figure(base, "ready_s"))})  # fmt: skip
     return rows
 
 
@@ -449,8 +461,9 @@ def print_table(cases: list[Case], header: dict) -> None:
                 print(f"    {phase}: {run.error}")
     for row in growth(cases):
         steady = "" if row["steady_mb"] is None else f" ({row['steady_mb']:+,.0f} MB between steps)"
-        print(f"{row['layout']}: {row['memory_mb']:+,.0f} MB peak{steady} and {row['startup_s']:+.1f} s start-up "
-              f"from {row['from']:,} to {row['to']:,} samples, cached")  # fmt: skip
+        ready = "" if row["ready_s"] is None else f" ({row['ready_s']:+.1f} s before the first step)"
+        print(f"{row['layout']}: {row['memory_mb']:+,.0f} MB peak{steady} and {row['startup_s']:+.1f} s "
+              f"start-up{ready} from {row['from']:,} to {row['to']:,} samples, cached")  # fmt: skip
 
 
 def main() -> int:

@@ -156,3 +156,51 @@ def load_training_state(folder: Path) -> dict:
             f"it, set model.checkpoint={folder} instead of training.resume"
         )
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Restore trained weights from a checkpoint folder into the (possibly peft-wrapped) training model."""
+    if hasattr(model, "merge_and_unload"):  # LoRA: the adapter is the trained state; base weights are the original
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(folder / "adapter" / "adapter_model.safetensors"))
+        return
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state |= load_file(file)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "lm_head" not in k]  # tied to the embeddings, not stored twice
+    if missing or unexpected:
+        raise RuntimeError(
+            f"checkpoint {folder} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool) -> str:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload fine-tuned granite-docling")
+    log.info("pushed %s to https://huggingface.co/%s", folder, repo_id)
+    return repo_id
+
+
+def check_resumed_shape(state: LoopState, global_batch: int, world: int, workers: int, streaming: bool) -> None:
+    """Say what a resume on another shape means for the data order (see granite_docling.data.sampler)."""
+    saved_batch, saved_world = state.global_batch, state.processes
+    if streaming and saved_world and (saved_world, saved_batch, state.workers) != (world, global_batch, workers):
+        log.warning("resumed a streaming run on %d process(es) x %d workers with global batch %d (saved: %d x %d, "
+                    "%d): a stream's position is exact only on the same shape; each worker skips its share of %d "
+                    "micro-batches", world, workers, global_batch, saved_world, state.workers, saved_batch,
+                    state.samples_in_epoch)  # fmt: skip
+    elif saved_batch and saved_batch != global_batch:
+        log.warning("the global batch changed from %d to %d samples (batch x accumulation x processes): continuing "
+                    "the same sample order from global sample %d of epoch %d, in steps of the new size",
+                    saved_batch, global_batch, state.samples_in_epoch, state.epoch)  # fmt: skip
+    elif saved_world and saved_world != world:
+        log.info("resumed on %d process(es) instead of %d with the same global batch of %d: every step holds the "
+                 "same samples as before", world, saved_world, global_batch)  # fmt: skip

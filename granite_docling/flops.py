@@ -66,3 +66,18 @@ def batch_shape(batch: dict) -> list[tuple[int, int, int]]:
     else:
         tiles = [0] * len(tokens)
     return list(zip(tokens, tiles, supervised, strict=True))
+
+
+# Dense bf16 peak of common training GPUs, FLOP/s (no sparsity), for the MFU estimate.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
+                   "L40S": 362e12, "A10G": 125e12, "L4": 121e12}  # fmt: skip
+
+
+def device_peak_flops(peak_tflops: float | None) -> float | None:
+    """The device's peak FLOP/s: ``training.peak_tflops`` if set, else looked up by CUDA device name; None on CPU."""
+    if peak_tflops:
+        return peak_tflops * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)

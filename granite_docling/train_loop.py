@@ -30,8 +30,11 @@ from tqdm.auto import tqdm
 
 from granite_docling.checkpoint import (
     LoopState,
+    check_resumed_shape,
     latest_checkpoint,
     load_training_state,
+    load_weights,
+    push_to_hub,
     rng_state,
     rotate_checkpoints,
     save_checkpoint,
@@ -42,7 +45,7 @@ from granite_docling.config import Config
 from granite_docling.data.encoding import IGNORE_INDEX
 from granite_docling.data.image_tiles import batch_pixel_values
 from granite_docling.data.loading import append_problems, build_data, listed_problems, make_loader, summarise
-from granite_docling.flops import ModelFlops, batch_shape, vision_trains
+from granite_docling.flops import ModelFlops, batch_shape, device_peak_flops, vision_trains
 from granite_docling.loss import TokenLoss
 from granite_docling.model import apply_lora, load_model_and_processor, parameter_groups
 from granite_docling.tracking import NullTracker, Tracker, plot_loss_curve
@@ -82,21 +85,6 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-# Dense bf16 peak of common training GPUs, FLOP/s (no sparsity), for the MFU estimate.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
-                   "L40S": 362e12, "A10G": 125e12, "L4": 121e12}  # fmt: skip
-
-
-def device_peak_flops(peak_tflops: float | None) -> float | None:
-    """The device's peak FLOP/s: ``training.peak_tflops`` if set, else looked up by CUDA device name; None on CPU."""
-    if peak_tflops:
-        return peak_tflops * 1e12
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
 def take(iterator, n: int) -> list:
@@ -233,7 +221,7 @@ def train(cfg: Config, run_dir: str | Path) -> int:
         log.info("training.resume=auto: no checkpoint in %s yet, starting from scratch", checkpoint_root)
     if resume_from is not None:
         saved = load_training_state(Path(resume_from))
-        _load_weights(accelerator.unwrap_model(loss_module).model, Path(resume_from))
+        load_weights(accelerator.unwrap_model(loss_module).model, Path(resume_from))
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         if "scaler" in saved and accelerator.scaler is not None:
@@ -409,23 +397,6 @@ def train(cfg: Config, run_dir: str | Path) -> int:
     return exit_code
 
 
-def check_resumed_shape(state: LoopState, global_batch: int, world: int, workers: int, streaming: bool) -> None:
-    """Say what a resume on another shape means for the data order (see granite_docling.data.sampler)."""
-    saved_batch, saved_world = state.global_batch, state.processes
-    if streaming and saved_world and (saved_world, saved_batch, state.workers) != (world, global_batch, workers):
-        log.warning("resumed a streaming run on %d process(es) x %d workers with global batch %d (saved: %d x %d, "
-                    "%d): a stream's position is exact only on the same shape; each worker skips its share of %d "
-                    "micro-batches", world, workers, global_batch, saved_world, state.workers, saved_batch,
-                    state.samples_in_epoch)  # fmt: skip
-    elif saved_batch and saved_batch != global_batch:
-        log.warning("the global batch changed from %d to %d samples (batch x accumulation x processes): continuing "
-                    "the same sample order from global sample %d of epoch %d, in steps of the new size",
-                    saved_batch, global_batch, state.samples_in_epoch, state.epoch)  # fmt: skip
-    elif saved_world and saved_world != world:
-        log.info("resumed on %d process(es) instead of %d with the same global batch of %d: every step holds the "
-                 "same samples as before", world, saved_world, global_batch)  # fmt: skip
-
-
 def _finish(cfg, accelerator, loss_module, processor, final_dir, run_dir, state, data) -> None:
     """Final model, bad-sample summary, loss curve, hub upload; prints where everything is."""
     if accelerator.is_main_process:
@@ -440,37 +411,6 @@ def _finish(cfg, accelerator, loss_module, processor, final_dir, run_dir, state,
         if cfg.training.push_to_hub:
             push_to_hub(final_dir, cfg.training.hub_repo_id, cfg.training.hub_private)
     accelerator.wait_for_everyone()
-
-
-def push_to_hub(folder: Path, repo_id: str, private: bool) -> str:
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload fine-tuned granite-docling")
-    log.info("pushed %s to https://huggingface.co/%s", folder, repo_id)
-    return repo_id
-
-
-def _load_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Restore trained weights from a checkpoint folder into the (possibly peft-wrapped) training model."""
-    if hasattr(model, "merge_and_unload"):  # LoRA: the adapter is the trained state; base weights are the original
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(model, load_file(folder / "adapter" / "adapter_model.safetensors"))
-        return
-    from safetensors.torch import load_file
-
-    state = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        state |= load_file(file)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if "lm_head" not in k]  # tied to the embeddings, not stored twice
-    if missing or unexpected:
-        raise RuntimeError(
-            f"checkpoint {folder} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
 
 
 def _duration(seconds: float) -> str:

@@ -207,6 +207,8 @@ def _build(source: Source, processor, spec: ImageSpec, entry: Path, rank: int) -
     last = int(positions[-1]) if len(positions) and wanted is not None and len(positions) == wanted else total
     problems = [problem for i, problem in sorted(problems, key=lambda pair: pair[0]) if i <= last]
     _write(entry, source, positions, lengths[positions], problems, rank, time.time() - started, processes)
+    if isinstance(source, FolderSource):
+        source.forget_names()  # the index has them now; the training process keeps no list of names
     log.info("data index %s: rank %d built %d records (%d bad) in %.1f s with %d processes -> %s", source.name, rank,
              len(positions), len(problems), time.time() - started, processes, entry)  # fmt: skip
 

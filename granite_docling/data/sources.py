@@ -198,6 +198,9 @@ class FolderSource(Source):
     def __len__(self) -> int:
         return len(self.names())
 
+    def forget_names(self) -> None:
+        self._names = None
+
     def locator(self, i: int) -> str:
         return self.names()[i]
 
