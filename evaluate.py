@@ -4,40 +4,40 @@
     python evaluate.py checkpoint=outputs/run/final_model dataset=[docling_matix]         # its validation split
     python evaluate.py checkpoint=outputs/run/final_model compare_to=ibm-granite/granite-docling-258M ...
     python evaluate.py eval.predictions=outputs/.../predictions.jsonl                     # re-score, no model
-    torchrun --nproc_per_node=4 evaluate.py checkpoint=...   |   accelerate launch evaluate.py ...
+    torchrun --nproc_per_node=4 evaluate.py checkpoint=...   |   accelerate launch ...   |   srun python ...
 
 Each run writes into its own folder under outputs/ (predictions.jsonl, metrics.json, report.md, metrics.png,
 samples.html, pages/); the last lines printed say where. conf/evaluate.yaml lists every option.
 """
 
-import sys
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from granite_docling.config import ConfigError
-from granite_docling.evaluation.config import register_eval_configs, validate_eval
-from granite_docling.launch import register_resolvers
+from granite_docling.evaluation.config import check_eval_paths, register_eval_configs, validate_eval
+from granite_docling.launch import apply_slurm_environment, exit_on_user_error, register_resolvers, user_errors
 
 register_eval_configs()
 register_resolvers()
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from granite_docling.evaluation.runner import evaluate
+    apply_slurm_environment()  # the tasks of an srun step (or a submitit job) become one process group
 
     config = OmegaConf.to_object(cfg)
     validate_eval(config)
+    check_eval_paths(config)  # before the runner's imports, the data and the model
+
+    from granite_docling.evaluation.runner import evaluate
+
     result = evaluate(config, run_dir=HydraConfig.get().runtime.output_dir)
     if result is not None:
         print(result.summary())
 
 
 if __name__ == "__main__":
-    try:
+    with user_errors():  # a mistake: one "error: ..." line, exit code 2 (HYDRA_FULL_ERROR=1: the traceback)
         main()
-    except ConfigError as error:
-        sys.exit(f"error: {error}")

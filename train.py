@@ -5,7 +5,8 @@
     python train.py dataset=[docling_matix,synth_formula] training.lr_connector=1e-3
     python train.py -m experiment=demo training.lr_connector=1e-4,1e-3   # a sweep
     python train.py --config conf/legacy/granite_docling_test.py [--resume CKPT] [overrides...]
-    torchrun --nproc_per_node=4 train.py ...   |   accelerate launch train.py ...
+    python train.py -m hydra/sweeper=optuna 'training.lr_connector=interval(1e-4,1e-2)' ...   # optimises the objective
+    torchrun --nproc_per_node=4 train.py ...   |   accelerate launch train.py ...   |   srun python train.py ...
 
 Each run writes into its own folder under outputs/ (resolved config in .hydra/, checkpoints, metrics).
 """
@@ -15,29 +16,45 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from granite_docling.config import ConfigError, register_configs, validate
-from granite_docling.launch import register_resolvers, translate_legacy_argv
+from granite_docling.config import check_paths, register_configs, validate
+from granite_docling.launch import (
+    apply_slurm_environment,
+    exit_on_user_error,
+    register_resolvers,
+    translate_legacy_argv,
+    user_errors,
+)
 
 register_configs()
 register_resolvers()
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@exit_on_user_error
+def main(cfg: DictConfig) -> float:
+    """Train; returns ``training.objective`` (the final validation loss by default) for Hydra's sweepers."""
     from hydra.core.hydra_config import HydraConfig
 
-    from granite_docling.train_loop import train
+    apply_slurm_environment()  # the tasks of an srun step (or a submitit job) become one process group
+    from hydra.types import RunMode
 
     config = OmegaConf.to_object(cfg)
     validate(config)
-    exit_code = train(config, run_dir=HydraConfig.get().runtime.output_dir)
-    if exit_code:  # 75: interrupted after writing a checkpoint; 1: stopped on an error (see the log)
-        sys.exit(exit_code)
+    check_paths(config)  # before the imports of torch & co., the model and the data
+
+    from granite_docling.tracking import objective
+    from granite_docling.train_loop import train
+
+    hydra_config = HydraConfig.get()
+    result = train(config, run_dir=hydra_config.runtime.output_dir)
+    if result.exit_code == 1 and hydra_config.mode == RunMode.MULTIRUN:  # a failed trial; the sweep goes on
+        raise RuntimeError(f"training stopped on an error, see {hydra_config.runtime.output_dir}/train.log")
+    if result.exit_code:  # 75: interrupted after writing a checkpoint (a sweep stops too); 1: an error (see the log)
+        sys.exit(result.exit_code)
+    return objective(result.latest, config.training.objective)
 
 
 if __name__ == "__main__":
-    try:
+    with user_errors():  # a mistake: one "error: ..." line, exit code 2 (HYDRA_FULL_ERROR=1: the traceback)
         sys.argv[1:] = translate_legacy_argv(sys.argv[1:])
         main()
-    except ConfigError as error:
-        sys.exit(f"error: {error}")

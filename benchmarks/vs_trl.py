@@ -97,7 +97,7 @@ def run_ours(args: argparse.Namespace, data: Path, work: Path) -> dict:
 
     train_loop.backward_step = counting_backward_step
     try:
-        exit_code = train_loop.train(cfg, run_dir)
+        exit_code = train_loop.train(cfg, run_dir).exit_code
     finally:
         train_loop.backward_step = backward_step
     if exit_code != 0:

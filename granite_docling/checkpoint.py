@@ -45,6 +45,8 @@ class LoopState:
     processes: int = 0  # number of processes when saved
     workers: int = 0  # DataLoader workers per process when saved (a stream's position depends on them)
     elapsed_seconds: float = 0.0  # training time before this (resumed) process started
+    validated_step: int | None = None  # the step of the last validation
+    metrics_rows: int | None = None  # rows of metrics.jsonl when saved (None: an older checkpoint)
     extra: dict = field(default_factory=dict)
 
 

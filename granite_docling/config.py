@@ -135,10 +135,13 @@ class TrainingConfig:
     compile: bool = False  # torch.compile the model
     num_workers: int = 4  # DataLoader worker processes per device
     log_interval: int = 10  # console / metrics line every N optimizer steps
+    report_to: List[str] = field(default_factory=list)  # trackers besides metrics.jsonl: tensorboard, mlflow, ...
+    objective: str = "auto"  # metric train.py returns to sweepers; auto = final val/loss, else last train/loss
     val_interval: int = 1  # validate every N epochs
     val_steps: Optional[int] = None  # also validate every N optimizer steps
     save_interval: int = 1  # checkpoint every N epochs
     save_steps: Optional[int] = None  # also checkpoint every N optimizer steps
+    save_initial: bool = False  # also save the untrained start as initial_model/ beside final_model/ (before/after)
     gen_eval_steps: Optional[int] = None  # every N steps, generate answers for a few validation samples and score them
     gen_eval_samples: int = 8  # validation samples used by gen_eval_steps
     gen_eval_max_new_tokens: int = 512  # answer budget of gen_eval_steps, in tokens
@@ -188,6 +191,23 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="config_schema", node=Config)
 
 
+def tracker_problems(report_to: List[str]) -> list[str]:
+    """What is wrong with ``training.report_to``: unknown names, trackers whose package is not installed."""
+    if not report_to:
+        return []
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    available = {str(name) for name in get_available_trackers()}
+    problems = []
+    for name in report_to:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            problems.append(f"training.report_to has {name!r}; choose from {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
+        elif name not in available:
+            package = {"tensorboard": "tensorboard", "mlflow": "mlflow-skinny"}.get(name, name)
+            problems.append(f"training.report_to has {name}, which is not installed: pip install {package}")
+    return problems
+
+
 def validate(cfg: Config) -> None:
     """Check everything that spans fields; raise one :class:`ConfigError` listing every problem."""
     problems: list[str] = []
@@ -204,6 +224,9 @@ def validate(cfg: Config) -> None:
     check_choice("training.image_path", training.image_path, ("fast", "stock"))
     check_choice("wandb.mode", cfg.wandb.mode, ("online", "offline", "disabled"))
     check_choice("optimizer.name", cfg.optimizer.name, ("adamw",))
+    problems += tracker_problems(training.report_to)
+    if training.objective == "val/loss" and training.val_ratio == 0:
+        problems.append("training.objective=val/loss needs a validation split: set training.val_ratio > 0")
 
     if model.checkpoint is None and not model.random_init:
         problems.append(
@@ -296,8 +319,91 @@ def validate(cfg: Config) -> None:
     if training.resume not in (None, "auto") and not Path(training.resume).is_dir():
         problems.append(f"training.resume={training.resume!r} is not a folder: give a checkpoint folder or 'auto'")
 
+    raise_problems(problems)
+
+
+def raise_problems(problems: list[str]) -> None:
+    """Raise one :class:`ConfigError`: the problem itself when there is one, else a list, one problem per line."""
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """True for a 'name' or 'org/name' that is not a path here: from_pretrained and load_dataset look it up on the
+    hub. '/data', './x', 'a/b/c' are local paths."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(value).exists():
+        return False
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+MODEL_HINT = f"give a model folder with config.json (e.g. outputs/<run>/final_model) or a hub id such as {HUB_ID}"
+
+
+def model_folder_problem(key: str, value: str | None) -> str | None:
+    """What is wrong with a model given as a local folder; None for a hub id and for a folder with config.json."""
+    if value is None or looks_like_hub_id(value):
+        return None
+    if not Path(value).exists():
+        return f"{key}={value}: no such folder; {MODEL_HINT}"
+    if not (Path(value) / "config.json").is_file():
+        return f"{key}={value} is not a model folder (no config.json); {MODEL_HINT}"
+    return None
+
+
+def dataset_path_problems(datasets: Dict[str, DatasetConfig]) -> list[str]:
+    """What is wrong with the local paths of ``datasets``: missing, not a dataset in a known layout, or a Docling
+    folder without the split. Hub ids are left to the download."""
+    from granite_docling.data.sources import DatasetNotFoundError, detect_format
+
+    problems = []
+    for key, source in datasets.items():
+        if not source.path:
+            continue  # validate says so
+        given, path = f"dataset.{key}.path={source.path}", Path(source.path)
+        hint = f"pass dataset.{key}.path=<folder of anns/ JSON + images, or parquet files> or a hub id such as org/name"
+        if not path.exists():
+            if not looks_like_hub_id(source.path):
+                problems.append(f"{given}: no such file or folder; {hint}")
+            continue
+        try:
+            layout = detect_format(path) if source.format == "auto" else source.format
+        except DatasetNotFoundError:
+            problems.append(f"{given} holds no dataset (no anns/<split>/*.json, no parquet or Arrow files); {hint}")
+            continue
+        annotations = path / "anns" / source.split
+        if layout == "docling" and not (annotations.is_dir() and any(annotations.glob("*.json"))):
+            anns = path / "anns"
+            splits = sorted(p.name for p in anns.iterdir() if p.is_dir() and p != annotations) if anns.is_dir() else []
+            fix = f"set dataset.{key}.split to one of {', '.join(splits)}" if splits else hint
+            problems.append(f"{given} has no anns/{source.split}/*.json; {fix}")
+    return problems
+
+
+def check_paths(cfg: Config) -> None:
+    """Check the paths the config names, before anything is loaded: every local dataset path, model.checkpoint
+    and training.resume must exist and hold what they should. Apart from :func:`validate`, so that configs
+    naming other machines' paths still compose and validate."""
+    problems = dataset_path_problems(cfg.dataset)
+    checkpoint_problem = model_folder_problem("model.checkpoint", cfg.model.checkpoint)
+    if checkpoint_problem:
+        problems.append(checkpoint_problem)
+    resume = cfg.training.resume
+    if resume not in (None, "auto") and Path(resume).is_dir():
+        from granite_docling.checkpoint import STATE_FILE
+
+        if not (Path(resume) / STATE_FILE).is_file():
+            problems.append(f"training.resume={resume} has no {STATE_FILE}, so it is no training checkpoint: give a "
+                            f"checkpoints/checkpoint_* folder or 'auto' (to fine-tune a model folder, set "
+                            f"model.checkpoint={resume})")  # fmt: skip
+    raise_problems(problems)
 
 
 # ---------------------------------------------------------------------------------------------------------------

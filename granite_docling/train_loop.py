@@ -19,7 +19,7 @@ import math
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -155,7 +155,13 @@ def validation_loss(accelerator: Accelerator, loss_module: TokenLoss, loader) ->
     return loss_sum / max(tokens, 1)
 
 
-def train(cfg: Config, run_dir: str | Path) -> int:
+@dataclass
+class TrainResult:
+    exit_code: int  # 0 done, EXIT_INTERRUPTED, 1 on errors
+    latest: dict[str, float] = field(default_factory=dict)  # every metric as last logged (val/loss, train/loss...)
+
+
+def train(cfg: Config, run_dir: str | Path) -> TrainResult:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.training
@@ -233,7 +239,15 @@ def train(cfg: Config, run_dir: str | Path) -> int:
         check_resumed_shape(state, global_batch, world, t.num_workers, data.streaming)
     state.global_batch, state.processes, state.workers = global_batch, world, t.num_workers
 
-    tracker = Tracker(run_dir, cfg) if is_main else NullTracker()
+    if t.save_initial and resume_from is None:  # the weights training starts from, for before/after evaluations
+        if is_main:
+            initial_dir = final_dir.parent / "initial_model"
+            save_checkpoint(initial_dir, accelerator.unwrap_model(loss_module).model, processor, None)
+            log.info("initial model saved: %s", initial_dir)
+        accelerator.wait_for_everyone()
+
+    resume_step = state.step if resume_from is not None else None
+    tracker = Tracker(run_dir, cfg, resume_step, state.metrics_rows) if is_main else NullTracker()
     stop = StopRequest()
     stop.install()
     progress = tqdm(total=total_steps, initial=state.step, desc="training", disable=not is_main, dynamic_ncols=True)
@@ -242,7 +256,8 @@ def train(cfg: Config, run_dir: str | Path) -> int:
         rng_states = gather_object([rng_state()])  # every process's RNG, by rank
         folder = checkpoint_root / name
         if is_main:
-            loop = LoopState(**{**asdict(state), "elapsed_seconds": state.elapsed_seconds + time.time() - started})
+            elapsed = state.elapsed_seconds + time.time() - started
+            loop = LoopState(**{**asdict(state), "elapsed_seconds": elapsed, "metrics_rows": tracker.rows})
             trainer_state = training_state(optimizer, scheduler, loop, rng_states, config_yaml, accelerator.scaler)
             save_checkpoint(folder, accelerator.unwrap_model(loss_module).model, processor, trainer_state)
             rotate_checkpoints(checkpoint_root, t.max_checkpoints)
@@ -271,7 +286,8 @@ def train(cfg: Config, run_dir: str | Path) -> int:
         accelerator.wait_for_everyone()
 
     def run_validation() -> None:
-        if val_loader is not None:
+        if val_loader is not None and state.validated_step != state.step:  # once a step (epoch ends meet val_steps)
+            state.validated_step = state.step
             val = validation_loss(accelerator, loss_module, val_loader)
             tracker.log({"val/loss": val, "epoch": state.epoch}, step=state.step)
             log.info("step %d: validation loss %.4f", state.step, val)
@@ -390,11 +406,13 @@ def train(cfg: Config, run_dir: str | Path) -> int:
 
     progress.close()
     stop.uninstall()
+    if exit_code == 0:  # the final model's validation loss (the sweep objective)
+        run_validation()
     if exit_code == 0:
         _finish(cfg, accelerator, loss_module, processor, final_dir, run_dir, state, data)
     tracker.finish()
     accelerator.end_training()
-    return exit_code
+    return TrainResult(exit_code, tracker.latest)
 
 
 def _finish(cfg, accelerator, loss_module, processor, final_dir, run_dir, state, data) -> None:

@@ -60,6 +60,8 @@ def test_quick_test_trainer_caps_every_dataset():
     "overrides",
     [
         ["model=tiny"],
+        ["model=tiny_hd64"],
+        ["model=small"],
         ["model=granite_docling_258m", "model.random_init=true"],
         ["dataset=[sample]"],
         ["dataset=[folder]", "dataset.folder.path=/data/mine"],

@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from conftest import REPO, compose_config, run_script
 from fixture_data import BAD_FILES, dataset_with_bad_samples, good_dataset
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -163,7 +164,7 @@ def demo_config(data, *overrides: str):
 
 def test_smoke_run_changes_every_trainable_parameter_and_saves_a_stock_model(four_samples, tmp_path):
     cfg = demo_config(four_samples, "training.max_steps=3")
-    assert train_loop.train(cfg, tmp_path) == 0
+    assert train_loop.train(cfg, tmp_path).exit_code == 0
     torch.manual_seed(cfg.training.seed)
     from accelerate.utils import set_seed
 
@@ -185,7 +186,7 @@ def test_smoke_run_changes_every_trainable_parameter_and_saves_a_stock_model(fou
 def test_lora_final_model_is_merged_and_loads_without_peft(four_samples, tmp_path):
     cfg = demo_config(four_samples, "training.max_steps=2", "model.lora.enabled=true", "model.lora.rank=4",
                       "training.lr_text=0.05", "training.lr_connector=0.05")  # fmt: skip
-    assert train_loop.train(cfg, tmp_path) == 0
+    assert train_loop.train(cfg, tmp_path).exit_code == 0
     final = load_file(tmp_path / "final_model" / "model.safetensors")
     assert not any("lora" in name for name in final)
     assert (tmp_path / "final_model" / "adapter" / "adapter_model.safetensors").is_file()
@@ -213,7 +214,7 @@ def test_nonfinite_losses_skip_steps_then_stop_with_advice(four_samples, tmp_pat
 
     monkeypatch.setattr(train_loop, "TokenLoss", NaNLoss)
     cfg = demo_config(four_samples, "training.max_steps=5", "training.max_nonfinite_steps=2")
-    assert train_loop.train(cfg, tmp_path) == 1
+    assert train_loop.train(cfg, tmp_path).exit_code == 1
     assert "2 non-finite losses in a row" in caplog.text and "lower learning rate" in caplog.text
     assert not (tmp_path / "final_model").exists()
 
@@ -259,17 +260,29 @@ def test_bad_samples_are_skipped_and_reported_and_error_mode_names_the_first(tmp
     assert not (tmp_path / "run2" / "final_model").exists()
 
 
-def test_sweep_gives_complete_run_folders(tmp_path):
+def test_optuna_sweep_optimises_the_returned_objective_and_gives_complete_run_folders(tmp_path):
     data = good_dataset(tmp_path / "data", 4)
-    result = run_script("train.py", "-m", "experiment=demo", "training.lr_connector=1e-4,1e-3", "training.max_steps=2",
-                        f"dataset.sample.path={data}", "training.batch_size=2", "training.val_ratio=0",
-                        f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=300)  # fmt: skip
+    result = run_script("train.py", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+                        "hydra.sweeper.sampler.seed=0", "training.lr_connector=interval(1e-4,1e-2)", "experiment=demo",
+                        "training.max_steps=2", f"dataset.sample.path={data}", "training.batch_size=2",
+                        "training.val_ratio=0", "training.num_workers=0", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                        timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    for job, lr in (("0", "0.0001"), ("1", "0.001")):
+    final_losses = {}
+    for job in ("0", "1"):
         folder = tmp_path / "sweep" / job
         assert (folder / "final_model" / "model.safetensors").is_file()
-        assert f"lr_connector: {lr}" in (folder / ".hydra" / "config.yaml").read_text()
-        assert len((folder / "metrics.jsonl").read_text().splitlines()) == 2
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert [row["step"] for row in rows] == [1, 2]
+        lr = read_yaml(folder / ".hydra" / "config.yaml")["training"]["lr_connector"]
+        final_losses[lr] = rows[-1]["train/loss"]  # the objective without a validation split
+    best = read_yaml(tmp_path / "sweep" / "optimization_results.yaml")
+    assert best["best_value"] == pytest.approx(min(final_losses.values()))
+    assert final_losses[best["best_params"]["training.lr_connector"]] == pytest.approx(best["best_value"])
+
+
+def read_yaml(path) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(path))
 
 
 def test_torchrun_two_processes_share_one_run_folder(tmp_path):
@@ -291,7 +304,7 @@ def test_torchrun_two_processes_share_one_run_folder(tmp_path):
 def test_wandb_offline_and_gradient_checkpointing(four_samples, tmp_path):
     cfg = demo_config(four_samples, "training.max_steps=2", "wandb.enabled=true", "wandb.mode=offline",
                       "training.gradient_checkpointing=true")  # fmt: skip
-    assert train_loop.train(cfg, tmp_path) == 0
+    assert train_loop.train(cfg, tmp_path).exit_code == 0
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
@@ -299,7 +312,7 @@ def test_generation_eval_during_training_is_logged(four_samples, tmp_path):
     data = good_dataset(tmp_path / "data", 6)
     cfg = demo_config(data, "training.max_steps=2", "training.val_ratio=0.3", "training.gen_eval_steps=2",
                       "training.gen_eval_samples=2", "training.gen_eval_max_new_tokens=8")  # fmt: skip
-    assert train_loop.train(cfg, tmp_path / "run") == 0
+    assert train_loop.train(cfg, tmp_path / "run").exit_code == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     generated = [r for r in rows if "gen/edit_distance" in r]
     assert len(generated) == 1 and generated[0]["step"] == 2 and generated[0]["gen/n"] == 2
@@ -307,7 +320,7 @@ def test_generation_eval_during_training_is_logged(four_samples, tmp_path):
 
 def test_throughput_logs_data_wait_and_mfu(four_samples, tmp_path):
     cfg = demo_config(four_samples, "training.max_steps=2", "training.log_interval=1", "training.peak_tflops=1")
-    assert train_loop.train(cfg, tmp_path) == 0
+    assert train_loop.train(cfg, tmp_path).exit_code == 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
         assert 0 <= row["train/data_wait"] <= 1
@@ -343,8 +356,11 @@ def test_compiled_training_saves_a_stock_model(four_samples, tmp_path):
     """training.compile=true (inductor; ~1 min per shape on this CPU): the loss falls like eager's, and the saved
     folder has plain parameter names (no ``_orig_mod.``) and loads with stock transformers."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    assert train_loop.train(demo_config(four_samples, "training.max_steps=2"), eager) == 0
-    assert train_loop.train(demo_config(four_samples, "training.max_steps=2", "training.compile=true"), compiled) == 0
+    assert train_loop.train(demo_config(four_samples, "training.max_steps=2"), eager).exit_code == 0
+    assert (
+        train_loop.train(demo_config(four_samples, "training.max_steps=2", "training.compile=true"), compiled).exit_code
+        == 0
+    )
     losses = [
         [json.loads(line)["train/loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
         for run in (eager, compiled)

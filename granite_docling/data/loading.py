@@ -43,7 +43,7 @@ from granite_docling.data.images import ImageError, decode_image
 from granite_docling.data.index import SourceIndex, cache_root, load_or_build
 from granite_docling.data.sample import REASONS, BadSampleError, Problem, Sample
 from granite_docling.data.sampler import GlobalBatchSampler
-from granite_docling.data.sources import ReadOptions, RecordError, Source, open_source
+from granite_docling.data.sources import DatasetNotFoundError, ReadOptions, RecordError, Source, open_source
 from granite_docling.data.split import split_positions
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ def indexed_sources(cfg: Config, processor, rank: int = 0) -> list[tuple[Source,
             raise BadSampleError(index.problems[0])
         if not len(index):
             summary = summarise(index.problems) or "it is empty"
-            raise ValueError(f"dataset {name} ({config.path}) has no usable samples: {summary}")
+            raise DatasetNotFoundError(f"dataset {name} ({config.path}) has no usable samples: {summary}")
         found.append((source, index))
     return found
 
@@ -261,7 +261,7 @@ def build_data(cfg: Config, processor, rank: int = 0, world_size: int = 1) -> Da
         sizes[source.name] = (len(train), len(val))
         log.info("  %s: %d train, %d validation samples", source.name, *sizes[source.name])
     if not any(len(part.positions) for part in train_parts):
-        raise ValueError(f"no training samples left: {summarise(problems) or 'every source is empty'}")
+        raise DatasetNotFoundError(f"no training samples left: {summarise(problems) or 'every source is empty'}")
     edges = image_edges(cfg)
     warn_about_image_sizes(edges, processor)
     make = partial(ConversationDataset, processor=processor, image_longest_edge=edges, max_length=t.max_length,

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 class DatasetNotFoundError(ValueError):
-    """The path is not a dataset in any known layout; the message says what was expected."""
+    """The path is not a dataset in any known layout, or holds no usable sample; the message says what to do."""
 
 
 class RecordError(ValueError):

@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
-from granite_docling.config import Config
+from granite_docling.config import Config, ConfigError
 from granite_docling.data.loading import ConversationDataset, Data, image_edges, source_options
 from granite_docling.data.sample import BadSampleError, Problem, Sample
 from granite_docling.data.sources import (
@@ -321,11 +321,11 @@ def build_streaming_data(cfg: Config, processor, rank: int = 0, world_size: int 
     t = cfg.training
     if not all(source.streaming for source in cfg.dataset.values()):
         listed = ", ".join(f"{key}={source.streaming}" for key, source in cfg.dataset.items())
-        raise ValueError(f"dataset.<name>.streaming must be true for every source or for none ({listed})")
+        raise ConfigError(f"dataset.<name>.streaming must be true for every source or for none ({listed})")
     sources = []
     for key, config in cfg.dataset.items():
         if config.format == "docling":
-            raise ValueError(f"dataset {key}: streaming reads parquet in the hub layout, not a Docling folder")
+            raise ConfigError(f"dataset {key}: streaming reads parquet in the hub layout, not a Docling folder")
         source = open_stream_source(config.name or key, config.path, source_options(cfg, key), config.weight,
                                     config.shuffle_buffer)  # fmt: skip
         log.info("streaming %s (%s): %d files, %d row groups, %d rows", source.name, config.path, len(source.files),

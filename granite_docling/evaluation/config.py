@@ -22,8 +22,14 @@ from typing import Dict, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from granite_docling.checkpoint import STATE_FILE
-from granite_docling.config import DTYPES, ConfigError, DatasetConfig, TrainingConfig
+from granite_docling.config import (
+    DTYPES,
+    DatasetConfig,
+    TrainingConfig,
+    dataset_path_problems,
+    model_folder_problem,
+    raise_problems,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +100,34 @@ def validate_eval(cfg: EvaluateConfig) -> None:
     elif cfg.checkpoint is None:
         problems.append("nothing to evaluate: pass checkpoint=MODEL_FOLDER_OR_HUB_ID, or eval.predictions=FILE")
 
-    needs_data = cfg.checkpoint is not None or (cfg.compare_to is not None and not is_predictions_file(cfg.compare_to))
-    if needs_data:
+    if needs_data(cfg):
         if not cfg.dataset:
             problems.append("no dataset selected: pass dataset=[name,...] (see conf/dataset/)")
         for key, source in cfg.dataset.items():
             if not source.path:
                 problems.append(f"dataset.{key}.path is not set: pass dataset.{key}.path=/path/to/data")
-    if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    raise_problems(problems)
+
+
+def needs_data(cfg: EvaluateConfig) -> bool:
+    """Whether a model generates answers (so samples are read), rather than only saved predictions being scored."""
+    return cfg.checkpoint is not None or (cfg.compare_to is not None and not is_predictions_file(cfg.compare_to))
+
+
+def check_eval_paths(cfg: EvaluateConfig) -> None:
+    """Check, before any data is read, that the models, predictions files and datasets named exist where they are
+    local paths (a hub id is checked when it is downloaded)."""
+    problems = []
+    for key in ("checkpoint", "compare_to"):
+        value = getattr(cfg, key)
+        if value is not None and value.endswith(".jsonl"):
+            if not Path(value).is_file():
+                problems.append(f"{key}={value}: no such file (give a predictions.jsonl, or a model folder)")
+        elif (problem := model_folder_problem(key, value)) is not None:
+            problems.append(problem)
+    if needs_data(cfg):
+        problems += dataset_path_problems(cfg.dataset)
+    raise_problems(problems)
 
 
 def training_split_settings(checkpoint: str | None, cfg: EvalConfig) -> tuple[float, int]:
@@ -127,6 +152,8 @@ def _training_config(checkpoint: Path) -> dict | None:
         if hydra_config.is_file():
             log.info("validation split settings from %s", hydra_config)
             return OmegaConf.to_container(OmegaConf.load(hydra_config))
+    from granite_docling.checkpoint import STATE_FILE  # imports torch: not before evaluate.py's cheap checks
+
     state_file = checkpoint / STATE_FILE
     if state_file.is_file():
         import torch

@@ -6,20 +6,21 @@
     metrics.json        aggregate_metrics: "overall" and one block per dataset (n; {mean, median, n} per metric)
     report.md           the metric tables (means and medians)
     metrics.png         mean of each metric, per dataset
-    samples.html        a few samples side by side: page image, reference, prediction
+    report.html         the evaluation on one page (html_report.py): metrics, the training loss curve, and a few
+                        samples side by side (page image | reference | prediction, rendered, and their diff);
+                        report_files/ holds its images
     pages/              docling-core Markdown / HTML / DocTags of every page conversion, prediction and reference
 
-and, for ``compare_to``, ``comparison.json`` / ``comparison.md`` / ``comparison.png`` with the deltas.
+and, for ``compare_to``, ``comparison.json`` / ``comparison.md`` / ``comparison.png`` with the deltas (and
+report.html shows before -> after).
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import logging
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from PIL import Image
 from granite_docling.data.images import ImageError, decode_image
 from granite_docling.data.sample import ImageRef
 from granite_docling.evaluation.doctags import is_page_answer
-from granite_docling.evaluation.export import export_answer, pages_to_document, split_pages
+from granite_docling.evaluation.export import export_answer
 from granite_docling.evaluation.metrics import (
     EXTRA_METRICS,
     OVERALL_KEY,
@@ -127,6 +128,11 @@ class Outputs:
     metrics: dict[str, Any]
     files: dict[str, Path] = field(default_factory=dict)
     samples: set[tuple[str, str]] = field(default_factory=set)  # (dataset, id) of every record
+    title: str = ""
+    checkpoint: str | None = None  # what was evaluated: a model folder, hub id or predictions file
+    records: list[Record] = field(default_factory=list)
+    scores: list[Scores | None] = field(default_factory=list)
+    examples: dict[int, list[tuple[str, int, int]]] = field(default_factory=dict)  # shown record -> its images
 
 
 def write_outputs(
@@ -136,18 +142,22 @@ def write_outputs(
     num_examples: int = 6,
     page_exports: bool = True,
     image_refs: Mapping[tuple[str, str], Sequence[ImageRef]] | None = None,
+    checkpoint: str | None = None,
 ) -> Outputs:
     """Score ``records`` and write every file listed in the module docstring into ``folder``.
 
     ``image_refs`` maps (dataset, id) to the sample's images (paths or bytes); without it the image files named
-    in the records are used where they exist.
+    in the records are used where they exist. ``checkpoint`` (what was evaluated) leads report.html to the
+    training run's loss curve.
     """
+    from granite_docling.evaluation.html_report import FILES_DIR, write_report_page, write_thumbnails
+
     folder.mkdir(parents=True, exist_ok=True)
     scores = score_records(records)
     metrics = aggregate_metrics(group_scores(records, scores))
     files = {"predictions": folder / "predictions.jsonl", "scores": folder / "scores.jsonl",
-             "metrics": folder / "metrics.json", "report": folder / "report.md", "plot": folder / "metrics.png",
-             "samples": folder / "samples.html"}  # fmt: skip
+             "metrics": folder / "metrics.json", "report": folder / "report.md",
+             "plot": folder / "metrics.png"}  # fmt: skip
     write_predictions(files["predictions"], records)
     with files["scores"].open("w", encoding="utf-8") as f:
         for record, score in zip(records, scores, strict=True):
@@ -162,21 +172,26 @@ def write_outputs(
             refs = [Path(p) for p in record.images if p]
         return [_try_decode(ref) for ref in refs]
 
-    chosen = pick_examples(records, num_examples)
-    files["samples"].write_text(samples_html(title, [(r, scores[i], images_of(r)) for i, r in chosen]))
     if page_exports:
         pages = folder / "pages"
         n = 0
         for record in records:
             if is_page_answer(record.reference):
                 images = images_of(record)
-                target = pages / _safe(record.dataset) / _safe(record.id)
+                target = pages / safe_name(record.dataset) / safe_name(record.id)
                 export_answer(target / "prediction", "prediction", record.prediction, images)
                 export_answer(target / "reference", "reference", record.reference, images)
                 n += 1
         if n:
             files["pages"] = pages
-    return Outputs(folder=folder, metrics=metrics, files=files, samples={(r.dataset, r.id) for r in records})
+    shutil.rmtree(folder / FILES_DIR, ignore_errors=True)  # the images of an earlier page in this folder
+    examples = {i: write_thumbnails(folder, f"{i:04d}_{safe_name(r.id)}", images_of(r))
+                for i, r in pick_examples(records, num_examples)}  # fmt: skip
+    outputs = Outputs(folder=folder, metrics=metrics, files=files, samples={(r.dataset, r.id) for r in records},
+                      title=title, checkpoint=checkpoint, records=list(records), scores=scores,
+                      examples=examples)  # fmt: skip
+    files["page"] = write_report_page(outputs)
+    return outputs
 
 
 def _try_decode(ref: ImageRef) -> Image.Image | None:
@@ -187,16 +202,16 @@ def _try_decode(ref: ImageRef) -> Image.Image | None:
         return None
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     """A file-system-safe folder name for a dataset or sample id ('anns/train/x.json' -> 'anns_train_x')."""
     return re.sub(r"[^\w.-]+", "_", name.removesuffix(".json")).strip("._") or "sample"
 
 
 def pick_examples(records: Sequence[Record], n: int) -> list[tuple[int, Record]]:
-    """Up to ``n`` records, taken in turn from each dataset so that every dataset shows."""
-    by_dataset: dict[str, list[tuple[int, Record]]] = {}
+    """Up to ``n`` records, taken in turn from each dataset and source so that every one shows."""
+    by_dataset: dict[tuple[str, str | None], list[tuple[int, Record]]] = {}
     for index, record in enumerate(records):
-        by_dataset.setdefault(record.dataset, []).append((index, record))
+        by_dataset.setdefault((record.dataset, record.source), []).append((index, record))
     chosen: list[tuple[int, Record]] = []
     queues = [list(items) for items in by_dataset.values()]
     while len(chosen) < n and any(queues):
@@ -277,7 +292,7 @@ def comparison_report(comparison: Mapping[str, Any], after_name: str, before_nam
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Plot and HTML
+# Plot
 
 
 def plot_metrics(evaluations: Mapping[str, Mapping[str, Any]], path: Path, group: str | None = None) -> Path:
@@ -314,55 +329,3 @@ def plot_metrics(evaluations: Mapping[str, Mapping[str, Any]], path: Path, group
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-_STYLE = """body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;width:100%}
-td,th{border:1px solid #ccc;vertical-align:top;padding:6px;width:33%}img{max-width:100%;border:1px solid #eee}
-pre{white-space:pre-wrap;word-break:break-all;font-size:11px;max-height:30em;overflow:auto}
-iframe{width:100%;height:30em;border:1px solid #ddd}.scores{font-size:12px;color:#444}"""
-
-
-def samples_html(title: str, examples: Sequence[tuple[Record, Scores | None, Sequence[Image.Image | None]]]) -> str:
-    """A self-contained page: per sample a row of page image(s) | reference | prediction.
-
-    Page conversions are shown rendered by docling-core (its HTML export, in an iframe) with the raw DocTags
-    below; other answers as text.
-    """
-    rows = []
-    for record, scores, images in examples:
-        shown = "".join(f'<img src="{_data_uri(image)}">' for image in images if image is not None) or "(no image)"
-        summary = ""
-        if scores:
-            keys = ("edit_distance", "f1", "bleu", "teds", "map", "exact_match", "doctags_valid")
-            summary = ", ".join(f"{k} {scores[k]:.3f}" for k in keys if scores.get(k) is not None)
-        stop = {True: "stopped with eos", False: "cut at max_new_tokens", None: "eos unknown"}[record.stopped]
-        rows.append(
-            f"<tr><th colspan=3>{html.escape(record.dataset)} / {html.escape(record.id)}"
-            f" <span class=scores>({html.escape(record.source or '')}; {stop}; {summary})</span></th></tr>"
-            f"<tr><td>{shown}</td><td>{_answer_html(record.reference, images)}</td>"
-            f"<td>{_answer_html(record.prediction, images)}</td></tr>"
-        )
-    head = "<tr><th>image</th><th>reference</th><th>prediction</th></tr>"
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1><table>{head}{''.join(rows)}"
-            "</table></body></html>\n")  # fmt: skip
-
-
-def _answer_html(answer: str, images: Sequence[Image.Image | None]) -> str:
-    raw = f"<pre>{html.escape(answer) or '(empty)'}</pre>"
-    if not is_page_answer(answer):
-        return raw
-    try:
-        rendered = pages_to_document(split_pages(answer), list(images)).export_to_html()
-    except ValueError:
-        return raw
-    return f'<iframe sandbox srcdoc="{html.escape(rendered, quote=True)}"></iframe><details><summary>DocTags' \
-           f"</summary>{raw}</details>"  # fmt: skip
-
-
-def _data_uri(image: Image.Image, max_side: int = 800) -> str:
-    thumb = image.copy()
-    thumb.thumbnail((max_side, max_side))
-    buffer = io.BytesIO()
-    thumb.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()

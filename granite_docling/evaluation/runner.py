@@ -27,6 +27,8 @@ from granite_docling.data.sources import RecordError
 from granite_docling.data.split import split_positions
 from granite_docling.evaluation.config import EvalConfig, EvaluateConfig, is_predictions_file, training_split_settings
 from granite_docling.evaluation.generate import first_turn_prompt, generate, prompt_text, reference_budgets
+from granite_docling.evaluation.html_report import write_report_page
+from granite_docling.evaluation.metrics import OVERALL_KEY
 from granite_docling.evaluation.report import (
     Outputs,
     Record,
@@ -63,7 +65,24 @@ class EvaluationResult:
         if self.comparison_files:
             lines.append("comparison:")
             lines += [f"  {name:<12} {path}" for name, path in self.comparison_files.items()]
+        if self.compared is not None:  # the headline last, where a terminal leaves the eye
+            lines += headline(self.outputs.metrics[OVERALL_KEY], self.compared.metrics[OVERALL_KEY])
         return "\n".join(lines)
+
+
+HEADLINE = (("edit_distance", "edit distance", "{:.3f}"), ("doctags_parses", "DocTags that parse", "{:.0%}"),
+            ("stopped_with_eos", "stopped with eos", "{:.0%}"))  # fmt: skip
+"""(metric, label, format) of the before -> after lines that end a comparison's summary."""
+
+
+def headline(after: dict, before: dict) -> list[str]:
+    """``compare_to -> checkpoint`` lines for the HEADLINE metrics both sides have (overall means)."""
+    lines = [f"before (compare_to) -> after (checkpoint), {after['n']} samples:"]
+    for name, label, number in HEADLINE:
+        b, a = before.get(name, {}).get("mean"), after.get(name, {}).get("mean")
+        if a is not None and b is not None:
+            lines.append(f"  {label:<19} {number.format(b):>6} -> {number.format(a)}")
+    return lines
 
 
 def evaluation_samples(cfg: EvaluateConfig) -> dict[str, list[Sample]]:
@@ -100,6 +119,16 @@ def evaluation_samples(cfg: EvaluateConfig) -> dict[str, list[Sample]]:
         log.info("%s: %d sample(s) to evaluate (split=%s, val_ratio=%s, seed=%d)", name, len(chosen[name]),
                  e.split, val_ratio, seed)  # fmt: skip
     return chosen
+
+
+def check_model_config(target: str) -> None:
+    """Raise :class:`ConfigError` when the model config of ``target`` cannot be loaded (no such hub id, offline)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(target)
+    except OSError as error:
+        raise ConfigError(f"cannot load the model {target}: {str(error).splitlines()[0]}") from error
 
 
 def generate_records(
@@ -160,6 +189,10 @@ def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> EvaluationResult | Non
     if needs_model:
         from accelerate import Accelerator
 
+        for target, _ in sides:
+            if not is_predictions_file(target):
+                check_model_config(target)  # a mistyped hub id fails now, not after every sample is read
+
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         samples = evaluation_samples(cfg)
         edges = {source.name or key: source.image_longest_edge for key, source in cfg.dataset.items()}
@@ -176,7 +209,8 @@ def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> EvaluationResult | Non
         if is_main:
             log.info("scoring %d answers of %s", len(records), target)
             results.append(write_outputs(folder, records, title=str(target), num_examples=e.num_examples,
-                                         page_exports=e.page_exports, image_refs=image_refs))  # fmt: skip
+                                         page_exports=e.page_exports, image_refs=image_refs,
+                                         checkpoint=str(target)))  # fmt: skip
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if not is_main:
@@ -201,4 +235,5 @@ def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> EvaluationResult | Non
         plot_metrics({f"before: {Path(sides[1][0]).name}": before.metrics,
                       f"after: {Path(sides[0][0]).name}": after.metrics}, files["plot"])  # fmt: skip
         result.comparison_files = files
+        after.files["page"] = write_report_page(after, before)  # report.html again, now with before -> after
     return result

@@ -87,8 +87,9 @@ def test_evaluate_writes_every_output(evaluated):
     report = (run_dir / "report.md").read_text()
     assert "| edit_distance ↓ |" in report and "## Medians" in report
     assert (run_dir / "metrics.png").read_bytes()[:4] == b"\x89PNG"
-    samples = (run_dir / "samples.html").read_text()
-    assert samples.count("data:image/png;base64,") >= 4 and "<iframe" in samples
+    page = (run_dir / "report.html").read_text()
+    assert page.count("<div class=sample>") == 4 and "<iframe" in page and "data:image" not in page
+    assert len(list((run_dir / "report_files").iterdir())) == 5  # the page images, one document has two
 
     documents = sorted(p for p in (run_dir / "pages" / "sample").iterdir())
     assert len(documents) == 2  # the two page conversions, not the formulas
@@ -97,7 +98,7 @@ def test_evaluate_writes_every_output(evaluated):
     for name in ("page_001.md", "page_001.html", "page_001.doctags", "prediction.md", "prediction.html"):
         assert (documents[0] / "prediction" / name).is_file(), name
     assert "<!DOCTYPE html>" in (two_pages[0] / "reference" / "page_002.html").read_text()
-    for path in ("predictions.jsonl", "metrics.json", "report.md", "metrics.png", "samples.html", "pages"):
+    for path in ("predictions.jsonl", "metrics.json", "report.md", "metrics.png", "report.html", "pages"):
         assert str(run_dir / path) in stdout, path
 
 
@@ -112,6 +113,8 @@ def test_compare_to_writes_the_second_evaluation_and_the_deltas(evaluated):
     assert row["after"] == after["overall"]["f1"]["mean"] and row["before"] == before["overall"]["f1"]["mean"]
     assert row["delta"] == pytest.approx(row["after"] - row["before"])
     assert "| f1 ↑ |" in (run_dir / "comparison.md").read_text() and "delta" in stdout
+    assert "<th>before</th><th>after</th><th>Δ</th>" in (run_dir / "report.html").read_text()
+    assert "<th>before</th>" not in (run_dir / "compare_to" / "report.html").read_text()
 
 
 def test_saved_predictions_are_scored_without_loading_a_model(tmp_path, monkeypatch):

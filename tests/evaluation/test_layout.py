@@ -1,24 +1,83 @@
-"""Layout metrics on a few boxes: COCO mAP@[.5:.95] and label-agnostic area precision / recall / F1."""
+"""Layout metrics on a few boxes: COCO mAP@[.5:.95] and label-agnostic area precision / recall / F1; and
+faster-coco-eval's COCOeval against a small COCO reference written here."""
+
+import random
 
 import numpy as np
 import pytest
 
-from granite_docling.evaluation.layout import (
-    LabelledBox,
-    area_precision_recall_f1,
-    coco_map,
-    interpolated_precision,
-    iou_matrix,
-)
+from granite_docling.evaluation.layout import LabelledBox, area_precision_recall_f1, coco_map
 
 TEXT = LabelledBox("text", 0, 0, 100, 100)
 TABLE = LabelledBox("table", 200, 200, 300, 300)
 
 
-def test_iou_of_boxes():
-    boxes = np.array([[0, 0, 100, 100], [0, 0, 100, 72], [50, 0, 150, 100], [10, 10, 5, 5]], dtype=float)
-    ious = iou_matrix(boxes, boxes[:1])
-    assert ious[:, 0].tolist() == pytest.approx([1.0, 0.72, 50 / 150, 0.0])
+def reference_coco_map(reference, prediction, scores):
+    """COCOeval's bbox AP for one image, written out: per label, stable score order, at most 100 detections,
+    greedy matching (ties go to the later ground truth), 101-point interpolated precision; boxes of negative area
+    ignored."""
+
+    def area(b):
+        return (b.x1 - b.x0) * (b.y1 - b.y0)
+
+    def iou(a, b):
+        inter = max(0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0, min(a.y1, b.y1) - max(a.y0, b.y0))
+        union = area(a) + area(b) - inter
+        return inter / union if union > 0 else 0.0
+
+    ranked = [prediction[i] for i in sorted(range(len(prediction)), key=lambda i: -scores[i])]
+    per_label = []
+    for label in sorted({b.label for b in reference if area(b) >= 0}):
+        truths = [b for b in reference if b.label == label and area(b) >= 0]
+        detections = [b for b in ranked if b.label == label][:100]
+        detections = [b for b in detections if area(b) >= 0]
+        for threshold in np.linspace(0.5, 0.95, 10):
+            taken, hits = set(), []
+            for d in detections:
+                best, best_iou = None, min(threshold, 1 - 1e-10)
+                for g, truth in enumerate(truths):
+                    if g not in taken and iou(d, truth) >= best_iou:
+                        best, best_iou = g, iou(d, truth)
+                taken |= {best} - {None}
+                hits.append(best is not None)
+            tp = np.cumsum(hits)
+            recall, precision = tp / len(truths), tp / np.arange(1, len(hits) + 1)
+            precision = np.maximum.accumulate(precision[::-1])[::-1] if len(hits) else precision
+            points = np.searchsorted(recall, np.linspace(0, 1, 101), side="left")
+            per_label.append(np.mean([precision[i] if i < len(hits) else 0.0 for i in points]))
+    return float(np.mean(per_label)) if per_label else None
+
+
+def test_coco_map_matches_the_reference_on_random_pages():
+    labels = ["text", "table", "picture", "section_header"]
+    rng = random.Random(0)
+
+    def box(label=None, smallest=1):
+        x0, y0 = rng.randint(0, 450), rng.randint(0, 450)
+        return LabelledBox(label or rng.choice(labels), x0, y0, x0 + rng.randint(smallest, 60), y0 + rng.randint(1, 60))
+
+    def moved(b):
+        return LabelledBox(
+            b.label if rng.random() > 0.1 else rng.choice(labels), *(v + rng.randint(-4, 4) for v in b[1:])
+        )
+
+    for trial in range(100):
+        reference = [box() for _ in range(rng.randint(1, 25))]
+        prediction = [moved(b) for b in reference if rng.random() > 0.2] + [box(smallest=-5) for _ in range(3)]
+        if trial % 10 == 0:
+            prediction += [moved(reference[0]) for _ in range(110)]  # past the 100 detections COCO keeps
+        rng.shuffle(prediction)
+        scores = [rng.choice([0.5, 0.7, 1.0]) for _ in prediction]  # ties: the stable order decides
+        assert coco_map(reference, prediction, scores) == pytest.approx(
+            reference_coco_map(reference, prediction, scores), abs=1e-12
+        )
+
+
+def test_iou_thresholds_of_boxes():
+    # IoU 0.72 clears five of the ten thresholds; 50/150 and a box inverted on both sides (positive area, no
+    # overlap) clear none.
+    for predicted, expected in [((0, 0, 100, 72), 0.5), ((50, 0, 150, 100), 0.0), ((10, 10, 5, 5), 0.0)]:
+        assert coco_map([TEXT], [LabelledBox("text", *predicted)]) == expected
 
 
 def test_perfect_prediction_scores_one():
@@ -53,15 +112,19 @@ def test_one_detection_cannot_match_two_ground_truths():
 
 
 def test_interpolated_precision_reads_101_recall_points():
-    assert interpolated_precision(np.array([True, False, True]), num_truths=2) == pytest.approx(
-        (51 * 1.0 + 50 * 2 / 3) / 101
+    miss = LabelledBox("text", 300, 300, 400, 400)
+    # Hit, miss, hit on two ground truths: precision 1 up to recall 0.5 (51 points), then 2/3 (50 points).
+    assert coco_map([TEXT, TABLE._replace(label="text")], [TEXT, miss, TABLE._replace(label="text")]) == (
+        pytest.approx((51 * 1.0 + 50 * 2 / 3) / 101)
     )
-    assert interpolated_precision(np.array([], dtype=bool), num_truths=3) == 0.0
+    assert coco_map([TEXT], []) == 0.0
 
 
-def test_inverted_detections_are_ignored_not_false_positives():
+def test_inverted_boxes_are_ignored_not_false_positives_or_misses():
     inverted = LabelledBox("text", 50, 100, 150, 0)  # negative area, as COCOeval's area range ignores
     assert coco_map([TEXT], [inverted, TEXT]) == 1.0
+    assert coco_map([TEXT, inverted], [TEXT]) == 1.0
+    assert coco_map([inverted], [TEXT]) is None  # no reference box left to score
 
 
 def test_no_reference_boxes_means_map_does_not_apply():

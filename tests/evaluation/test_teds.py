@@ -1,12 +1,20 @@
-"""TEDS on hand-computed tables, through HTML and through OTSL, and the pairing of a page's tables."""
+"""TEDS on hand-computed tables, through HTML and through OTSL, and the pairing of a page's tables; and our
+Zhang-Shasha tree edit distance against apted with docling-eval's costs."""
+
+import random
+import re
+from pathlib import Path
 
 import pytest
+from apted import APTED, Config
+from nltk import edit_distance
 
-from granite_docling.evaluation.doctags import otsl_to_html, otsl_to_table
+from granite_docling.evaluation.doctags import doctags_to_document, document_tables, otsl_to_html, otsl_to_table
 from granite_docling.evaluation.teds import (
     TableNode,
     html_table_tree,
     paired_teds,
+    table_tree,
     teds,
     teds_html,
     tree_edit_distance,
@@ -15,6 +23,24 @@ from granite_docling.evaluation.teds import (
 
 REFERENCE_HTML = "<table><tr><td>a</td><td>b</td></tr><tr><td>1</td><td>2</td></tr></table>"
 REFERENCE_OTSL = "<otsl><fcel>a<fcel>b<nl><fcel>1<fcel>2<nl></otsl>"
+PAPER_PAGE = (Path(__file__).parents[1] / "fixtures" / "real_docs" / "2305.03393v1-pg9.doctags.txt").read_text()
+
+
+class DoclingEvalConfig(Config):
+    """docling-eval's CustomConfig (docling_eval/evaluators/teds.py): its rename cost, with nltk's edit distance in
+    place of the ``distance`` package's (both plain Levenshtein)."""
+
+    def rename(self, node1, node2):
+        if node1.tag != node2.tag or node1.colspan != node2.colspan or node1.rowspan != node2.rowspan:
+            return 1.0
+        if node1.tag in ["td", "th"] and (node1.content or node2.content):
+            return edit_distance(node1.content, node2.content) / max(len(node1.content), len(node2.content))
+        return 0.0
+
+
+def apted_distance(a: TableNode, b: TableNode) -> float:
+    # docling-eval passes (prediction, reference); the costs are symmetric, so either order gives the distance.
+    return APTED(a, b, DoclingEvalConfig()).compute_edit_distance()
 
 
 def test_acceptance_case_html():
@@ -106,3 +132,34 @@ def test_page_tables_pair_in_order_and_unmatched_slots_score_zero():
     assert paired_teds([first, second], [first]) == 0.5  # a missed table
     assert paired_teds([first], [first, second]) == 0.5  # a hallucinated table
     assert paired_teds([], [first]) is None  # no reference table: TEDS does not apply
+
+
+def test_tree_edit_distance_is_apted_on_random_tables():
+    rng = random.Random(0)
+
+    def cell():
+        return TableNode("td", rng.choice([1, 1, 2]), rng.choice([1, 1, 2]), tuple(rng.choice(["", "a", "ab", "0.9"])))
+
+    def table():
+        rows = [TableNode("tr", children=[cell() for _ in range(rng.randint(1, 5))]) for _ in range(rng.randint(0, 6))]
+        return TableNode("table", children=rows)
+
+    for _ in range(150):
+        a, b = table(), table()
+        assert tree_edit_distance(a, b) == pytest.approx(apted_distance(a, b), abs=1e-9)
+
+
+@pytest.mark.parametrize("structure_only", [False, True])
+def test_tree_edit_distance_is_apted_on_the_real_table(structure_only):
+    reference = document_tables(doctags_to_document(PAPER_PAGE))[0]
+    # Misread numbers, a dropped data row and a header cell that lost its span.
+    changed = re.sub(r"0\.9(\d)", r"0.8\1", PAPER_PAGE).replace("<fcel>2<fcel>4<fcel>OTSL HTML", "<fcel>2<fcel>4")
+    start = changed.index("<fcel>4<fcel>2<fcel>")
+    changed = changed[:start] + changed[changed.index("<nl>", start) + 4 :]
+    changed = changed.replace("<ched>TEDs<lcel><lcel>", "<ched>TEDs<ched><lcel>")
+    prediction = document_tables(doctags_to_document(changed))[0]
+    a = table_tree(reference, with_content=not structure_only)
+    b = table_tree(prediction, with_content=not structure_only)
+    distance = tree_edit_distance(a, b)
+    assert distance > 1.0
+    assert distance == pytest.approx(apted_distance(a, b), abs=1e-9)

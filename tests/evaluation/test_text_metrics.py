@@ -1,15 +1,18 @@
-"""Text metrics on hand-computed cases: tokenisation, edit distance, set P/R/F1, BLEU-4, METEOR, exact match."""
+"""Text metrics on hand-computed cases: tokenisation, edit distance, set P/R/F1, BLEU-4, METEOR, exact match;
+and the libraries behind them (rapidfuzz, nltk) against independent references."""
 
 import math
 import random
+import warnings
 
 import pytest
+from nltk.translate.bleu_score import sentence_bleu
+from rapidfuzz.distance import Levenshtein
 
 from granite_docling.evaluation.text_metrics import (
     bleu,
     bleu_tokens,
     exact_match,
-    levenshtein,
     meteor,
     normalized_edit_distance,
     set_precision_recall_f1,
@@ -19,7 +22,7 @@ from granite_docling.evaluation.text_metrics import (
 
 
 def reference_levenshtein(a, b):
-    """The textbook O(len(a) * len(b)) table, to check the bit-parallel version against."""
+    """The textbook O(len(a) * len(b)) table, to check rapidfuzz's bit-parallel one against."""
     table = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
     for i in range(1, len(a) + 1):
         for j in range(1, len(b) + 1):
@@ -38,8 +41,8 @@ def reference_levenshtein(a, b):
     ],
 )
 def test_levenshtein_hand_cases(a, b, expected):
-    assert levenshtein(a, b) == expected
-    assert levenshtein(b, a) == expected
+    assert Levenshtein.distance(a, b) == expected
+    assert Levenshtein.distance(b, a) == expected
 
 
 def test_levenshtein_matches_the_textbook_table_beyond_one_machine_word():
@@ -47,7 +50,19 @@ def test_levenshtein_matches_the_textbook_table_beyond_one_machine_word():
     for _ in range(200):
         a = [rng.randint(0, 3) for _ in range(rng.randint(0, 150))]
         b = [rng.randint(0, 3) for _ in range(rng.randint(0, 150))]
-        assert levenshtein(a, b) == reference_levenshtein(a, b)
+        assert Levenshtein.distance(a, b) == reference_levenshtein(a, b)
+
+
+def test_levenshtein_on_word_tokens_matches_the_textbook_table():
+    # rapidfuzz compares one-character strings by code point and longer ones by hash: mix both kinds.
+    vocabulary = ["a", "b", ".", "the", "The", "tables", "table", "3.5", "``", "n't"]
+    rng = random.Random(1)
+    for _ in range(100):
+        a = rng.choices(vocabulary, k=rng.randint(0, 120))
+        b = rng.choices(vocabulary, k=rng.randint(0, 120))
+        expected = reference_levenshtein(a, b)
+        assert Levenshtein.distance(a, b) == expected
+        assert normalized_edit_distance(a, b) == (expected / max(len(a), len(b)) if a or b else 0.0)
 
 
 def test_normalized_edit_distance_divides_by_the_longer_sequence():
@@ -95,6 +110,26 @@ def test_bleu_has_no_smoothing():
     assert bleu("x = y", "x = y") == 0.0  # three tokens: no 4-gram can match
     assert bleu("a b c d e", "a b c x e") == 0.0  # no 4-gram in common
     assert bleu("same text here too", "same text here too") == 1.0
+
+
+def test_bleu_is_nltk_sentence_bleu_where_every_precision_is_positive():
+    words = "the cat sat on a mat , and the dog sat on the cat .".split()
+    rng = random.Random(2)
+    outcomes = []
+    for _ in range(200):
+        reference = rng.choices(words, k=rng.randint(1, 30))
+        # Each word kept, dropped, replaced or doubled: from near copies to no 4-gram in common.
+        prediction = [w for word in reference for w in rng.choice([[word]] * 3 + [[], [rng.choice(words)], [word] * 2])]
+        prediction, reference = " ".join(prediction), " ".join(reference)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # nltk warns where an n-gram order has no match
+            expected = sentence_bleu([bleu_tokens(reference)], bleu_tokens(prediction))
+        if expected > 1e-50:
+            assert bleu(prediction, reference) == pytest.approx(expected, rel=1e-12)
+        else:  # unsmoothed nltk returns ~1e-77 there; HF evaluate, docling-eval's BLEU, returns 0
+            assert bleu(prediction, reference) == 0.0
+        outcomes.append(expected > 1e-50)
+    assert 20 < sum(outcomes) < 180
 
 
 def test_bleu_empty_texts():

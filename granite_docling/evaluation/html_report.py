@@ -1,0 +1,340 @@
+"""report.html: one evaluation on one page, light and self-contained (no script, no network; opens from disk).
+
+    report.html      the headline metrics (before -> after when evaluate.py ran with compare_to), the metric
+                     table per dataset and source, the training loss of the run the checkpoint came from
+                     (loss_curve.py), and a few samples side by side: page image | reference rendered |
+                     prediction rendered, followed by a word diff of the two
+    report_files/    the page images it shows, as WebP thumbnails (~50 KB a page), loaded lazily
+
+Answers are rendered by docling-core's HTML export: the files :func:`~granite_docling.evaluation.report.write_outputs`
+left in ``pages/``, in lazy iframes, or the export inline (``srcdoc``) where there are none. The diff compares what
+the text metrics score, the Markdown export of a page conversion (the raw text of other answers), word by word
+with difflib: ``<del>`` marks reference words the prediction lacks, ``<ins>`` words it adds.
+
+write_outputs writes the page for every evaluation folder; with ``compare_to`` the runner writes the main
+folder's page again with the before side (:func:`write_report_page` ``(after, before)``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import html
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from granite_docling.evaluation.doctags import is_page_answer
+from granite_docling.evaluation.export import pages_to_document, split_pages
+from granite_docling.evaluation.loss_curve import checkpoint_step, ema, ema_weight, loss_curve_svg, training_run_folder
+from granite_docling.evaluation.metrics import OVERALL_KEY, SOURCES_KEY
+from granite_docling.evaluation.report import (
+    LOWER_IS_BETTER,
+    TABLE_METRICS,
+    Outputs,
+    Record,
+    compare_metrics,
+    safe_name,
+)
+
+PAGE = "report.html"
+FILES_DIR = "report_files"
+HEADLINE = ("edit_distance", "f1", "doctags_parses", "stopped_with_eos")
+SAMPLE_SCORES = ("edit_distance", "f1", "bleu", "teds", "map", "exact_match", "doctags_valid", "stopped_with_eos")
+LINKED_FILES = ("report.md", "metrics.json", "scores.jsonl", "predictions.jsonl", "metrics.png", "comparison.md",
+                "comparison.json", "comparison.png", "pages")  # fmt: skip
+_WORD = re.compile(r"(<[^<>\s]+>|[^\s<]+|<)(\s*)")  # a DocTags tag or a word, and the whitespace after it
+_LOC = re.compile(r"<loc_\d+>")
+
+_STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:1.5em auto;max-width:1500px;padding:0 1em;color:#222}
+h1{font-size:1.5em;margin:.2em 0}h2{font-size:1.2em;margin:1.4em 0 .5em;border-bottom:1px solid #ddd}
+.meta{color:#555}.meta code{background:#f4f4f4;padding:0 .3em}a{color:#1f5fa8}
+.cards{display:flex;gap:1em;flex-wrap:wrap}.card{border:1px solid #ddd;border-radius:6px;padding:.6em 1em;
+min-width:11em}.card .name{color:#555;font-size:.9em}.card .value{font-size:1.6em;font-weight:600}
+table.metrics{border-collapse:collapse;font-variant-numeric:tabular-nums}
+.metrics td,.metrics th{border:1px solid #ddd;padding:3px 8px;text-align:right}.metrics th{background:#f6f6f6}
+.metrics td:first-child,.metrics th:first-child{text-align:left}
+.better{color:#17702b}.worse{color:#b3261e}.delta{font-size:.85em}
+.legend span{display:inline-block;margin-right:1.2em}.legend i{display:inline-block;width:1.2em;height:.3em;
+vertical-align:middle;margin-right:.3em}svg.loss{max-width:100%;height:auto;font-size:11px;fill:#444}
+.sample{border:1px solid #ddd;border-radius:6px;margin:1em 0;padding:.6em}.sample h3{margin:0 0 .4em;
+font-size:1em}.sample .scores{color:#555;font-weight:normal;font-size:.9em}
+.cols{display:grid;grid-template-columns:repeat(3,minmax(0,1fr));gap:.8em}.cols h4{margin:0 0 .3em;
+font-size:.9em;color:#555}.cols img{max-width:100%;height:auto;border:1px solid #eee}
+iframe{width:100%;height:42em;border:1px solid #ddd;background:#fff}
+pre{white-space:pre-wrap;word-break:break-word;font-size:12px;max-height:24em;overflow:auto;background:#fafafa;
+border:1px solid #eee;padding:.5em;margin:.3em 0}del{background:#fdd;color:#8a1010}
+ins{background:#d7f5dc;color:#0b5a1c;text-decoration:none}details{margin-top:.4em}summary{cursor:pointer}"""
+
+
+def write_report_page(after: Outputs, before: Outputs | None = None) -> Path:
+    """Write ``after.folder/report.html``; ``before`` is the compare_to evaluation, shown as before -> after."""
+    run = training_run_folder(after.checkpoint)
+    parts = [_header(after, before), _headline(after.metrics, before.metrics if before else None),
+             "<h2>Metrics</h2>", metrics_html(after.metrics, before.metrics if before else None)]  # fmt: skip
+    parts.append(_loss_section(run, after.checkpoint))
+    previous = {(r.dataset, r.id): (r, s) for r, s in zip(before.records, before.scores, strict=True)} if before else {}
+    parts.append(f"<h2>Samples ({len(after.examples)} of {len(after.records)})</h2>")
+    for index, images in after.examples.items():
+        record = after.records[index]
+        parts.append(sample_html(after.folder, record, after.scores[index], images, previous.get(
+            (record.dataset, record.id)), before.folder if before else None))  # fmt: skip
+    parts.append("<p class=meta>Differences: <del>reference words the prediction lacks</del> "
+                 "<ins>words the prediction adds</ins>; ↑ higher is better, ↓ lower is better.</p>")  # fmt: skip
+    title = html.escape(after.title)
+    page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>Evaluation: {title}</title>"
+            f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>\n")  # fmt: skip
+    path = after.folder / PAGE
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def metric_groups(metrics: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The columns of the metric table: overall, each dataset (when there are several), and each source of a
+    dataset that has several (``"dataset / source"``)."""
+    datasets = [name for name in metrics if name != OVERALL_KEY]
+    groups: dict[str, Mapping[str, Any]] = {OVERALL_KEY: metrics[OVERALL_KEY]}
+    for name in datasets:
+        if len(datasets) > 1:
+            groups[name] = metrics[name]
+        sources = metrics[name].get(SOURCES_KEY, {})
+        if len(sources) > 1:
+            groups |= {f"{name} / {source}": block for source, block in sources.items()}
+    return groups
+
+
+def _value(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _delta(delta: float | None, better: bool | None) -> str:
+    if delta is None:
+        return "–"
+    mark = {True: "better", False: "worse", None: ""}[better]
+    return f'<span class="delta {mark}">{delta:+.3f}</span>'
+
+
+def _arrow(name: str) -> str:
+    return "↓" if name in LOWER_IS_BETTER else "↑"
+
+
+def metrics_html(after: Mapping[str, Any], before: Mapping[str, Any] | None = None) -> str:
+    """The metric table (means): a column per group, or before | after | delta per group with ``before``."""
+    groups = metric_groups(after)
+    names = [n for n in TABLE_METRICS if any(block.get(n, {}).get("mean") is not None for block in groups.values())]
+    if before is None:
+        head = "<tr><th>metric</th>" + "".join(f"<th>{html.escape(g)}</th>" for g in groups) + "</tr>"
+        rows = ["<tr><td>samples</td>" + "".join(f"<td>{block['n']}</td>" for block in groups.values()) + "</tr>"]
+        for name in names:
+            cells = "".join(f"<td>{_value(block.get(name, {}).get('mean'))}</td>" for block in groups.values())
+            rows.append(f"<tr><td>{name} {_arrow(name)}</td>{cells}</tr>")
+    else:
+        comparison = compare_metrics(groups, metric_groups(before))
+        head = ("<tr><th rowspan=2>metric</th>" + "".join(f"<th colspan=3>{html.escape(g)}</th>" for g in comparison)
+                + "</tr><tr>" + "<th>before</th><th>after</th><th>Δ</th>" * len(comparison) + "</tr>")  # fmt: skip
+        rows = ["<tr><td>samples</td>" + "".join(f"<td>{c['n']['before']}</td><td>{c['n']['after']}</td><td></td>"
+                                                  for c in comparison.values()) + "</tr>"]  # fmt: skip
+        for name in names:
+            cells = "".join(f"<td>{_value(c[name]['before'])}</td><td>{_value(c[name]['after'])}</td>"
+                            f"<td>{_delta(c[name]['delta'], c[name]['better'])}</td>"
+                            for c in comparison.values())  # fmt: skip
+            rows.append(f"<tr><td>{name} {_arrow(name)}</td>{cells}</tr>")
+    return f"<table class=metrics id=metrics>{head}{''.join(rows)}</table>"
+
+
+def _headline(after: Mapping[str, Any], before: Mapping[str, Any] | None) -> str:
+    cards = []
+    for name in HEADLINE:
+        value = after[OVERALL_KEY].get(name, {}).get("mean")
+        if value is None:
+            continue
+        change = ""
+        if before is not None:
+            row = compare_metrics({"g": after[OVERALL_KEY]}, {"g": before[OVERALL_KEY]})["g"][name]
+            change = f"<div>before {_value(row['before'])} &nbsp;{_delta(row['delta'], row['better'])}</div>"
+        cards.append(f"<div class=card><div class=name>{name} {_arrow(name)}</div>"
+                     f"<div class=value>{value:.3f}</div>{change}</div>")  # fmt: skip
+    return f"<div class=cards>{''.join(cards)}</div>"
+
+
+def _header(after: Outputs, before: Outputs | None) -> str:
+    short = "/".join(Path(after.title).parts[-2:]) or after.title  # run/final_model, not final_model
+    lines = [f"<h1>Evaluation: {html.escape(short)}</h1>",
+             f"<p class=meta>evaluated <code>{html.escape(after.title)}</code> on {after.metrics[OVERALL_KEY]['n']} "
+             "sample(s)"]  # fmt: skip
+    if before is not None:
+        link = os.path.relpath(before.folder / PAGE, after.folder)
+        lines.append(f"; before = <code>{html.escape(before.title)}</code> (<a href='{html.escape(link)}'>its "
+                     "report</a>)")  # fmt: skip
+    links = [f"<a href='{name}'>{name}</a>" for name in LINKED_FILES if (after.folder / name).exists()]
+    lines.append(f".<br>Files: {' · '.join(links)}</p>")
+    return "".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss curve
+
+
+def _loss_section(run: Path | None, checkpoint: str | None) -> str:
+    if run is None:
+        return ("<h2>Training loss</h2><p class=meta>No training run found for this checkpoint (the curve shows "
+                "for <code>&lt;run&gt;/final_model</code> and <code>&lt;run&gt;/checkpoints/checkpoint_*</code> "
+                "next to the run's metrics.jsonl).</p>")  # fmt: skip
+    from granite_docling.tracking import read_metrics
+
+    rows = read_metrics(run / "metrics.jsonl")
+    svg, legend = loss_curve_svg(rows, checkpoint_step(checkpoint))
+    if not svg:
+        return f"<h2>Training loss</h2><p class=meta>{html.escape(str(run))}/metrics.jsonl has no train/loss.</p>"
+    train = [row["train/loss"] for row in rows if "train/loss" in row]
+    val = [row["val/loss"] for row in rows if "val/loss" in row]
+    summary = (f"{len(train)} steps; train loss {train[0]:.3f} at the first step, "
+               f"{ema(train, ema_weight(len(train)))[-1]:.3f} at the end (EMA)")  # fmt: skip
+    if val:
+        summary += f"; validation loss {val[-1]:.3f} at the end"
+    keys = "".join(f"<span><i style='background:{colour}'></i>{label}</span>" for colour, label in legend)
+    return (f"<h2>Training loss</h2><p class=meta>From <code>{html.escape(str(run / 'metrics.jsonl'))}</code>: "
+            f"{summary}.</p>{svg}<div class=legend>{keys}</div>")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samples
+
+
+def write_thumbnails(folder: Path, stem: str, images: Sequence[Image.Image | None], max_side: int = 900) -> list:
+    """Save the images as ``report_files/<stem>_<k>.webp`` (at most ``max_side`` px); [(relative path, w, h)]."""
+    (folder / FILES_DIR).mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, image in enumerate(images, start=1):
+        if image is None:
+            continue
+        thumb = image if image.mode in ("RGB", "L") else image.convert("RGB")
+        thumb = thumb.copy()
+        thumb.thumbnail((max_side, max_side))
+        name = f"{FILES_DIR}/{stem}_{k}.webp"
+        thumb.save(folder / name, quality=80)
+        written.append((name, *thumb.size))
+    return written
+
+
+def word_diff(reference: str, prediction: str, limit: int = 2000) -> tuple[str, dict[str, int]]:
+    """(HTML of ``prediction`` against ``reference`` with ``<del>`` / ``<ins>`` marks, word counts).
+
+    Words and DocTags tags are the units; the whitespace after each is kept from the side shown. Counts:
+    ``same`` (words in both), ``missing`` (reference words the prediction lacks), ``extra`` (words it adds).
+    Only the first ``limit`` words of each side are compared (a looping answer stays cheap, the page light).
+    """
+    ref, pred = _WORD.findall(reference)[:limit], _WORD.findall(prediction)[:limit]
+    matcher = difflib.SequenceMatcher(None, [w for w, _ in ref], [w for w, _ in pred], autojunk=False)
+    out, counts = [], {"same": 0, "missing": 0, "extra": 0}
+
+    def text(words: Sequence[tuple[str, str]]) -> str:
+        return html.escape("".join(word + space for word, space in words))
+
+    for op, i1, i2, j1, j2 in matcher.get_opcodes():
+        if op == "equal":
+            out.append(text(pred[j1:j2]))
+            counts["same"] += i2 - i1
+            continue
+        if i2 > i1:
+            out.append(f"<del>{text(ref[i1:i2])}</del>")
+            counts["missing"] += i2 - i1
+        if j2 > j1:
+            out.append(f"<ins>{text(pred[j1:j2])}</ins>")
+            counts["extra"] += j2 - j1
+    return "".join(out), counts
+
+
+def diff_text(answer: str) -> tuple[str, bool]:
+    """(what the diff compares, whether it is docling-core's Markdown): a page conversion's Markdown export, or
+    the answer itself (other answers, and DocTags docling-core cannot read)."""
+    if is_page_answer(answer):
+        try:
+            return pages_to_document(split_pages(answer)).export_to_markdown(), True
+        except ValueError:
+            pass
+    return answer, False
+
+
+def _rendered(folder: Path, record: Record, side: str) -> str:
+    """docling-core's HTML of one answer: the pages/ export in a lazy iframe, the export inline, or the text."""
+    answer = record.prediction if side == "prediction" else record.reference
+    raw = f"<details><summary>DocTags</summary><pre>{html.escape(answer) or '(empty)'}</pre></details>"
+    if not is_page_answer(answer):
+        return f"<pre>{html.escape(answer) or '(empty)'}</pre>"
+    exported = Path("pages") / safe_name(record.dataset) / safe_name(record.id) / side / f"{side}.html"
+    if (folder / exported).is_file():
+        return f"<iframe loading=lazy sandbox src='{html.escape(exported.as_posix())}'></iframe>{raw}"
+    try:
+        rendered = pages_to_document(split_pages(answer)).export_to_html()
+    except ValueError:
+        return f"<pre>{html.escape(answer)}</pre>"
+    return f"<iframe loading=lazy sandbox srcdoc='{html.escape(rendered, quote=True)}'></iframe>{raw}"
+
+
+def _scores_line(scores: Mapping[str, Any] | None, before: Mapping[str, Any] | None) -> str:
+    if not scores:
+        return "not scored"
+    shown = []
+    for key in SAMPLE_SCORES:
+        if scores.get(key) is None:
+            continue
+        value = f"{scores[key]:.3f}"
+        if before and before.get(key) is not None:
+            value = f"{before[key]:.3f} → {value}"
+        shown.append(f"{key} {value}")
+    return ", ".join(shown)
+
+
+def _diff_block(reference: str, prediction: str, label: str, open_: bool, limit: int = 2000) -> str:
+    (ref_text, ref_md), (pred_text, pred_md) = diff_text(reference), diff_text(prediction)
+    what = "Markdown words" if ref_md and pred_md else "words"
+    if ref_md != pred_md:  # compare like with like: the DocTags, without their <loc_> boxes, when one side fails
+        ref_text, pred_text = _LOC.sub("", reference), _LOC.sub("", prediction)
+        what = "DocTags words without <loc_> boxes" if is_page_answer(reference) else what
+    marked, counts = word_diff(ref_text, pred_text, limit)
+    if max(len(_WORD.findall(ref_text)), len(_WORD.findall(pred_text))) > limit:
+        what += f" (the first {limit})"
+    what = html.escape(what)
+    return (f"<details{' open' if open_ else ''}><summary>{label}: {what}, {counts['same']} in both, "
+            f"<del>{counts['missing']} missing</del>, <ins>{counts['extra']} added</ins></summary>"
+            f"<pre class=diff>{marked or '(both empty)'}</pre></details>")  # fmt: skip
+
+
+def sample_html(
+    folder: Path,
+    record: Record,
+    scores: Mapping[str, Any] | None,
+    images: Sequence[tuple[str, int, int]],
+    before: tuple[Record, Mapping[str, Any] | None] | None = None,
+    before_folder: Path | None = None,
+) -> str:
+    """One sample: a header with its scores, image | reference | prediction, and the diff (and the before one)."""
+    stop = {True: "stopped with eos", False: "cut at max_new_tokens", None: "eos unknown"}[record.stopped]
+    title = f"{html.escape(record.dataset)} / {html.escape(record.id)}"
+    source = f"{html.escape(record.source)}; " if record.source else ""
+    line = _scores_line(scores, before[1] if before else None)
+    shown = "".join(f"<img loading=lazy src='{html.escape(path)}' width={w} height={h} alt='page {k}'>"
+                    for k, (path, w, h) in enumerate(images, start=1)) or "<p class=meta>(no image)</p>"  # fmt: skip
+    parts = [f"<div class=sample><h3>{title} <span class=scores>({source}{stop}; {line})</span></h3>",
+             f"<div class=cols><div><h4>page image</h4>{shown}</div>",
+             f"<div><h4>reference</h4>{_rendered(folder, record, 'reference')}</div>",
+             f"<div><h4>prediction</h4>{_rendered(folder, record, 'prediction')}</div></div>",
+             _diff_block(record.reference, record.prediction, "Reference → prediction", open_=True)]  # fmt: skip
+    if before is not None:
+        label = "Reference → before (compare_to)"
+        if before_folder is not None:
+            exported = Path("pages") / safe_name(record.dataset) / safe_name(record.id) / "prediction"
+            if (before_folder / exported / "prediction.html").is_file():
+                href = os.path.relpath(before_folder / exported / "prediction.html", folder)
+                label += f" <a href='{html.escape(href)}'>rendered</a>"
+        parts.append(_diff_block(record.reference, before[0].prediction, label, open_=False, limit=500))
+    parts.append("</div>")
+    return "".join(parts)

@@ -1,0 +1,180 @@
+"""report.html (html_report.py, loss_curve.py): the EMA and the word diff on literal cases, finding the training
+run of a checkpoint, the SVG loss curve, and one evaluate.py run with compare_to re-scoring saved predictions
+(no model) next to a fake training run: before -> after metrics, the loss curve, samples with their images."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from pathlib import Path
+
+import pytest
+from eval_helpers import write_eval_data
+
+from granite_docling.data.sources import ReadOptions, read_dataset
+from granite_docling.evaluation.html_report import metrics_html, word_diff
+from granite_docling.evaluation.loss_curve import (
+    checkpoint_step,
+    ema,
+    ema_weight,
+    loss_curve_svg,
+    loss_series,
+    training_run_folder,
+)
+from granite_docling.evaluation.report import Record, write_predictions
+from granite_docling.tracking import plot_loss_curve
+
+
+def test_ema_on_literal_numbers():
+    assert ema([1.0, 1.0, 1.0], 0.5) == [1.0, 1.0, 1.0]  # bias-corrected: a constant stays itself from the start
+    assert ema([4.0, 0.0, 0.0], 0.5) == pytest.approx([4.0, 1 / 0.75, 0.5 / 0.875])
+    assert ema([0.0, 2.0], 0.5) == pytest.approx([0.0, 4 / 3])
+    assert ema([3.0, 1.0, 2.0], 0.0) == [3.0, 1.0, 2.0]
+    assert ema([], 0.9) == []
+    with pytest.raises(ValueError, match="EMA weight"):
+        ema([1.0], 1.0)
+    assert ema_weight(90) == pytest.approx(0.9) and ema_weight(10_000) == pytest.approx(0.995)
+
+
+def test_word_diff_marks_missing_and_added_words():
+    marked, counts = word_diff("a b c", "a x c")
+    assert marked == "a <del>b </del><ins>x </ins>c"
+    assert counts == {"same": 2, "missing": 1, "extra": 1}
+    marked, counts = word_diff("<text>x < y</text>", "<text>x < y</text><text>z</text>")
+    assert marked == "&lt;text&gt;x &lt; y&lt;/text&gt;<ins>&lt;text&gt;z&lt;/text&gt;</ins>"  # tags are words
+    assert counts == {"same": 5, "missing": 0, "extra": 3}
+    assert word_diff("", "") == ("", {"same": 0, "missing": 0, "extra": 0})
+
+
+def test_the_training_run_is_found_from_the_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    (run / "final_model").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint_step_40").mkdir(parents=True)
+    assert training_run_folder(run / "final_model") is None  # no metrics.jsonl: not a training run
+    (run / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n')
+    assert training_run_folder(run / "final_model") == run
+    assert training_run_folder(str(run / "checkpoints" / "checkpoint_step_40")) == run
+    assert checkpoint_step(run / "checkpoints" / "checkpoint_step_40") == 40 and checkpoint_step(run) is None
+    assert training_run_folder(run) is None and training_run_folder("ibm-granite/granite-docling-258M") is None
+    evaluation = tmp_path / "eval"  # re-scoring an evaluation's predictions leads to the model it evaluated
+    (evaluation / ".hydra").mkdir(parents=True)
+    (evaluation / "predictions.jsonl").write_text("")
+    (evaluation / ".hydra" / "config.yaml").write_text(f"checkpoint: {run / 'final_model'}\n")
+    assert training_run_folder(evaluation / "predictions.jsonl") == run
+    assert training_run_folder(tmp_path / "elsewhere" / "predictions.jsonl") is None
+
+
+def fake_training_metrics(path: Path, steps: int = 90) -> None:
+    """metrics.jsonl of a run whose loss zig-zags (pages and crops alternate) while it falls, with per-source
+    losses and a validation loss every 30 steps."""
+    with path.open("w") as f:
+        for step in range(1, steps + 1):
+            loss = 4.5 * math.exp(-step / 25) + 0.3 + (0.8 if step % 2 else 0.0)
+            row = {"step": step, "train/loss": loss, "train/loss/pages": 1.3 * loss, "train/loss/formulas": 0.6 * loss}
+            f.write(json.dumps(row) + "\n")
+            if step % 30 == 0:
+                f.write(json.dumps({"step": step, "val/loss": 0.9 * loss, "epoch": 0}) + "\n")
+
+
+def test_the_loss_curve_svg(tmp_path):
+    fake_training_metrics(tmp_path / "metrics.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(loss_series(rows)) == ["train/loss", "train/loss/formulas", "train/loss/pages", "val/loss"]
+    svg, legend = loss_curve_svg(rows, mark_step=60)
+    assert svg.startswith("<svg") and svg.endswith("</svg>")
+    assert svg.count("<polyline") == 5  # raw, EMA, two sources, validation
+    assert svg.count("<circle") == 3 and "evaluated: step 60" in svg and "(log scale)" in svg
+    labels = [label for _, label in legend]
+    assert labels[:2] == ["train loss (every step)", "train loss, EMA over ~10 steps"]
+    assert "pages (EMA)" in labels and labels[-1] == "validation loss"
+    assert loss_curve_svg([{"step": 1, "val/loss": 1.0}]) == ("", [])
+    assert plot_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_metric_table_shows_before_and_after():
+    def block(n: int, f1: float, edit: float) -> dict:
+        return {"n": n, "f1": {"mean": f1}, "edit_distance": {"mean": edit}, "teds": {"mean": None}}
+
+    after = {"overall": block(4, 0.75, 0.25), "docs": block(4, 0.75, 0.25)}
+    table = metrics_html(after)
+    assert table.count("<th>") == 2 and "teds" not in table  # one dataset: overall only; no TEDS anywhere
+    assert "<td>f1 ↑</td><td>0.750</td>" in table and "<td>edit_distance ↓</td><td>0.250</td>" in table
+    table = metrics_html(after, {"overall": block(4, 0.5, 0.5), "docs": block(4, 0.5, 0.5)})
+    assert "<th>before</th><th>after</th><th>Δ</th>" in table
+    assert '<td>0.500</td><td>0.750</td><td><span class="delta better">+0.250</span></td>' in table
+    assert '<td>0.500</td><td>0.250</td><td><span class="delta better">-0.250</span></td>' in table
+
+
+def build_evaluation_folder(root: Path) -> tuple[Path, Path]:
+    """(evaluation folder, training run folder): evaluate.py re-scoring saved predictions of a run's final_model
+    with compare_to a worse predictions file, as ``make demo`` compares the trained model with the untrained one.
+
+    The predictions are the references with one word in six replaced (tags kept, so they still convert; page
+    conversions, formula crops, a two-page document); the "before" answers are an unclosed fragment.
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from granite_docling.evaluation.config import register_eval_configs, validate_eval
+    from granite_docling.evaluation.runner import evaluate
+
+    samples, _ = read_dataset(write_eval_data(root / "data"), "sample", ReadOptions())
+    rng = random.Random(0)
+
+    def changed(text: str) -> str:
+        words = text.split(" ")
+        plain = [i for i, word in enumerate(words) if "<" not in word and ">" not in word]
+        for i in rng.sample(plain, max(1, len(plain) // 6)):
+            words[i] = "changed"
+        return " ".join(words)
+
+    def records(answer) -> list[Record]:
+        return [Record(s.id, s.dataset, s.source, "", answer(s.turns[0].assistant), s.turns[0].assistant, True,
+                       [str(path) for path in s.images]) for s in samples]  # fmt: skip
+
+    run = root / "run"
+    (run / "final_model").mkdir(parents=True)
+    fake_training_metrics(run / "metrics.jsonl")
+    earlier = root / "earlier_eval"  # the evaluation that generated the answers, as evaluate.py leaves it
+    (earlier / ".hydra").mkdir(parents=True)
+    (earlier / ".hydra" / "config.yaml").write_text(f"checkpoint: {run / 'final_model'}\n")
+    write_predictions(earlier / "predictions.jsonl", records(changed))
+    write_predictions(root / "untrained.jsonl", records(lambda _: "<doctag><text><loc_1>"))
+
+    register_eval_configs()
+    overrides = [f"eval.predictions={earlier / 'predictions.jsonl'}", f"compare_to={root / 'untrained.jsonl'}"]
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose(config_name="evaluate", overrides=overrides))
+    validate_eval(cfg)
+    evaluate(cfg, root / "eval")
+    return root / "eval", run
+
+
+@pytest.fixture(scope="module")
+def evaluation(tmp_path_factory):
+    return build_evaluation_folder(tmp_path_factory.mktemp("report"))
+
+
+def local_references(page: str) -> list[str]:
+    return [ref for ref in re.findall(r"(?:src|href)='([^']+)'", page) if "://" not in ref]
+
+
+def test_report_page_of_a_comparison_with_a_training_run(evaluation):
+    folder, run = evaluation
+    page = (folder / "report.html").read_text()
+    assert "data:image" not in page and len(page.encode()) < 150_000  # images are files, not base64
+    assert "<th>before</th><th>after</th><th>Δ</th>" in page and 'class="delta better"' in page
+    assert "stopped_with_eos" in page and "doctags_parses" in page  # the headline cards
+    assert '<svg class="loss"' in page and str(run / "metrics.jsonl") in page and "pages (EMA)" in page
+
+    assert page.count("<div class=sample>") == 4  # every sample (fewer than eval.num_examples)
+    assert page.count("<del>") > 4 and page.count("<ins>") > 4 and "Reference → before (compare_to)" in page
+    images = re.findall(r"<img loading=lazy src='([^']+)'", page)
+    assert len(images) == 5 and all(path.startswith("report_files/") for path in images)  # one 2-page document
+    assert page.count("<iframe loading=lazy sandbox src='pages/") == 4  # the 2 documents, reference + prediction
+    for ref in local_references(page):
+        assert (folder / ref).exists(), ref
+    before_page = (folder / "compare_to" / "report.html").read_text()
+    assert "<th>before</th>" not in before_page and "No training run found" in before_page

@@ -1,0 +1,101 @@
+"""A user's mistake gives one ``error: ...`` line and exit code 2, before any model or data is loaded; a bug, or
+any error under HYDRA_FULL_ERROR=1, keeps its traceback."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import compose_config, run_script
+
+from granite_docling.config import check_paths
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A Docling folder (never read: the runs fail before), one with only a val split, one with no dataset."""
+    root = tmp_path_factory.mktemp("folders")
+    for name, split in (("docling", "train"), ("val_only", "val")):
+        (root / name / "anns" / split).mkdir(parents=True)
+        (root / name / "anns" / split / "a.json").write_text('{"img_pth": "images/a.png", "anns": []}')
+    (root / "notes").mkdir()
+    (root / "notes" / "readme.txt").write_text("not a dataset")
+    return root
+
+
+def assert_one_line_error(result, *hints: str) -> str:
+    stderr = result.stderr
+    assert result.returncode == 2, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = [line for line in stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: "), stderr[-3000:]
+    for hint in hints:
+        assert hint in last, last
+    assert "dataset DoclingMatix:" not in result.stdout + stderr  # failed before the data was opened
+    return last
+
+
+MATIX = ["dataset=[docling_matix]"]
+
+CASES = {
+    "missing dataset path": (
+        ["train.py", *MATIX, "dataset.docling_matix.path=/no/such/data"],
+        ["dataset.docling_matix.path=/no/such/data: no such file or folder", "or a hub id"],
+    ),
+    "folder without a dataset": (
+        ["train.py", *MATIX, "dataset.docling_matix.path={folders}/notes"],
+        ["holds no dataset", "pass dataset.docling_matix.path="],
+    ),
+    "Docling folder without the split": (
+        ["train.py", *MATIX, "dataset.docling_matix.path={folders}/val_only"],
+        ["has no anns/train/*.json", "set dataset.docling_matix.split to one of val"],
+    ),
+    "missing model checkpoint": (
+        ["train.py", *MATIX, "dataset.docling_matix.path={folders}/docling", "model.checkpoint=/no/such/model"],
+        ["model.checkpoint=/no/such/model: no such folder", "hub id"],
+    ),
+    "resume from a folder without training state": (
+        ["train.py", *MATIX, "dataset.docling_matix.path={folders}/docling", "training.resume={folders}/docling"],
+        ["has no training_state.pt", "model.checkpoint="],
+    ),
+    "wrong value type": (["train.py", "training.lr_connector=abc"], ["training.lr_connector=abc", "Float"]),
+    "misspelt key": (["train.py", "training.batch_sizee=2"], ["batch_sizee", "did you mean 'batch_size'?"]),
+    "unknown group option": (["train.py", "model=nosuch"], ["model/nosuch", "choose from", "tiny"]),
+    "unknown dataset": (["train.py", "dataset=[nosuch]"], ["dataset/nosuch", "conf/dataset/"]),
+    "missing legacy config file": (["train.py", "--config", "/no/such.py"], ["--config /no/such.py: no such file"]),
+    "evaluate: missing checkpoint": (
+        ["evaluate.py", "checkpoint=/no/such/model", "dataset=[sample]", "dataset.sample.path={folders}/docling"],
+        ["checkpoint=/no/such/model: no such folder", "hub id"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_mistake_is_one_line(case, folders, tmp_path):
+    args, hints = CASES[case]
+    result = run_script(*(a.format(folders=folders) for a in args), f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
+    assert_one_line_error(result, *hints)
+    assert "Error executing job" not in result.stderr  # a single run: no Hydra line before ours
+
+
+def test_a_bad_trial_fails_the_sweep_at_its_end_in_one_line(tmp_path):
+    result = run_script("train.py", "-m", *MATIX, "dataset.docling_matix.path=/no/such/a,/no/such/b",
+                        f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=60)  # fmt: skip
+    assert "#1 : " in result.stdout  # the second trial still ran after the first failed
+    assert_one_line_error(result, "dataset.docling_matix.path=/no/such/a: no such file or folder")
+    assert "Error executing job with overrides" in result.stderr  # Hydra names the failed trial
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train.py", "training.batch_sizee=2"],  # at composition
+        ["evaluate.py", "checkpoint=/no/such/model", "dataset=[sample]"],  # in the task function
+    ],
+)
+def test_hydra_full_error_shows_the_traceback(args, tmp_path):
+    result = run_script(*args, f"hydra.run.dir={tmp_path / 'run'}", env={"HYDRA_FULL_ERROR": "1"}, timeout=60)
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr
+
+
+def test_hub_ids_are_not_checked_as_local_paths():
+    check_paths(compose_config("dataset=[docling_matix]", "dataset.docling_matix.path=HuggingFaceM4/DoclingMatix"))
