@@ -30,7 +30,7 @@ demo: setup $(SAMPLE_DATA) $(SAMPLE_EVAL)
 	$(PY) evaluate.py checkpoint=outputs/demo/final_model dataset=[sample] dataset.sample.path=$(SAMPLE_EVAL) \
 		eval.split=all hydra.run.dir=outputs/demo/eval
 	@echo "demo done: checkpoint outputs/demo/final_model, metrics outputs/demo/metrics.jsonl," \
-		"loss curve outputs/demo/loss_curve.png, evaluation report outputs/demo/eval/report.md"
+		"loss curve outputs/demo/loss_curve.png, evaluation report outputs/demo/eval/report.html"
 
 test: setup
 	$(PY) -m pytest -q

@@ -7,7 +7,7 @@
     torchrun --nproc_per_node=4 evaluate.py checkpoint=...   |   accelerate launch ...   |   srun python ...
 
 Each run writes into its own folder under outputs/ (predictions.jsonl, metrics.json, report.md, metrics.png,
-samples.html, pages/); the last lines printed say where. conf/evaluate.yaml lists every option.
+report.html, pages/); the last lines printed say where. conf/evaluate.yaml lists every option.
 """
 
 import hydra
