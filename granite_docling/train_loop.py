@@ -406,9 +406,8 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
 
     progress.close()
     stop.uninstall()
-    if exit_code == 0:  # the final model's validation loss (the sweep objective)
-        run_validation()
     if exit_code == 0:
+        run_validation()  # the final model's validation loss (the sweep objective), unless it ran at this step
         _finish(cfg, accelerator, loss_module, processor, final_dir, run_dir, state, data)
     tracker.finish()
     accelerator.end_training()
