@@ -128,7 +128,7 @@ def run_configuration(accelerator, loss_module, cfg, processor, flops, batch_siz
             if batch is None:
                 epoch, batches = epoch + 1, None
         waited = time.perf_counter() - start
-        loss, _ = backward_step(accelerator, loss_module, [batch])
+        loss = backward_step(accelerator, loss_module, [batch]).loss
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,8 +1,10 @@
 """The training loss we own: summed cross-entropy over supervised tokens only, chunked over the 100k vocabulary.
 
 ``TokenLoss`` wraps the VLM so that Accelerate / DDP see one module whose forward returns
-``(loss_sum, num_tokens)``. The loop divides by the number of supervised tokens summed over all micro-batches
-of an optimizer step and all processes, so accumulation and multi-GPU give the gradient of one big batch.
+``(row_loss_sums, num_tokens)``: the summed loss of each sample (row) of the batch, so that the loop can also
+report each dataset's loss, and the number of supervised tokens. The loop divides by the number of supervised
+tokens summed over all micro-batches of an optimizer step and all processes, so accumulation and multi-GPU give
+the gradient of one big batch.
 
 Logits are computed only at supervised positions (answers are a small part of a page's 1-4k tokens, most of
 which are image tokens), ``chunk_size`` positions at a time, each chunk recomputed in backward instead of stored:
@@ -29,13 +31,13 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
 
 def _chunk_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = (hidden @ weight.T).float()  # (n, V), float32 for a stable log-softmax
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, reduction="none")  # (n,)
 
 
-def supervised_cross_entropy(
+def row_cross_entropy(
     hidden: torch.Tensor, labels: torch.Tensor, output_weight: torch.Tensor, chunk_size: int = 2048
 ) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropy over supervised positions, number of them).
+    """(per-row sums of next-token cross-entropy over supervised positions (B,) float32, number of positions).
 
     hidden: (B, T, H) last hidden states; labels: (B, T) unshifted, IGNORE_INDEX where unsupervised;
     output_weight: (V, H) the (tied) LM head.
@@ -43,19 +45,29 @@ def supervised_cross_entropy(
     targets = shift_labels(labels)
     keep = targets != IGNORE_INDEX
     selected, selected_targets = hidden[keep], targets[keep]  # (N, H), (N,)
+    row_sums = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
     if selected_targets.numel() == 0:
-        return hidden.sum() * 0.0, 0  # keeps the graph connected, so every process still runs backward
-    total = hidden.new_zeros((), dtype=torch.float32)
+        return row_sums + hidden.sum() * 0.0, 0  # keeps the graph connected, so every process still runs backward
+    rows = keep.nonzero()[:, 0]  # (N,) the row of each supervised position, in hidden[keep]'s order
     for start in range(0, selected.shape[0], chunk_size):
         end = start + chunk_size
-        total = total + checkpoint(
+        losses = checkpoint(
             _chunk_cross_entropy, selected[start:end], output_weight, selected_targets[start:end], use_reentrant=False
         )
-    return total, int(selected_targets.numel())
+        row_sums = row_sums.index_add(0, rows[start:end], losses)
+    return row_sums, int(selected_targets.numel())
+
+
+def supervised_cross_entropy(
+    hidden: torch.Tensor, labels: torch.Tensor, output_weight: torch.Tensor, chunk_size: int = 2048
+) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropy over supervised positions, number of them); see row_cross_entropy."""
+    row_sums, count = row_cross_entropy(hidden, labels, output_weight, chunk_size)
+    return row_sums.sum(), count
 
 
 class TokenLoss(torch.nn.Module):
-    """``forward(**batch) -> (loss_sum, num_tokens)`` for an Idefics3 model (plain or peft-wrapped)."""
+    """``forward(**batch) -> (row_loss_sums (B,), num_tokens)`` for an Idefics3 model (plain or peft-wrapped)."""
 
     def __init__(self, model: torch.nn.Module, chunk_size: int = 2048):
         super().__init__()
@@ -71,4 +83,4 @@ class TokenLoss(torch.nn.Module):
             pixel_attention_mask=pixel_attention_mask,
             use_cache=False,
         )
-        return supervised_cross_entropy(outputs.last_hidden_state, labels, core.lm_head.weight, self.chunk_size)
+        return row_cross_entropy(outputs.last_hidden_state, labels, core.lm_head.weight, self.chunk_size)

@@ -1,7 +1,7 @@
 """The training loop: one function, read top to bottom. Accelerate does devices, mixed precision and process
 groups; the rest is here in plain sight.
 
-    python train.py experiment=demo          # see train.py for every way to launch it
+    python train.py experiment=quick          # see train.py for every way to launch it
 
 Vocabulary: ``step`` is an optimizer step; ``micro_step`` one forward/backward of ``batch_size`` samples per
 process (``gradient_accumulation_steps`` of them make a step); ``epoch`` a pass over the training split.
@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -114,8 +115,14 @@ def model_inputs(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def backward_step(accelerator: Accelerator, loss_module: torch.nn.Module, group: list[dict]) -> tuple[float, int]:
-    """Forward and backward over one optimizer step's micro-batches; returns (mean loss per token, tokens).
+class StepLoss(NamedTuple):
+    loss: float  # mean loss per supervised token over the whole step, all processes
+    tokens: int  # supervised tokens of the step, all processes
+    by_dataset: dict[str, float]  # the same mean over each dataset's samples (the datasets this step saw)
+
+
+def backward_step(accelerator: Accelerator, loss_module: torch.nn.Module, group: list[dict]) -> StepLoss:
+    """Forward and backward over one optimizer step's micro-batches.
 
     Every micro-batch's summed loss is divided by the supervised tokens of the WHOLE step, counted over all
     micro-batches and all processes, and multiplied by the number of processes (DDP averages gradients): the
@@ -124,19 +131,32 @@ def backward_step(accelerator: Accelerator, loss_module: torch.nn.Module, group:
     world = accelerator.num_processes
     local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group if b["ids"])
     (global_tokens,) = sum_over_processes(accelerator, local_tokens)
-    step_loss_sum = 0.0
+    by_dataset: dict[str, list[float]] = {}  # dataset -> [loss sum, tokens] on this process
     for micro_step, batch in enumerate(group):
         sync = micro_step == len(group) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(loss_module):
             if batch["ids"]:
                 inputs = model_inputs(batch, accelerator.device)
-                loss_sum, _ = loss_module(**inputs)
+                row_sums, _ = loss_module(**inputs)
+                loss_sum = row_sums.sum()
             else:  # every sample of this micro-batch was bad: a zero loss keeps the processes in step
-                loss_sum = sum(p.sum() for p in loss_module.parameters() if p.requires_grad) * 0.0
+                row_sums = loss_sum = sum(p.sum() for p in loss_module.parameters() if p.requires_grad) * 0.0
             accelerator.backward(loss_sum * world / max(global_tokens, 1))
-            step_loss_sum += loss_sum.item()
-    (global_loss_sum,) = sum_over_processes(accelerator, step_loss_sum)
-    return global_loss_sum / max(global_tokens, 1), int(global_tokens)
+        if batch["ids"]:
+            row_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
+            for dataset, row_sum, tokens in zip(batch["datasets"], row_sums.tolist(), row_tokens, strict=True):
+                total = by_dataset.setdefault(dataset, [0.0, 0])
+                total[0], total[1] = total[0] + row_sum, total[1] + tokens
+    if world > 1:  # every process's sums, merged the same way on each
+        merged: dict[str, list[float]] = {}
+        for local in gather_object([by_dataset]):
+            for dataset, (loss_sum, tokens) in local.items():
+                total = merged.setdefault(dataset, [0.0, 0])
+                total[0], total[1] = total[0] + loss_sum, total[1] + tokens
+        by_dataset = merged
+    global_loss_sum = sum(loss_sum for loss_sum, _ in by_dataset.values())
+    means = {dataset: loss_sum / max(tokens, 1) for dataset, (loss_sum, tokens) in sorted(by_dataset.items())}
+    return StepLoss(global_loss_sum / max(global_tokens, 1), int(global_tokens), means)
 
 
 def validation_loss(accelerator: Accelerator, loss_module: TokenLoss, loader) -> float:
@@ -148,8 +168,8 @@ def validation_loss(accelerator: Accelerator, loss_module: TokenLoss, loader) ->
             if not batch["ids"]:
                 continue
             inputs = model_inputs(batch, accelerator.device)
-            batch_sum, batch_tokens = loss_module(**inputs)
-            loss_sum, tokens = loss_sum + batch_sum.item(), tokens + batch_tokens
+            row_sums, batch_tokens = loss_module(**inputs)
+            loss_sum, tokens = loss_sum + row_sums.sum().item(), tokens + batch_tokens
     loss_module.train()
     loss_sum, tokens = sum_over_processes(accelerator, loss_sum, tokens)
     return loss_sum / max(tokens, 1)
@@ -325,7 +345,7 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
         else:
             state.samples_in_epoch = data.train_sampler.advance(state.samples_in_epoch)  # global samples
 
-        step_loss, global_tokens = backward_step(accelerator, loss_module, group)
+        step_loss, global_tokens, dataset_losses = backward_step(accelerator, loss_module, group)
 
         if not math.isfinite(step_loss):
             optimizer.zero_grad(set_to_none=True)
@@ -361,6 +381,8 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
         metrics = {"train/loss": step_loss, "train/avg_loss": state.loss_sum / state.loss_steps,
                    "train/lr": optimizer.param_groups[0]["lr"], **lrs, "epoch": state.epoch,
                    "train/supervised_tokens": global_tokens}  # fmt: skip
+        if len(data.sizes) > 1:  # a mix: each dataset's own loss in this step (report.html draws them)
+            metrics |= {f"train/loss/{name}": loss for name, loss in dataset_losses.items()}
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         if state.step % t.log_interval == 0 or state.step == total_steps:

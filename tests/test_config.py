@@ -66,7 +66,9 @@ def test_quick_test_trainer_caps_every_dataset():
         ["dataset=[sample]"],
         ["dataset=[folder]", "dataset.folder.path=/data/mine"],
         ["trainer=test"],
+        ["experiment=quick"],
         ["experiment=demo"],
+        ["experiment=learning_curve"],
         ["optimizer=adamw"],
     ],
 )
@@ -74,8 +76,8 @@ def test_every_config_group_option_composes_and_validates(overrides):
     validate(compose_config(*overrides))
 
 
-def test_demo_experiment_is_tiny_and_on_sample_data():
-    cfg = compose_config("experiment=demo")
+def test_quick_experiment_is_tiny_and_on_sample_data():
+    cfg = compose_config("experiment=quick")
     assert cfg.model.name == "tiny" and cfg.model.random_init
     assert list(cfg.dataset) == ["sample"]
     assert cfg.training.mixed_precision == "no"

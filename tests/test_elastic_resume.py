@@ -27,7 +27,7 @@ def data(tmp_path_factory):
 
 def train(data, run_dir, processes: int, max_steps: int, *extra: str, accumulation: int | None = None):
     accumulation = accumulation or 4 // processes  # global batch 4 on either shape
-    overrides = ["experiment=demo", f"dataset.sample.path={data}", f"training.max_steps={max_steps}",
+    overrides = ["experiment=quick", f"dataset.sample.path={data}", f"training.max_steps={max_steps}",
                  "training.batch_size=1", f"training.gradient_accumulation_steps={accumulation}",
                  "training.val_ratio=0", "training.num_workers=0", "training.save_steps=4", "training.warmup_steps=0",
                  "training.min_lr=3e-3", "training.log_interval=1", f"hydra.run.dir={run_dir}", *extra]  # fmt: skip

@@ -48,7 +48,9 @@ def test_objective_is_the_final_validation_loss_else_the_last_training_loss():
 
 
 def test_report_to_names_and_config_checks():
-    cfg = compose_config("experiment=demo", "training.report_to=[tensorboard,mlflow,tensorboard]", "wandb.enabled=true")
+    cfg = compose_config(
+        "experiment=quick", "training.report_to=[tensorboard,mlflow,tensorboard]", "wandb.enabled=true"
+    )
     assert tracker_names(cfg) == ["tensorboard", "mlflow", "wandb"]
     flat = flat_config(cfg)
     assert flat["training.lr_connector"] == cfg.training.lr_connector and flat["model.name"] == "tiny"
@@ -79,7 +81,7 @@ def test_tensorboard_and_mlflow_equal_metrics_jsonl_and_a_resume_sends_no_step_t
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     data = good_dataset(tmp_path / "data", 6)
     run = tmp_path / "run"
-    overrides = ["experiment=demo", f"dataset.sample.path={data}", "training.num_workers=0", "training.batch_size=2",
+    overrides = ["experiment=quick", f"dataset.sample.path={data}", "training.num_workers=0", "training.batch_size=2",
                  "training.val_ratio=0.3", "training.val_steps=2", "training.save_steps=2", "training.max_steps=5",
                  "training.max_checkpoints=5", "training.report_to=[tensorboard,mlflow]"]  # fmt: skip
     assert train_loop.train(compose_config(*overrides), run).exit_code == 0

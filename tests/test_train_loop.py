@@ -20,7 +20,7 @@ from granite_docling.data.loading import ConversationDataset, collate_skipping_p
 from granite_docling.data.sources import ReadOptions, read_dataset
 from granite_docling.loss import TokenLoss, shift_labels, supervised_cross_entropy
 from granite_docling.model import load_model_and_processor
-from granite_docling.train_loop import backward_step, lr_lambda, push_to_hub
+from granite_docling.train_loop import backward_step, lr_lambda, model_inputs, push_to_hub
 
 
 def tiny_loss_module(seed: int = 0):
@@ -87,13 +87,42 @@ def test_accumulation_2x2_equals_batch_4_with_unequal_lengths(four_samples):
     # two short samples in one micro-batch, two long ones in the other: a per-micro-batch mean would differ
     pairs = [one_batch(batches[0::2], processor), one_batch(batches[1::2], processor)]
     assert pairs[0]["attention_mask"].sum() != pairs[1]["attention_mask"].sum()
-    loss_a, tokens_a = backward_step(accelerator, loss_module, pairs)
+    loss_a, tokens_a, _ = backward_step(accelerator, loss_module, pairs)
     accumulated = gradients(loss_module)
     loss_module.zero_grad()
-    loss_b, tokens_b = backward_step(accelerator, loss_module, [one_batch(batches[0::2] + batches[1::2], processor)])
+    loss_b, tokens_b, _ = backward_step(accelerator, loss_module, [one_batch(batches[0::2] + batches[1::2], processor)])
     assert tokens_a == tokens_b
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     assert_same_gradients(accumulated, gradients(loss_module))
+
+
+def test_step_loss_of_each_dataset_is_the_token_mean_over_its_own_samples(four_samples):
+    accelerator = Accelerator(cpu=True)
+    loss_module, processor = tiny_loss_module()
+    batches = example_batches(four_samples, processor)
+    mixed = one_batch(batches, processor)
+    mixed["datasets"] = ["a", "b", "a", "b"]  # rows 0 and 2 from one dataset, 1 and 3 from another
+    step = backward_step(accelerator, loss_module, [mixed])
+    alone = {name: backward_step(accelerator, loss_module, [one_batch(batches[i::2], processor)])
+             for i, name in enumerate("ab")}  # fmt: skip
+    assert list(step.by_dataset) == ["a", "b"]
+    for name in "ab":
+        assert step.by_dataset[name] == pytest.approx(alone[name].loss, rel=1e-5)
+    assert alone["a"].loss != pytest.approx(alone["b"].loss, rel=1e-3)  # else the split would prove nothing
+    assert step.tokens == alone["a"].tokens + alone["b"].tokens
+    weighted = sum(alone[name].loss * alone[name].tokens for name in "ab") / step.tokens
+    assert step.loss == pytest.approx(weighted, rel=1e-5)
+
+
+def test_row_sums_of_the_loss_are_each_samples_own_summed_loss(four_samples):
+    loss_module, processor = tiny_loss_module()
+    batches = example_batches(four_samples, processor)
+    with torch.no_grad():
+        row_sums, tokens = loss_module(**model_inputs(one_batch(batches, processor), torch.device("cpu")))
+        for row, single in zip(row_sums, batches, strict=True):
+            own, _ = loss_module(**model_inputs(single, torch.device("cpu")))
+            torch.testing.assert_close(row, own[0], rtol=1e-4, atol=1e-4)
+    assert tokens == sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
 
 def test_two_processes_equal_one_process_with_twice_the_batch(four_samples, tmp_path):
@@ -106,7 +135,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(four_samples, tmp_
 
     accelerator = Accelerator(cpu=True)
     loss_module, processor = tiny_loss_module()
-    loss, tokens = backward_step(
+    loss, tokens, _ = backward_step(
         accelerator, loss_module, [one_batch(example_batches(four_samples, processor), processor)]
     )
     assert ddp["tokens"] == tokens
@@ -158,7 +187,7 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
 
 
 def demo_config(data, *overrides: str):
-    return compose_config("experiment=demo", f"dataset.sample.path={data}", "training.num_workers=0",
+    return compose_config("experiment=quick", f"dataset.sample.path={data}", "training.num_workers=0",
                           "training.batch_size=2", "training.val_ratio=0", *overrides)  # fmt: skip
 
 
@@ -181,6 +210,23 @@ def test_smoke_run_changes_every_trainable_parameter_and_saves_a_stock_model(fou
     assert [r["step"] for r in rows] == [1, 2, 3] and all("train/loss" in r and "train/lr" in r for r in rows)
     assert (tmp_path / "loss_curve.png").stat().st_size > 1000
     assert processor.image_seq_len == 4 and model.config.vision_config.image_size == 64
+
+
+def test_a_mix_of_datasets_logs_each_datasets_loss(four_samples, tmp_path):
+    other = good_dataset(tmp_path / "other", 4)
+    cfg = demo_config(four_samples, "dataset=[sample,folder]", f"dataset.folder.path={other}", "training.max_steps=4")
+    assert train_loop.train(cfg, tmp_path / "run").exit_code == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    seen = {key.removeprefix("train/loss/") for row in rows for key in row if key.startswith("train/loss/")}
+    assert seen == {"sample", "folder"}
+    for row in rows:  # the step's loss is the token-weighted mean of its datasets': it lies between them
+        parts = [value for key, value in row.items() if key.startswith("train/loss/")]
+        assert min(parts) - 1e-6 <= row["train/loss"] <= max(parts) + 1e-6
+
+    single = demo_config(four_samples, "training.max_steps=1")
+    assert train_loop.train(single, tmp_path / "single").exit_code == 0
+    (row,) = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    assert not any(key.startswith("train/loss/") for key in row)  # one dataset: the overall loss says it all
 
 
 def test_lora_final_model_is_merged_and_loads_without_peft(four_samples, tmp_path):
@@ -243,7 +289,7 @@ def test_push_to_hub_creates_the_repo_and_uploads_the_final_model(tmp_path, monk
 
 def test_bad_samples_are_skipped_and_reported_and_error_mode_names_the_first(tmp_path):
     data = dataset_with_bad_samples(tmp_path / "bad", n_good=4)
-    common = ["experiment=demo", f"dataset.sample.path={data}", "training.max_steps=4", "training.batch_size=2",
+    common = ["experiment=quick", f"dataset.sample.path={data}", "training.max_steps=4", "training.batch_size=2",
               "training.val_ratio=0", "training.num_workers=1"]  # fmt: skip
     result = run_script("train.py", *common, f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -263,7 +309,7 @@ def test_bad_samples_are_skipped_and_reported_and_error_mode_names_the_first(tmp
 def test_optuna_sweep_optimises_the_returned_objective_and_gives_complete_run_folders(tmp_path):
     data = good_dataset(tmp_path / "data", 4)
     result = run_script("train.py", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
-                        "hydra.sweeper.sampler.seed=0", "training.lr_connector=interval(1e-4,1e-2)", "experiment=demo",
+                        "hydra.sweeper.sampler.seed=0", "training.lr_connector=interval(1e-4,1e-2)", "experiment=quick",
                         "training.max_steps=2", f"dataset.sample.path={data}", "training.batch_size=2",
                         "training.val_ratio=0", "training.num_workers=0", f"hydra.sweep.dir={tmp_path / 'sweep'}",
                         timeout=300)  # fmt: skip
@@ -290,7 +336,7 @@ def test_torchrun_two_processes_share_one_run_folder(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py")]
-    overrides = ["experiment=demo", f"dataset.sample.path={data}", "training.max_steps=2", "training.batch_size=1",
+    overrides = ["experiment=quick", f"dataset.sample.path={data}", "training.max_steps=2", "training.batch_size=1",
                  "training.val_ratio=0", "training.num_workers=0"]  # fmt: skip
     result = run_script(*launch, *overrides, cwd=work, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

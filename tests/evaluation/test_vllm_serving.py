@@ -28,7 +28,7 @@ def test_vllm_answers_a_trained_checkpoint_exactly_like_transformers(tmp_path, t
     files = sorted((data / "anns" / "train").glob("*.json"))
     run = tmp_path / "run"
     trained = run_script(
-        "train.py", "experiment=demo", "model=tiny_hd64", f"dataset.sample.path={data}",
+        "train.py", "experiment=quick", "model=tiny_hd64", f"dataset.sample.path={data}",
         f"model.image_longest_edge={IMAGE_EDGE}", "training.max_steps=80", f"training.batch_size={len(files)}",
         "training.val_ratio=0", "training.num_workers=0", "training.warmup_steps=0", "training.min_lr=1e-3",
         "training.log_interval=40", f"hydra.run.dir={run}", timeout=1200,

@@ -21,7 +21,7 @@ examples = example_batches(dataset, processor)
 per_process = len(examples) // accelerator.num_processes
 mine = examples[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
 # two micro-batches of one sample each on every process: accumulation and processes together
-loss, tokens = backward_step(accelerator, loss_module, mine)
+loss, tokens, _ = backward_step(accelerator, loss_module, mine)
 if accelerator.is_main_process:
     grads = {
         n: p.grad.clone() for n, p in accelerator.unwrap_model(loss_module).named_parameters() if p.grad is not None
