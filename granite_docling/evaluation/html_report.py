@@ -48,6 +48,7 @@ LINKED_FILES = ("report.md", "metrics.json", "scores.jsonl", "predictions.jsonl"
                 "comparison.json", "comparison.png", "pages")  # fmt: skip
 _WORD = re.compile(r"(<[^<>\s]+>|[^\s<]+|<)(\s*)")  # a DocTags tag or a word, and the whitespace after it
 _LOC = re.compile(r"<loc_\d+>")
+_FORMULA_ANSWER = re.compile(r"^\s*(?:<formula>)?(?:<loc_\d+>)*(.*?)</formula>\s*$", re.DOTALL)  # a formula crop answer
 
 _STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:1.5em auto;max-width:1500px;padding:0 1em;color:#222}
 h1{font-size:1.5em;margin:.2em 0}h2{font-size:1.2em;margin:1.4em 0 .5em;border-bottom:1px solid #ddd}
@@ -67,7 +68,8 @@ font-size:.9em;color:#555}.cols img{max-width:100%;height:auto;border:1px solid 
 iframe{width:100%;height:42em;border:1px solid #ddd;background:#fff}
 pre{white-space:pre-wrap;word-break:break-word;font-size:12px;max-height:24em;overflow:auto;background:#fafafa;
 border:1px solid #eee;padding:.5em;margin:.3em 0}del{background:#fdd;color:#8a1010}
-ins{background:#d7f5dc;color:#0b5a1c;text-decoration:none}details{margin-top:.4em}summary{cursor:pointer}"""
+ins{background:#d7f5dc;color:#0b5a1c;text-decoration:none}details{margin-top:.4em}summary{cursor:pointer}
+.formula{font-size:1.3em;overflow-x:auto;padding:.3em 0}"""
 
 
 def write_report_page(after: Outputs, before: Outputs | None = None) -> Path:
@@ -263,12 +265,29 @@ def diff_text(answer: str) -> tuple[str, bool]:
     return answer, False
 
 
+def formula_mathml(answer: str) -> str | None:
+    """MathML of a formula answer (``[<loc_..>x4]LATEX</formula>``, SynthFormulaNet's form), which browsers draw
+    natively; None for other answers and LaTeX that latex2mathml (docling-core's converter) rejects."""
+    match = _FORMULA_ANSWER.match(answer)
+    if match is None or not match.group(1).strip():
+        return None
+    from latex2mathml.converter import convert
+
+    try:
+        return convert(match.group(1), display="block")
+    except Exception:  # latex2mathml raises assorted types on malformed LaTeX, which a prediction may well be
+        return None
+
+
 def _rendered(folder: Path, record: Record, side: str) -> str:
-    """docling-core's HTML of one answer: the pages/ export in a lazy iframe, the export inline, or the text."""
+    """docling-core's HTML of one answer: the pages/ export in a lazy iframe, the export inline, a formula's
+    MathML, or the text."""
     answer = record.prediction if side == "prediction" else record.reference
     raw = f"<details><summary>DocTags</summary><pre>{html.escape(answer) or '(empty)'}</pre></details>"
     if not is_page_answer(answer):
-        return f"<pre>{html.escape(answer) or '(empty)'}</pre>"
+        mathml = formula_mathml(answer)
+        shown = f"<div class=formula>{mathml}</div>" if mathml else ""
+        return f"{shown}<pre>{html.escape(answer) or '(empty)'}</pre>"
     exported = Path("pages") / safe_name(record.dataset) / safe_name(record.id) / side / f"{side}.html"
     if (folder / exported).is_file():
         return f"<iframe loading=lazy sandbox src='{html.escape(exported.as_posix())}'></iframe>{raw}"

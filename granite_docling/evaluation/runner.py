@@ -30,6 +30,7 @@ from granite_docling.evaluation.generate import first_turn_prompt, generate, pro
 from granite_docling.evaluation.html_report import write_report_page
 from granite_docling.evaluation.metrics import OVERALL_KEY
 from granite_docling.evaluation.report import (
+    LOWER_IS_BETTER,
     Outputs,
     Record,
     compare_metrics,
@@ -65,6 +66,8 @@ class EvaluationResult:
         if self.comparison_files:
             lines.append("comparison:")
             lines += [f"  {name:<12} {path}" for name, path in self.comparison_files.items()]
+        if "page" in self.outputs.files:
+            lines.append(f"report: {self.outputs.files['page']}")
         if self.compared is not None:  # the headline last, where a terminal leaves the eye
             lines += headline(self.outputs.metrics[OVERALL_KEY], self.compared.metrics[OVERALL_KEY])
         return "\n".join(lines)
@@ -81,7 +84,9 @@ def headline(after: dict, before: dict) -> list[str]:
     for name, label, number in HEADLINE:
         b, a = before.get(name, {}).get("mean"), after.get(name, {}).get("mean")
         if a is not None and b is not None:
-            lines.append(f"  {label:<19} {number.format(b):>6} -> {number.format(a)}")
+            verdict = "same" if a == b else "better" if (a < b) == (name in LOWER_IS_BETTER) else "worse"
+            change = f"{a - b:+.3f}" if "%" not in number else f"{100 * (a - b):+.0f} points"
+            lines.append(f"  {label:<19} {number.format(b):>6} -> {number.format(a):<6} ({change}, {verdict})")
     return lines
 
 

@@ -22,7 +22,7 @@ from granite_docling.evaluation.config import (
 )
 from granite_docling.evaluation.metrics import REPORTED_METRICS
 from granite_docling.evaluation.report import Record, read_predictions, write_predictions
-from granite_docling.evaluation.runner import evaluate, evaluation_samples
+from granite_docling.evaluation.runner import evaluate, evaluation_samples, headline
 
 register_eval_configs()
 
@@ -59,11 +59,25 @@ def evaluated(checkpoints, eval_data, tmp_path_factory):
 
 
 def test_the_demo_command_composes():
-    cfg = compose_eval("checkpoint=outputs/demo/final_model", "dataset=[sample]",
-                       "dataset.sample.path=data/sample_eval", "eval.split=all")  # fmt: skip
+    cfg = compose_eval("checkpoint=outputs/demo/final_model", "compare_to=outputs/demo/initial_model",
+                       "dataset=[sample]", "dataset.sample.path=data/demo_eval", "eval.split=all")  # fmt: skip
     validate_eval(cfg)
-    assert cfg.dataset["sample"].path == "data/sample_eval"
-    assert (cfg.checkpoint, cfg.eval.split) == ("outputs/demo/final_model", "all")
+    assert cfg.dataset["sample"].path == "data/demo_eval"
+    assert (cfg.checkpoint, cfg.compare_to, cfg.eval.split) == ("outputs/demo/final_model",
+                                                                "outputs/demo/initial_model", "all")  # fmt: skip
+
+
+def test_the_headline_lines_give_before_after_and_the_change():
+    before = {"n": 24, "edit_distance": {"mean": 0.998}, "doctags_parses": {"mean": 0.0},
+              "stopped_with_eos": {"mean": 0.5}}  # fmt: skip
+    after = {"n": 24, "edit_distance": {"mean": 0.675}, "doctags_parses": {"mean": 1.0},
+             "stopped_with_eos": {"mean": 0.25}}  # fmt: skip
+    assert headline(after, before) == [
+        "before (compare_to) -> after (checkpoint), 24 samples:",
+        "  edit distance        0.998 -> 0.675  (-0.323, better)",
+        "  DocTags that parse      0% -> 100%   (+100 points, better)",
+        "  stopped with eos       50% -> 25%    (-25 points, worse)",
+    ]
 
 
 def test_evaluate_writes_every_output(evaluated):

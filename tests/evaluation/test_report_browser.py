@@ -1,12 +1,14 @@
 """report.html in a real browser: headless Chromium (Debian's ``chromium``) opens the page of an evaluation with
 compare_to next to a training run, over the DevTools protocol on a pipe (``--remote-debugging-pipe``: no
 network, no websocket client, no playwright). Checks: no console error or uncaught exception, no resource that
-fails to load, the metric table, the loss curve and the samples in the rendered DOM, and a screenshot.
+fails to load, the metric table, the loss curve, the samples and their MathML formulas in the rendered DOM,
+and a screenshot (``outputs/test-browser/report.png``).
 
     make test-browser                                    # installs chromium where it is missing, then this
     .venv/bin/python -m pytest -q -m browser             # CHROMIUM=/path/to/chrome picks another binary
 
-Not part of the default run (``-m 'not browser'``): CI machines have no Chromium.
+Not part of the default run (``-m 'not browser'``), which needs no browser; CI installs Chromium and runs it
+after ``make test`` (``.ci/run``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from test_report_page import build_evaluation_folder
 
 pytestmark = pytest.mark.browser
 
+SCREENSHOT = Path(__file__).resolve().parents[2] / "outputs" / "test-browser" / "report.png"
 BROWSER = os.environ.get("CHROMIUM") or next(
     (path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))), None
 )
@@ -152,11 +155,15 @@ def test_the_report_renders_in_chromium(browser, tmp_path):
         " samples: document.querySelectorAll('.sample').length,"
         " curves: document.querySelectorAll('svg.loss polyline').length,"
         " marks: document.querySelectorAll('.sample pre.diff del, .sample pre.diff ins').length,"
+        " formulas: [...document.querySelectorAll('.formula math')].filter(m => m.getBoundingClientRect().height > 8"
+        "   && m.getBoundingClientRect().width > 20).length,"
         " iframes: [...document.querySelectorAll('.sample iframe')].filter(f => f.offsetHeight > 100).length})"
     )
     assert dom["rows"] >= 5 and dom["before"], dom  # header rows, samples, at least a few metrics
     assert dom["samples"] == 4 and dom["curves"] == 5 and dom["marks"] > 4 and dom["iframes"] == 4, dom
+    assert dom["formulas"] == 4, dom  # MathML drawn by the browser: reference and prediction of 2 formula crops
 
     browser.call("Emulation.setDeviceMetricsOverride", width=1400, height=1800, deviceScaleFactor=1, mobile=False)
-    shot = browser.screenshot(tmp_path / "report.png")
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)  # kept for a person to look at
+    shot = browser.screenshot(SCREENSHOT)
     assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000  # more than a blank page

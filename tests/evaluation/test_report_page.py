@@ -14,7 +14,7 @@ import pytest
 from eval_helpers import write_eval_data
 
 from granite_docling.data.sources import ReadOptions, read_dataset
-from granite_docling.evaluation.html_report import metrics_html, word_diff
+from granite_docling.evaluation.html_report import formula_mathml, metrics_html, word_diff
 from granite_docling.evaluation.loss_curve import (
     checkpoint_step,
     ema,
@@ -46,6 +46,17 @@ def test_word_diff_marks_missing_and_added_words():
     assert marked == "&lt;text&gt;x &lt; y&lt;/text&gt;<ins>&lt;text&gt;z&lt;/text&gt;</ins>"  # tags are words
     assert counts == {"same": 5, "missing": 0, "extra": 3}
     assert word_diff("", "") == ("", {"same": 0, "missing": 0, "extra": 0})
+
+
+def test_formula_answers_become_mathml_and_other_answers_do_not():
+    mathml = formula_mathml("<loc_9><loc_43><loc_491><loc_457>W _ { j } ^ { 9 7 } = \\rho</formula>")
+    assert mathml.startswith("<math") and 'display="block"' in mathml
+    assert "<msubsup><mi>W</mi><mrow><mi>j</mi></mrow><mrow><mn>9</mn><mn>7</mn></mrow></msubsup>" in mathml
+    assert "<loc_" not in mathml
+    assert formula_mathml("x + 1</formula>") is not None  # without boxes
+    assert formula_mathml("<loc_1><loc_2> x x x x") is None  # cut before </formula>: shown as text
+    assert formula_mathml("<doctag><text>x</text></doctag>") is None
+    assert formula_mathml("The title is Y.") is None
 
 
 def test_the_training_run_is_found_from_the_checkpoint(tmp_path):
@@ -174,6 +185,7 @@ def test_report_page_of_a_comparison_with_a_training_run(evaluation):
     images = re.findall(r"<img loading=lazy src='([^']+)'", page)
     assert len(images) == 5 and all(path.startswith("report_files/") for path in images)  # one 2-page document
     assert page.count("<iframe loading=lazy sandbox src='pages/") == 4  # the 2 documents, reference + prediction
+    assert page.count("<div class=formula><math") == 4  # the 2 formula crops, reference + prediction
     for ref in local_references(page):
         assert (folder / ref).exists(), ref
     before_page = (folder / "compare_to" / "report.html").read_text()
