@@ -19,6 +19,7 @@ import math
 import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -131,7 +132,7 @@ def backward_step(accelerator: Accelerator, loss_module: torch.nn.Module, group:
     world = accelerator.num_processes
     local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group if b["ids"])
     (global_tokens,) = sum_over_processes(accelerator, local_tokens)
-    by_dataset: dict[str, list[float]] = {}  # dataset -> [loss sum, tokens] on this process
+    loss_sums, token_counts = Counter(), Counter()  # per dataset, on this process
     for micro_step, batch in enumerate(group):
         sync = micro_step == len(group) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(loss_module):
@@ -140,22 +141,21 @@ def backward_step(accelerator: Accelerator, loss_module: torch.nn.Module, group:
                 row_sums, _ = loss_module(**inputs)
                 loss_sum = row_sums.sum()
             else:  # every sample of this micro-batch was bad: a zero loss keeps the processes in step
-                row_sums = loss_sum = sum(p.sum() for p in loss_module.parameters() if p.requires_grad) * 0.0
+                loss_sum = sum(p.sum() for p in loss_module.parameters() if p.requires_grad) * 0.0
             accelerator.backward(loss_sum * world / max(global_tokens, 1))
         if batch["ids"]:
             row_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
             for dataset, row_sum, tokens in zip(batch["datasets"], row_sums.tolist(), row_tokens, strict=True):
-                total = by_dataset.setdefault(dataset, [0.0, 0])
-                total[0], total[1] = total[0] + row_sum, total[1] + tokens
-    if world > 1:  # every process's sums, merged the same way on each
-        merged: dict[str, list[float]] = {}
-        for local in gather_object([by_dataset]):
-            for dataset, (loss_sum, tokens) in local.items():
-                total = merged.setdefault(dataset, [0.0, 0])
-                total[0], total[1] = total[0] + loss_sum, total[1] + tokens
-        by_dataset = merged
-    global_loss_sum = sum(loss_sum for loss_sum, _ in by_dataset.values())
-    means = {dataset: loss_sum / max(tokens, 1) for dataset, (loss_sum, tokens) in sorted(by_dataset.items())}
+                loss_sums[dataset] += row_sum
+                token_counts[dataset] += tokens
+    if world > 1:  # every process's sums, merged in rank order on each (update() adds, and keeps zeros)
+        gathered = gather_object([(loss_sums, token_counts)])
+        loss_sums, token_counts = Counter(), Counter()
+        for sums, counts in gathered:
+            loss_sums.update(sums)
+            token_counts.update(counts)
+    global_loss_sum = sum(loss_sums.values())
+    means = {dataset: loss_sums[dataset] / max(token_counts[dataset], 1) for dataset in sorted(loss_sums)}
     return StepLoss(global_loss_sum / max(global_tokens, 1), int(global_tokens), means)
 
 

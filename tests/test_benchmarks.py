@@ -20,6 +20,7 @@ def last_json_line(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # make test-slow; the loss itself is checked against transformers' in test_train_loop
 def test_loss_memory_chunked_loss_is_the_stock_loss_in_less_memory():
     # 2,048 positions x 32k classes: full float32 logits are 256 MB, a 256-position chunk 32 MB.
     done = run_script("benchmarks/loss_memory.py", "--json", "--seq-len", "2048", "--prompt-tokens", "512",
