@@ -33,6 +33,7 @@ def test_loss_memory_chunked_loss_is_the_stock_loss_in_less_memory():
     assert result["peak_mb_chunked"] < result["peak_mb_full"] / 2
 
 
+@pytest.mark.slow  # make test-slow: the default run stays under 10 minutes
 def test_gpu_check_cpu_smoke_prints_one_line_per_configuration():
     env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--cpu-smoke"], capture_output=True, text=True,
