@@ -60,7 +60,7 @@ from PIL import Image
 
 from granite_docling.data.prepare import PAGE_PROMPT, PrepareError, document_doctags, prepare_output_dirs, write_json
 from granite_docling.data.synth_pages import INK, Layout, build_document, layout_page, render_page
-from granite_docling.data.synth_text import MATH_FONTSETS, phrase, random_latex, render_latex
+from granite_docling.data.synth_text import MATH_FONTSETS, easy_latex, phrase, random_latex, render_latex
 
 logger = logging.getLogger(__name__)
 
@@ -120,10 +120,10 @@ class SyntheticFormula:
     answer: str
 
 
-def synth_formula(seed: int, index: int) -> SyntheticFormula:
-    """Synthetic formula crop ``index`` of ``seed``, answered in SynthFormulaNet's form."""
+def synth_formula(seed: int, index: int, easy: bool = False) -> SyntheticFormula:
+    """Synthetic formula crop ``index`` of ``seed``, answered in SynthFormulaNet's form (``easy``: see easy_latex)."""
     rng = random.Random(f"{seed}:formula:{index}")
-    latex = random_latex(rng)
+    latex = easy_latex(rng) if easy else random_latex(rng)
     ink = render_latex(latex, rng.choice([10.0, 12.0, 14.0, 16.0]), FORMULA_DPI, rng.choice(MATH_FONTSETS))
     pad_x, pad_y = rng.randint(2, 16), rng.randint(2, 12)
     image = Image.new("RGB", (ink.shape[1] + 2 * pad_x, ink.shape[0] + 2 * pad_y), "white")
@@ -150,10 +150,12 @@ def write_sample_data(
     scale: float = DEFAULT_SCALE,
     qa_turns: int = 2,
     overwrite: bool = False,
+    easy_formulas: bool = False,
 ) -> dict:
     """Write ``pages`` pages of documents and ``formulas`` formula crops into ``out_dir`` (the Docling folder format).
 
     ``qa_turns`` is the most extra question/answer turns a document gets after its conversion turn (0: none).
+    ``easy_formulas``: short formulas over 18 symbols instead of SynthFormulaNet-like ones (see easy_latex).
     Raises ``PrepareError`` if ``anns/<split>`` or ``images/<split>`` already hold files, unless ``overwrite``.
     Returns ``{"out_dir", "split", "documents", "pages", "formulas", "samples"}``.
     """
@@ -176,7 +178,7 @@ def write_sample_data(
         logger.info("document %d/%d: %s, %d page(s)", index + 1, len(counts), sample_id, n_pages)
     for index in range(formulas):
         sample_id = f"synth_formula_{index:05d}"
-        formula = synth_formula(seed, index)
+        formula = synth_formula(seed, index, easy_formulas)
         path = f"images/{split}/{sample_id}_0.png"
         formula.image.save(out_dir / path)
         turn = {"user": FORMULA_PROMPT, "assistant": formula.answer, "source": FORMULA_SOURCE}
@@ -201,6 +203,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="train", help="split name, the folder under anns/ and images/")
     parser.add_argument("--scale", type=float, default=DEFAULT_SCALE, help="page pixels per point (2.0 = 144 dpi)")
     parser.add_argument("--qa-turns", type=int, default=2, help="most extra Docmatix-style QA turns per document")
+    easy_help = "short formulas over 18 symbols (x = \\alpha + 3), which a small model learns in minutes"
+    parser.add_argument("--easy-formulas", action="store_true", help=easy_help)
     parser.add_argument("--overwrite", action="store_true", help="replace anns/<split> and images/<split> if present")
 
 
@@ -213,8 +217,9 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         summary = write_sample_data(
-            args.out, args.pages, args.formulas, args.seed, args.split, args.scale, args.qa_turns, args.overwrite
-        )
+            args.out, args.pages, args.formulas, args.seed, args.split, args.scale, args.qa_turns, args.overwrite,
+            args.easy_formulas,
+        )  # fmt: skip
     except PrepareError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

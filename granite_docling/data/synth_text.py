@@ -133,6 +133,22 @@ def random_latex(rng: random.Random) -> str:
     return f"{_term(rng, depth=1)} {rng.choice(RELATIONS)} {rhs}"
 
 
+EASY_LETTERS, EASY_GREEK = "abcxyz", (r"\alpha", r"\beta", r"\pi")
+
+
+def _easy_symbol(rng: random.Random) -> str:
+    roll = rng.random()
+    return rng.choice(EASY_LETTERS) if roll < 0.6 else rng.choice(EASY_GREEK) if roll < 0.85 else str(rng.randint(1, 9))
+
+
+def easy_latex(rng: random.Random) -> str:
+    """A short formula over 18 symbols (``x \\leq \\alpha + 3``): one relation, 1-3 symbols on its right, nothing
+    nested. A task a small random model learns the form of in a few CPU minutes (``make demo``)."""
+    terms = [_easy_symbol(rng) for _ in range(rng.randint(1, 3))]
+    rhs = f" {rng.choice(BINARY_OPS)} ".join(terms)
+    return f"{_easy_symbol(rng)} {rng.choice(RELATIONS)} {rhs}"
+
+
 # ---------------------------------------------------------------- LaTeX rendering
 
 

@@ -117,6 +117,27 @@ def test_formula_answer_is_synthformulanet_form_and_boxes_the_ink() -> None:
         assert abs(loc - min(round(500 * value), 499)) <= 1
 
 
+def test_easy_formulas_are_short_flat_and_over_eighteen_symbols() -> None:
+    formulas = [synth_formula(seed=5, index=i, easy=True) for i in range(60)]
+    relations, operators = {"=", r"\leq", r"\geq", r"\neq", r"\approx"}, {"+", "-", r"\cdot", r"\times", r"\pm"}
+    symbols = set("abcxyz123456789") | {r"\alpha", r"\beta", r"\pi"}
+    for formula in formulas:
+        lhs, relation, *rhs = formula.latex.split()
+        assert lhs in symbols and relation in relations
+        assert rhs[::2] and set(rhs[::2]) <= symbols and set(rhs[1::2]) <= operators and len(rhs) <= 5
+        assert re.fullmatch(r"(?:<loc_\d+>){4}.+</formula>", formula.answer)
+    assert len({formula.latex for formula in formulas}) > 50
+    # without easy, the same index draws the SynthFormulaNet-like formula it always did (seeded data keeps its bytes)
+    assert synth_formula(seed=0, index=3).latex == r"\Delta ^ { 2 2 } \approx \sum _ { i = 1 } ^ { n } \bar { E }"
+
+
+def test_cli_writes_easy_formulas(tmp_path: Path) -> None:
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["sample-data", str(tmp_path), "--pages", "0", "--formulas", "3", "--easy-formulas"]) == 0
+    answers = [json.loads(path.read_text())["anns"]["assistant"] for path in sorted(tmp_path.glob("anns/train/*.json"))]
+    assert answers == [synth_formula(seed=0, index=i, easy=True).answer for i in range(3)]
+
+
 def test_writes_the_docling_folder_format(tmp_path: Path) -> None:
     summary = write_sample_data(tmp_path, pages=5, formulas=2, seed=3, qa_turns=2)
     assert summary["pages"] == 5 and summary["formulas"] == 2
