@@ -111,7 +111,7 @@ class OptimizerConfig:
     name: str = "adamw"  # only AdamW for now
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam momentum coefficients
     eps: float = 1e-8  # Adam denominator epsilon
-    fused: Optional[bool] = None  # fused CUDA kernel; null = on when training on CUDA
+    fused: Optional[bool] = None  # fused AdamW kernel (CUDA, and CPU); null = on when training on CUDA
 
 
 @dataclass
@@ -155,6 +155,7 @@ class TrainingConfig:
     max_nonfinite_steps: int = 5  # stop after this many optimizer steps in a row with a NaN / Inf loss
     peak_tflops: Optional[float] = None  # device peak for the MFU estimate; null = looked up by GPU name
     loss_chunk_size: int = 2048  # supervised positions per chunk of the output layer + loss (bounds logits memory)
+    loss_recompute: bool = True  # recompute each chunk's logits in backward; false: store them (~1/4 less work)
     push_to_hub: bool = False  # upload final_model/ to the hub at the end
     hub_repo_id: Optional[str] = None  # hub repository to push to, e.g. my-org/granite-docling-invoices
     hub_private: bool = True  # create the hub repository as private

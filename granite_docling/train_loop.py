@@ -232,7 +232,7 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, [lambda s, r=r: lr_lambda(s, t.warmup_steps, total_steps, r) for r in min_ratios]
     )
-    loss_module = TokenLoss(model, t.loss_chunk_size)
+    loss_module = TokenLoss(model, t.loss_chunk_size, t.loss_recompute)
     if t.compile:
         loss_module = torch.compile(loss_module)
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)

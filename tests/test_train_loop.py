@@ -18,7 +18,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from granite_docling import train_loop
 from granite_docling.data.loading import ConversationDataset, collate_skipping_problems
 from granite_docling.data.sources import ReadOptions, read_dataset
-from granite_docling.loss import TokenLoss, shift_labels, supervised_cross_entropy
+from granite_docling.loss import TokenLoss, row_cross_entropy, shift_labels, supervised_cross_entropy
 from granite_docling.model import load_model_and_processor
 from granite_docling.train_loop import backward_step, lr_lambda, model_inputs, push_to_hub
 
@@ -167,6 +167,24 @@ def test_our_loss_matches_transformers_mean_loss_and_chunking_changes_nothing(fo
         total, n = supervised_cross_entropy(hidden, batch["labels"], weight, chunk_size)
         assert n == int((batch["labels"][:, 1:] != -100).sum())
         torch.testing.assert_close(total / n, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_storing_the_logits_gives_the_loss_and_gradients_of_recomputing_them():
+    torch.manual_seed(0)
+    labels = torch.full((3, 9), -100)
+    labels[:, 4:] = torch.randint(0, 50, (3, 5))
+    results = []
+    for recompute in (True, False):
+        torch.manual_seed(1)
+        hidden = torch.randn(3, 9, 16, requires_grad=True)
+        weight = torch.randn(50, 16, requires_grad=True)
+        rows, n = row_cross_entropy(hidden, labels, weight, chunk_size=4, recompute=recompute)
+        rows.sum().backward()
+        results.append((rows.detach(), n, hidden.grad, weight.grad))
+    (rows_a, n_a, hidden_a, weight_a), (rows_b, n_b, hidden_b, weight_b) = results
+    assert n_a == n_b == 15 and rows_a.abs().min() > 0
+    for a, b in ((rows_a, rows_b), (hidden_a, hidden_b), (weight_a, weight_b)):
+        torch.testing.assert_close(a, b)
 
 
 def test_shift_labels_shifts_once():
