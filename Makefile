@@ -4,8 +4,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch
-DEMO_TRAIN ?= data/demo_train
-DEMO_EVAL ?= data/demo_eval
+DEMO_TRAIN ?= data/demo/train
+DEMO_EVAL ?= data/demo/eval
 DEMO_FORMULAS ?= 1000
 
 .PHONY: setup demo test test-slow test-shared test-docling test-vllm test-browser bench learning-curve lint format clean
@@ -19,15 +19,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# The demo's data: formula crops (SynthFormulaNet-like) from `granite-docling sample-data`, one seed to train on and
-# another held out (benchmarks/RESULTS.md, "The demo", scores held-out sets of other seeds too).
+# The demo's data: short formula crops (`--easy-formulas`) from `granite-docling sample-data`, one seed to train on
+# and another held out (benchmarks/RESULTS.md, "The demo", scores held-out sets of other seeds too).
 $(DEMO_TRAIN): | setup
-	$(VENV)/bin/granite-docling sample-data $(DEMO_TRAIN) --pages 0 --formulas $(DEMO_FORMULAS) --seed 0
+	$(VENV)/bin/granite-docling sample-data $(DEMO_TRAIN) --pages 0 --formulas $(DEMO_FORMULAS) --easy-formulas --seed 0
 
 $(DEMO_EVAL): | setup
-	$(VENV)/bin/granite-docling sample-data $(DEMO_EVAL) --pages 0 --formulas 24 --seed 1
+	$(VENV)/bin/granite-docling sample-data $(DEMO_EVAL) --pages 0 --formulas 24 --easy-formulas --seed 1
 
-# A small random model learns the form of formula-crop answers on the CPU (5.5 minutes on 2 cores), then the
+# A small random model learns the form of formula-crop answers on the CPU (~5 minutes on 2 cores), then the
 # untrained start and the trained model answer the held-out crops; ends with report.html and before -> after lines.
 demo: setup $(DEMO_TRAIN) $(DEMO_EVAL)
 	$(PY) train.py experiment=demo dataset.sample.path=$(DEMO_TRAIN) hydra.run.dir=outputs/demo

@@ -60,9 +60,9 @@ def evaluated(checkpoints, eval_data, tmp_path_factory):
 
 def test_the_demo_command_composes():
     cfg = compose_eval("checkpoint=outputs/demo/final_model", "compare_to=outputs/demo/initial_model",
-                       "dataset=[sample]", "dataset.sample.path=data/demo_eval", "eval.split=all")  # fmt: skip
+                       "dataset=[sample]", "dataset.sample.path=data/demo/eval", "eval.split=all")  # fmt: skip
     validate_eval(cfg)
-    assert cfg.dataset["sample"].path == "data/demo_eval"
+    assert cfg.dataset["sample"].path == "data/demo/eval"
     assert (cfg.checkpoint, cfg.compare_to, cfg.eval.split) == ("outputs/demo/final_model",
                                                                 "outputs/demo/initial_model", "all")  # fmt: skip
 
