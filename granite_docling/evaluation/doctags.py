@@ -20,7 +20,7 @@ from __future__ import annotations
 import html
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from docling_core.types.doc.base import ImageRefMode
 from docling_core.types.doc.document import (
@@ -199,14 +199,15 @@ def otsl_to_html(otsl: str) -> str:
     return table_to_html(otsl_to_table(otsl))
 
 
-def tag_stream_errors(doctags: str) -> list[str]:
+def tag_stream_errors(doctags: str, opened: Sequence[str] = ()) -> list[str]:
     """Problems in the DocTags tag stream: closing tags that close nothing or the wrong element, unclosed elements.
 
     Self-closing markers (``<loc_N>``, OTSL cells, ``<nl>``, ``<page_break>``, picture classes, code languages) are
-    skipped; every other opened tag must be closed, innermost first. An empty list means well-formed.
+    skipped; every other opened tag must be closed, innermost first. ``opened``: elements already open when the
+    text starts, outermost first (opened by the prompt: see opened_by_prompt). An empty list means well-formed.
     """
     errors: list[str] = []
-    open_tags: list[str] = []
+    open_tags: list[str] = list(opened)
     for closing, name in _iter_tags(doctags):
         if _is_self_closing(name):
             if closing:
@@ -227,9 +228,26 @@ def tag_stream_errors(doctags: str) -> list[str]:
     return errors
 
 
-def is_well_formed(doctags: str) -> bool:
+def is_well_formed(doctags: str, opened: Sequence[str] = ()) -> bool:
     """True when every opened tag is closed, in order (see tag_stream_errors)."""
-    return not tag_stream_errors(doctags)
+    return not tag_stream_errors(doctags, opened)
+
+
+def opened_by_prompt(answer: str) -> list[str]:
+    """The elements an answer closes without opening them, outermost first: the prompt opened them, as
+    SynthFormulaNet's user turn ``<formula>`` opens the element its answer (``<loc_..>...LATEX</formula>``) closes."""
+    open_tags: list[str] = []
+    unopened: list[str] = []
+    for closing, name in _iter_tags(answer):
+        if _is_self_closing(name):
+            continue
+        if not closing:
+            open_tags.append(name)
+        elif name in open_tags:
+            del open_tags[len(open_tags) - 1 - open_tags[::-1].index(name) :]
+        else:
+            unopened.append(name)  # innermost first
+    return unopened[::-1]
 
 
 def _iter_tags(text: str) -> Iterator[tuple[bool, str]]:

@@ -40,6 +40,7 @@ from granite_docling.evaluation.doctags import (
     document_tables,
     is_page_answer,
     is_well_formed,
+    opened_by_prompt,
     split_at_eos,
     try_doctags_to_document,
 )
@@ -120,7 +121,7 @@ def score_sample(
     if reference_doc is not None:
         scores.update(_table_scores(reference_doc, prediction_doc))
         scores.update(_layout_scores(reference_doc, prediction_doc))
-        scores.update(_health_scores(prediction, prediction_doc))
+        scores.update(_health_scores(prediction, prediction_doc, opened_by_prompt(reference)))
     return scores
 
 
@@ -195,10 +196,11 @@ def _layout_scores(reference: DoclingDocument, prediction: DoclingDocument | Non
     }
 
 
-def _health_scores(prediction: str, prediction_doc: DoclingDocument | None) -> Scores:
+def _health_scores(prediction: str, prediction_doc: DoclingDocument | None, opened: list[str]) -> Scores:
     # docling-core recovers from almost anything (even an empty string): the prediction must also be DocTags.
+    # ``opened``: what the prompt opened, which the answer must close (a formula crop's answer ends in </formula>).
     parses = prediction_doc is not None and contains_doctags(prediction)
-    closed = is_well_formed(prediction)
+    closed = is_well_formed(prediction, opened)
     return {
         "doctags_parses": float(parses),
         "doctags_closed": float(closed),

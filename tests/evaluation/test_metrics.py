@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from granite_docling.evaluation.doctags import EOS_TOKEN
+from granite_docling.evaluation.doctags import EOS_TOKEN, opened_by_prompt
 from granite_docling.evaluation.metrics import (
     EXTRA_METRICS,
     REPORTED_METRICS,
@@ -138,3 +138,16 @@ def test_a_page_prediction_without_doctags_is_not_valid():
         scores = score_sample(prediction, reference, stopped=True)
         assert scores["doctags_valid"] == 0.0, prediction
     assert score_sample(reference, reference, stopped=True)["doctags_valid"] == 1.0
+
+
+def test_a_formula_crop_answer_closes_what_its_prompt_opened():
+    # SynthFormulaNet: the user turn is "<formula>", so the answer closes an element it never opens.
+    reference = r"<loc_48><loc_154><loc_452><loc_346>b = \pi</formula>"
+    assert opened_by_prompt(reference) == ["formula"]
+    assert score_sample(reference, reference, stopped=True)["doctags_valid"] == 1.0
+    unclosed = score_sample(r"<loc_48><loc_154><loc_452><loc_346>b = \pi", reference, stopped=True)
+    assert unclosed["doctags_closed"] == 0.0  # cut off before </formula>
+    extra = score_sample(reference + "</text>", reference, stopped=True)
+    assert extra["doctags_closed"] == 0.0
+    assert opened_by_prompt("<doctag><text>a</text></doctag>") == []
+    assert opened_by_prompt("a</text></code><text>b</text>") == ["code", "text"]  # outermost first
