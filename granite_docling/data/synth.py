@@ -1,6 +1,7 @@
 """Realistic synthetic training data in the Docling folder format: ``granite-docling sample-data``.
 
-    granite-docling sample-data OUT [--pages 20] [--formulas 20] [--seed 0] [--split train] [--qa-turns 2]
+    granite-docling sample-data OUT [--pages 20] [--formulas 20] [--easy-formulas] [--seed 0] [--split train]
+                                    [--qa-turns 2]
 
 Writes two kinds of samples, one per JSON file, deterministic by seed (same seed: byte-identical JSON and
 images), with no network and no data files (a fixed word list, matplotlib's bundled DejaVu fonts):
@@ -12,6 +13,8 @@ images), with no network and no data files (a fixed word list, matplotlib's bund
   tokens match the pixels. ``--pages N`` counts pages; documents group them.
 * ``synth_formula_NNNNN``: formula crops like ds4sd/SynthFormulaNet: random LaTeX rendered with matplotlib's
   mathtext (Agg, 120 dpi, tight crop with a white margin, one of five math font sets).
+  ``--easy-formulas``: short ones over 18 symbols instead (``x \\leq \\alpha + 3``), whose answers a small
+  random model learns the form of in a few CPU minutes (``make demo``).
 
 Formats imitated, and where they were found:
 

@@ -10,7 +10,8 @@ Per-sample keys (all floats or None, plus ``kind``):
 - tables: ``teds, teds_struct`` (teds.py; when the reference has OTSL tables), ``n_tables`` (reference tables);
 - layout: ``map`` (COCO mAP@[.5:.95]) and ``layout_precision, layout_recall, layout_f1`` (area coverage;
   layout.py; when the reference has located elements);
-- health: ``doctags_parses`` (docling-core accepts the prediction), ``doctags_closed`` (every opened tag closed),
+- health: ``doctags_parses`` (docling-core accepts the prediction), ``doctags_closed`` (every opened tag closed,
+  and those the prompt opened: a formula crop's ``</formula>``),
   ``doctags_valid`` (both; for DocTags references only) and ``stopped_with_eos`` (generation ended with eos
   rather than at max_new_tokens).
 
