@@ -19,7 +19,7 @@ import math
 import signal
 import sys
 import time
-from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -119,20 +119,24 @@ def model_inputs(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
 class StepLoss(NamedTuple):
     loss: float  # mean loss per supervised token over the whole step, all processes
     tokens: int  # supervised tokens of the step, all processes
-    by_dataset: dict[str, float]  # the same mean over each dataset's samples (the datasets this step saw)
+    by_dataset: dict[str, float]  # the same mean over each dataset's samples (those of ``datasets`` this step saw)
 
 
-def backward_step(accelerator: Accelerator, loss_module: torch.nn.Module, group: list[dict]) -> StepLoss:
+def backward_step(
+    accelerator: Accelerator, loss_module: torch.nn.Module, group: list[dict], datasets: Sequence[str] = ()
+) -> StepLoss:
     """Forward and backward over one optimizer step's micro-batches.
 
     Every micro-batch's summed loss is divided by the supervised tokens of the WHOLE step, counted over all
     micro-batches and all processes, and multiplied by the number of processes (DDP averages gradients): the
-    gradient equals that of one big batch, however lengths are spread. Gradients sync on the last micro-batch only.
+    gradient equals that of one batch holding every sample of the step. ``datasets``: the run's dataset names
+    (the same on every process) whose own mean loss to report; one all-reduce sums everything across processes.
     """
     world = accelerator.num_processes
     local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group if b["ids"])
     (global_tokens,) = sum_over_processes(accelerator, local_tokens)
-    loss_sums, token_counts = Counter(), Counter()  # per dataset, on this process
+    step_loss_sum = 0.0
+    dataset_sums, dataset_tokens = dict.fromkeys(datasets, 0.0), dict.fromkeys(datasets, 0)  # on this process
     for micro_step, batch in enumerate(group):
         sync = micro_step == len(group) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(loss_module):
@@ -143,20 +147,19 @@ def backward_step(accelerator: Accelerator, loss_module: torch.nn.Module, group:
             else:  # every sample of this micro-batch was bad: a zero loss keeps the processes in step
                 loss_sum = sum(p.sum() for p in loss_module.parameters() if p.requires_grad) * 0.0
             accelerator.backward(loss_sum * world / max(global_tokens, 1))
-        if batch["ids"]:
+        if not batch["ids"]:
+            continue
+        rows = row_sums.tolist()  # the micro-batch's one device sync
+        step_loss_sum += sum(rows)
+        if datasets:
             row_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
-            for dataset, row_sum, tokens in zip(batch["datasets"], row_sums.tolist(), row_tokens, strict=True):
-                loss_sums[dataset] += row_sum
-                token_counts[dataset] += tokens
-    if world > 1:  # every process's sums, merged in rank order on each (update() adds, and keeps zeros)
-        gathered = gather_object([(loss_sums, token_counts)])
-        loss_sums, token_counts = Counter(), Counter()
-        for sums, counts in gathered:
-            loss_sums.update(sums)
-            token_counts.update(counts)
-    global_loss_sum = sum(loss_sums.values())
-    means = {dataset: loss_sums[dataset] / max(token_counts[dataset], 1) for dataset in sorted(loss_sums)}
-    return StepLoss(global_loss_sum / max(global_tokens, 1), int(global_tokens), means)
+            for dataset, row_sum, tokens in zip(batch["datasets"], rows, row_tokens, strict=True):
+                dataset_sums[dataset] += row_sum
+                dataset_tokens[dataset] += tokens
+    totals = sum_over_processes(accelerator, step_loss_sum, *dataset_sums.values(), *dataset_tokens.values())
+    sums, tokens = totals[1 : 1 + len(datasets)], totals[1 + len(datasets) :]
+    by_dataset = {name: total / count for name, total, count in zip(dataset_sums, sums, tokens, strict=True) if count}
+    return StepLoss(totals[0] / max(global_tokens, 1), int(global_tokens), by_dataset)
 
 
 def validation_loss(accelerator: Accelerator, loss_module: TokenLoss, loader) -> float:
@@ -205,6 +208,7 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
         model = apply_lora(model, cfg.model.lora)
     pad_id = processor.tokenizer.pad_token_id
     data = build_data(cfg, processor, rank, world)
+    mixed_datasets = list(data.sizes) if len(data.sizes) > 1 else []  # a mix: each dataset's loss is logged
     bad_samples_file = run_dir / "bad_samples.jsonl"  # the main process lists every bad sample once
     listed = listed_problems(bad_samples_file)
     if is_main:
@@ -345,7 +349,7 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
         else:
             state.samples_in_epoch = data.train_sampler.advance(state.samples_in_epoch)  # global samples
 
-        step_loss, global_tokens, dataset_losses = backward_step(accelerator, loss_module, group)
+        step_loss, global_tokens, dataset_losses = backward_step(accelerator, loss_module, group, mixed_datasets)
 
         if not math.isfinite(step_loss):
             optimizer.zero_grad(set_to_none=True)
@@ -381,8 +385,7 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
         metrics = {"train/loss": step_loss, "train/avg_loss": state.loss_sum / state.loss_steps,
                    "train/lr": optimizer.param_groups[0]["lr"], **lrs, "epoch": state.epoch,
                    "train/supervised_tokens": global_tokens}  # fmt: skip
-        if len(data.sizes) > 1:  # a mix: each dataset's own loss in this step (report.html draws them)
-            metrics |= {f"train/loss/{name}": loss for name, loss in dataset_losses.items()}
+        metrics |= {f"train/loss/{name}": loss for name, loss in dataset_losses.items()}  # report.html draws them
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         if state.step % t.log_interval == 0 or state.step == total_steps:

@@ -102,7 +102,7 @@ def test_step_loss_of_each_dataset_is_the_token_mean_over_its_own_samples(four_s
     batches = example_batches(four_samples, processor)
     mixed = one_batch(batches, processor)
     mixed["datasets"] = ["a", "b", "a", "b"]  # rows 0 and 2 from one dataset, 1 and 3 from another
-    step = backward_step(accelerator, loss_module, [mixed])
+    step = backward_step(accelerator, loss_module, [mixed], datasets=["a", "b", "c"])  # c: not in this step
     alone = {name: backward_step(accelerator, loss_module, [one_batch(batches[i::2], processor)])
              for i, name in enumerate("ab")}  # fmt: skip
     assert list(step.by_dataset) == ["a", "b"]

@@ -244,7 +244,8 @@ def opened_by_prompt(answer: str) -> list[str]:
         if not closing:
             open_tags.append(name)
         elif name in open_tags:
-            del open_tags[len(open_tags) - 1 - open_tags[::-1].index(name) :]
+            while open_tags.pop() != name:  # closes it and whatever was left open inside it
+                pass
         else:
             unopened.append(name)  # innermost first
     return unopened[::-1]
