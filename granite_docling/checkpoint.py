@@ -1,32 +1,61 @@
-"""Atomic checkpoints that are complete HF model folders, plus everything needed to resume exactly.
+"""Checkpoints that are complete HF model folders, plus everything needed to resume exactly, and nothing that
+runs code when read.
 
 A checkpoint folder holds what stock ``AutoModelForImageTextToText`` / ``AutoProcessor`` need (config,
 safetensors weights, generation config, processor, tokenizer and chat template files; LoRA runs save merged
-weights) and ``training_state.pt``: optimizer, scheduler, loop position (step, epoch, samples consumed in the
-epoch), RNG states of every process, and the resolved config. LoRA runs also keep ``adapter/`` for resuming.
+weights, and keep ``adapter/`` for resuming) and the training state, in two files no reader executes:
 
-Writes go to a hidden temporary folder that is renamed into place, so a crash mid-save never leaves a folder
-that looks complete; only complete folders are considered by ``training.resume=auto``.
+* ``training_state/tensors.safetensors``: its tensors (optimizer moments, torch RNG states);
+* ``training_state/state.json``: the rest (loop position, scheduler, optimizer settings, Python / NumPy RNG
+  states, the resolved config), naming its tensors by key; see :func:`pack_state`. (A folder of their own:
+  vLLM takes every ``*.safetensors`` file at the top of a model folder for weights.)
+* ``checkpoint.json``, written last: format, step, epoch and the size of every file. Listing, sorting and
+  rotating checkpoints read only this file, never the optimizer state.
+
+Writes go to a hidden temporary folder that is flushed to the disk and renamed into place
+(:mod:`granite_docling.durable`), so a crash, a SIGKILL or a power cut mid-save never leaves a folder that looks
+complete. A save that fails (a full disk, no permission) removes its temporary folder, leaves every earlier
+checkpoint as it was and raises :class:`CheckpointSaveError` with one line that says why.
+
+Checkpoints written before this format keep their state in ``training_state.pt``, a pickle, which can run any
+code when it is loaded. They are read only when the user says they trust them (``training.trust_checkpoint=true``
+for train.py, ``trust_checkpoint=true`` for evaluate.py); otherwise :class:`CheckpointError` says how.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
-import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from granite_docling.checkpoint_files import (
+    FORMAT,
+    MANIFEST_FILE,
+    PICKLED_STATE_FILE,
+    STATE_FILE,
+    TENSORS_FILE,
+    CheckpointError,
+    CheckpointSaveError,
+    complete_checkpoints,
+    is_pickled_checkpoint,
+    pickled_state_message,
+    read_manifest,
+)
+from granite_docling.durable import describe_write_error, file_sizes, publish, size_mismatches
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "training_state.pt"
 ADAPTER_DIR = "adapter"
-_CHECKPOINT_NAME = re.compile(r"^checkpoint_(epoch|step)_(\d+)$")
 
 
 @dataclass
@@ -47,7 +76,6 @@ class LoopState:
     elapsed_seconds: float = 0.0  # training time before this (resumed) process started
     validated_step: int | None = None  # the step of the last validation
     metrics_rows: int | None = None  # rows of metrics.jsonl when saved (None: an older checkpoint)
-    extra: dict = field(default_factory=dict)
 
 
 def rng_state() -> dict:
@@ -84,43 +112,101 @@ def _merged_copy(peft_model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(peft_model).merge_and_unload()
 
 
-def save_checkpoint(folder: Path, model, processor, training_state: dict | None) -> Path:
-    """Write ``folder`` atomically: model files, processor files and (unless None) ``training_state.pt``."""
+def save_checkpoint(folder: Path, model, processor, training_state: dict | None = None) -> Path:
+    """Write ``folder`` atomically and durably: model files, processor files and (unless None) the training state
+    with its manifest. On failure, raise :class:`CheckpointSaveError`; ``folder`` and every other checkpoint are
+    then as they were, and no temporary folder is left."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model_folder(tmp, model, processor)
-    if training_state is not None:
-        torch.save(training_state, tmp / STATE_FILE)
-    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-    if folder.exists():
-        folder.rename(old)  # rename, not delete, first: there is always one complete copy on disk
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(folder)
+        save_model_folder(tmp, model, processor)
+        if training_state is not None:
+            write_training_state(tmp, training_state)
+        publish(tmp, folder)
+    except (OSError, RuntimeError, SafetensorError) as error:  # a full disk, no permission, an I/O error
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = describe_write_error(error, folder)
+        raise CheckpointSaveError(f"could not save checkpoint {folder}: {reason}") from error
     return folder
 
 
-def checkpoint_sort_key(folder: Path) -> tuple[int, float]:
-    """Newest last: by the optimizer step recorded in it, then modification time."""
-    state_file = folder / STATE_FILE
-    step = -1
-    if state_file.is_file():
-        step = torch.load(state_file, map_location="cpu", weights_only=False)["loop"]["step"]
-    return step, folder.stat().st_mtime
+def remove_temporaries(folder: Path) -> None:
+    """Remove what saves of ``folder`` killed mid-write left (``.<name>.tmp-<pid>``); they never count as
+    checkpoints, but they hold disk space."""
+    for leftover in folder.parent.glob(f".{folder.name}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint folders under ``root`` that finished writing, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _CHECKPOINT_NAME.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=checkpoint_sort_key)
+def write_training_state(folder: Path, state: dict) -> None:
+    """The state's tensors in safetensors, the rest in JSON, then the manifest (last)."""
+    packed, tensors = pack_state(state)
+    (folder / STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / TENSORS_FILE)
+    (folder / STATE_FILE).write_text(json.dumps(packed), encoding="utf-8")
+    loop = state["loop"]
+    manifest = {"format": FORMAT, "step": loop["step"], "epoch": loop["epoch"], "files": file_sizes(folder)}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    found = complete_checkpoints(root)
-    return found[-1] if found else None
+# Tags of :func:`pack_state`: the JSON objects that stand for what JSON has no type for.
+_TENSOR, _NDARRAY, _TUPLE, _ITEMS = "__tensor__", "__ndarray__", "__tuple__", "__items__"
+_TAGS = (_TENSOR, _NDARRAY, _TUPLE, _ITEMS)
+
+
+def pack_state(tree: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``tree`` (dicts, lists, tuples, tensors, NumPy arrays, plain values) as JSON-ready data plus its tensors.
+
+    A tensor becomes ``{"__tensor__": key}`` (``key`` its path in the tree, e.g. ``optimizer/state/3/exp_avg``),
+    a NumPy array ``{"__ndarray__": values, "dtype": "<u4"}``, a tuple ``{"__tuple__": [...]}``, a dict whose keys
+    are not all strings ``{"__items__": [[key, value], ...]}``. :func:`unpack_state` reverses it and builds
+    nothing but those types: reading a checkpoint runs no code from it.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def pack(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value.detach().cpu().contiguous()
+            return {_TENSOR: path}
+        if isinstance(value, np.ndarray):
+            return {_NDARRAY: value.tolist(), "dtype": value.dtype.str}
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, tuple):
+            return {_TUPLE: [pack(item, _child(path, i)) for i, item in enumerate(value)]}
+        if isinstance(value, list):
+            return [pack(item, _child(path, i)) for i, item in enumerate(value)]
+        if isinstance(value, dict):
+            if all(isinstance(key, str) and key not in _TAGS for key in value):
+                return {key: pack(item, _child(path, key)) for key, item in value.items()}
+            return {_ITEMS: [[pack(key, path), pack(item, _child(path, key))] for key, item in value.items()]}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint (at {path or 'the top'})")
+
+    return pack(tree, ""), tensors
+
+
+def _child(path: str, key: object) -> str:
+    return f"{path}/{key}" if path else str(key)
+
+
+def unpack_state(packed: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The tree :func:`pack_state` packed."""
+    if isinstance(packed, list):
+        return [unpack_state(item, tensors) for item in packed]
+    if not isinstance(packed, dict):
+        return packed
+    if _TENSOR in packed:
+        return tensors[packed[_TENSOR]]
+    if _NDARRAY in packed:
+        return np.array(packed[_NDARRAY], dtype=np.dtype(packed["dtype"]))
+    if _TUPLE in packed:
+        return tuple(unpack_state(item, tensors) for item in packed[_TUPLE])
+    if _ITEMS in packed:
+        return {unpack_state(key, tensors): unpack_state(item, tensors) for key, item in packed[_ITEMS]}
+    return {key: unpack_state(item, tensors) for key, item in packed.items()}
 
 
 def rotate_checkpoints(root: Path, keep: int | None) -> list[Path]:
@@ -150,28 +236,46 @@ def training_state(
     return state
 
 
-def load_training_state(folder: Path) -> dict:
-    path = Path(folder) / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
+def load_training_state(folder: Path, trust_pickle: bool = False) -> dict:
+    """The training state of checkpoint ``folder``, checked against its manifest. The older pickled format is
+    read only with ``trust_pickle``; every other problem is a :class:`CheckpointError` that says what to do."""
+    folder = Path(folder)
+    if is_pickled_checkpoint(folder):
+        if not trust_pickle:
+            raise CheckpointError(pickled_state_message(folder))
+        log.warning("reading %s, a pickle, because trust_checkpoint is set", folder / PICKLED_STATE_FILE)
+        return torch.load(folder / PICKLED_STATE_FILE, map_location="cpu", weights_only=False)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        if (folder / STATE_FILE).is_file():
+            message = f"{folder} has no {MANIFEST_FILE}, so it was not completely written"
+            raise CheckpointError(f"{message}: resume from an earlier checkpoint")
+        raise CheckpointError(
             f"{folder} has no {STATE_FILE}: it is a model folder, not a training checkpoint. To fine-tune from "
             f"it, set model.checkpoint={folder} instead of training.resume"
         )
-    return torch.load(path, map_location="cpu", weights_only=False)
+    damaged = size_mismatches(folder, manifest["files"])
+    if damaged:
+        raise CheckpointError(f"{folder} is damaged ({'; '.join(damaged[:3])}): resume from an earlier checkpoint")
+    packed = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    return unpack_state(packed, load_file(folder / TENSORS_FILE))
+
+
+def loop_state(saved: dict) -> LoopState:
+    """The saved loop position (fields of older checkpoints that no longer exist are left out)."""
+    known = LoopState.__dataclass_fields__
+    return LoopState(**{key: value for key, value in saved["loop"].items() if key in known})
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:
     """Restore trained weights from a checkpoint folder into the (possibly peft-wrapped) training model."""
     if hasattr(model, "merge_and_unload"):  # LoRA: the adapter is the trained state; base weights are the original
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
         set_peft_model_state_dict(model, load_file(folder / "adapter" / "adapter_model.safetensors"))
         return
-    from safetensors.torch import load_file
-
     state = {}
-    for file in sorted(folder.glob("*.safetensors")):
+    for file in sorted(folder.glob("model*.safetensors")):  # model.safetensors or its shards
         state |= load_file(file)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if "lm_head" not in k]  # tied to the embeddings, not stored twice

@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from granite_docling.checkpoint_files import is_pickled_checkpoint, is_training_checkpoint, pickled_state_message
+
 HUB_ID = "ibm-granite/granite-docling-258M"
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -149,6 +151,7 @@ class TrainingConfig:
     save_dir: Optional[str] = None  # checkpoint folder; null = checkpoints/ inside the run folder
     seed: int = 42  # seeds model init, data order and the validation split
     resume: Optional[str] = None  # checkpoint folder to continue from, or 'auto' (newest in save_dir)
+    trust_checkpoint: bool = False  # also resume from the older pickled training_state.pt (it can run code)
     max_samples_per_dataset: Optional[int] = None  # cap on every source (a dataset's own max_samples also applies)
     max_length: Optional[int] = None  # drop samples longer than this many tokens, image tokens included
     on_bad_sample: str = "skip"  # skip (count and report) or error (stop at the first, naming it)
@@ -398,12 +401,12 @@ def check_paths(cfg: Config) -> None:
         problems.append(checkpoint_problem)
     resume = cfg.training.resume
     if resume not in (None, "auto") and Path(resume).is_dir():
-        from granite_docling.checkpoint import STATE_FILE
-
-        if not (Path(resume) / STATE_FILE).is_file():
-            problems.append(f"training.resume={resume} has no {STATE_FILE}, so it is no training checkpoint: give a "
-                            f"checkpoints/checkpoint_* folder or 'auto' (to fine-tune a model folder, set "
+        if not is_training_checkpoint(Path(resume)):
+            problems.append(f"training.resume={resume} holds no training state, so it is no training checkpoint: "
+                            f"give a checkpoints/checkpoint_* folder or 'auto' (to fine-tune a model folder, set "
                             f"model.checkpoint={resume})")  # fmt: skip
+        elif is_pickled_checkpoint(Path(resume)) and not cfg.training.trust_checkpoint:
+            problems.append(pickled_state_message(Path(resume)))
     raise_problems(problems)
 
 

@@ -14,7 +14,8 @@
   lists our schema and groups, then the legacy values, so Hydra's run folder, ``--cfg job`` and overrides all
   behave as for a native config.
 * ``user_errors`` (around ``main()``) and ``@exit_on_user_error`` (on the task function) turn a user's mistake
-  (a ``ConfigError``, a path that is no dataset, a bad override, an unknown group option) into one line,
+  (a ``ConfigError``, a path that is no dataset, a bad override, an unknown group option, a checkpoint that
+  cannot be read or saved) into one line,
   ``error: ...``, and exit code 2; other errors, and all of them under ``HYDRA_FULL_ERROR=1``, keep their traceback.
 """
 
@@ -254,10 +255,11 @@ def user_error_message(error: BaseException) -> str | None:
     from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
+    from granite_docling.checkpoint_files import CheckpointError, CheckpointSaveError
     from granite_docling.data.sample import BadSampleError
     from granite_docling.data.sources import DatasetNotFoundError
 
-    if isinstance(error, (ConfigError, DatasetNotFoundError, BadSampleError)):
+    if isinstance(error, (ConfigError, DatasetNotFoundError, BadSampleError, CheckpointError, CheckpointSaveError)):
         return str(error)
     if isinstance(error, OmegaConfBaseException):  # e.g. a bad ${interpolation}, met when the config is resolved
         return _omegaconf_line(error)

@@ -8,7 +8,8 @@ process (``gradient_accumulation_steps`` of them make a step); ``epoch`` a pass 
 
 Exit codes: 0 done; :data:`EXIT_INTERRUPTED` (75) stopped by SIGTERM / Ctrl-C after writing a checkpoint,
 resume with ``training.resume=auto`` (same ``hydra.run.dir``) or ``training.resume=PATH``; 1 on errors,
-including too many non-finite losses in a row.
+including too many non-finite losses in a row and a checkpoint that could not be saved (a full disk: every
+process stops, the earlier checkpoints are intact).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -33,9 +34,9 @@ from tqdm.auto import tqdm
 from granite_docling.checkpoint import (
     LoopState,
     check_resumed_shape,
-    latest_checkpoint,
     load_training_state,
     load_weights,
+    loop_state,
     push_to_hub,
     rng_state,
     rotate_checkpoints,
@@ -43,6 +44,7 @@ from granite_docling.checkpoint import (
     set_rng_state,
     training_state,
 )
+from granite_docling.checkpoint_files import CheckpointSaveError, latest_checkpoint
 from granite_docling.config import Config
 from granite_docling.data.encoding import IGNORE_INDEX
 from granite_docling.data.image_tiles import batch_pixel_values
@@ -102,6 +104,21 @@ def take(iterator, n: int) -> list:
 def sum_over_processes(accelerator: Accelerator, *values: float) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
     return accelerator.reduce(tensor, reduction="sum").tolist() if accelerator.num_processes > 1 else tensor.tolist()
+
+
+def save_on_main(accelerator: Accelerator, save: Callable[[], object]) -> str | None:
+    """Run ``save`` on the main process; every process returns None, or the failure's one line when the save
+    failed (the all-reduce that tells them is also the barrier after the save)."""
+    failure = None
+    if accelerator.is_main_process:
+        try:
+            save()
+        except CheckpointSaveError as error:
+            failure = str(error)
+    (failed,) = sum_over_processes(accelerator, float(failure is not None))
+    if failed and failure is None:
+        failure = "the main process could not save a checkpoint (its log says why)"
+    return failure
 
 
 def model_inputs(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
@@ -250,13 +267,13 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
     if t.resume == "auto" and resume_from is None:
         log.info("training.resume=auto: no checkpoint in %s yet, starting from scratch", checkpoint_root)
     if resume_from is not None:
-        saved = load_training_state(Path(resume_from))
+        saved = load_training_state(Path(resume_from), t.trust_checkpoint)
         load_weights(accelerator.unwrap_model(loss_module).model, Path(resume_from))
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         if "scaler" in saved and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(saved["scaler"])
-        state = LoopState(**saved["loop"])
+        state = loop_state(saved)
         set_rng_state(saved["rng"][min(rank, len(saved["rng"]) - 1)])
         log.info("resumed from %s at step %d (epoch %d, %d %s into it)", resume_from, state.step, state.epoch,
                  state.samples_in_epoch, "micro-batches" if data.streaming else "samples")  # fmt: skip
@@ -264,30 +281,44 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
     state.global_batch, state.processes, state.workers = global_batch, world, t.num_workers
 
     if t.save_initial and resume_from is None:  # the weights training starts from, for before/after evaluations
-        if is_main:
-            initial_dir = final_dir.parent / "initial_model"
-            save_checkpoint(initial_dir, accelerator.unwrap_model(loss_module).model, processor, None)
-            log.info("initial model saved: %s", initial_dir)
-        accelerator.wait_for_everyone()
+        initial_dir = final_dir.parent / "initial_model"
+        failure = save_on_main(
+            accelerator, lambda: save_checkpoint(initial_dir, accelerator.unwrap_model(loss_module).model, processor)
+        )
+        if failure:
+            raise CheckpointSaveError(failure)
+        log.info("initial model saved: %s", initial_dir)
 
     resume_step = state.step if resume_from is not None else None
     tracker = Tracker(run_dir, cfg, resume_step, state.metrics_rows) if is_main else NullTracker()
     stop = StopRequest()
     stop.install()
+    last_saved = None  # the name of the checkpoint this process saved last
     progress = tqdm(total=total_steps, initial=state.step, desc="training", disable=not is_main, dynamic_ncols=True)
 
-    def write_checkpoint(name: str) -> Path:
+    def write_checkpoint(name: str) -> str | None:
+        """Save checkpoint ``name``; None, or the failure every process stops on."""
+        nonlocal last_saved
+        if name == last_saved:  # a stop request at a step that save_steps saved already
+            return None
         rng_states = gather_object([rng_state()])  # every process's RNG, by rank
         folder = checkpoint_root / name
-        if is_main:
+
+        def save() -> None:
             elapsed = state.elapsed_seconds + time.time() - started
             loop = LoopState(**{**asdict(state), "elapsed_seconds": elapsed, "metrics_rows": tracker.rows})
             trainer_state = training_state(optimizer, scheduler, loop, rng_states, config_yaml, accelerator.scaler)
             save_checkpoint(folder, accelerator.unwrap_model(loss_module).model, processor, trainer_state)
             rotate_checkpoints(checkpoint_root, t.max_checkpoints)
             log.info("checkpoint saved: %s", folder)
-        accelerator.wait_for_everyone()
-        return folder
+
+        failure = save_on_main(accelerator, save)
+        if failure:
+            advice = "the earlier checkpoints are intact: once it can be written, resume with training.resume=auto"
+            log.error("%s; stopping (%s)", failure, advice)
+        else:
+            last_saved = name
+        return failure
 
     def run_generation_eval() -> None:
         """Greedy answers for a few validation samples, scored like evaluate.py, logged as gen/*."""
@@ -339,7 +370,9 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
             if t.val_interval and state.epoch % t.val_interval == 0:
                 run_validation()
             if t.save_interval and state.epoch % t.save_interval == 0:
-                write_checkpoint(f"checkpoint_epoch_{state.epoch}")
+                if write_checkpoint(f"checkpoint_epoch_{state.epoch}"):
+                    exit_code = 1
+                    break
             continue
 
         # Bad samples travel in the batches; train on the rest (listed below, once, by the main process).
@@ -414,8 +447,9 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
             run_validation()
         if t.gen_eval_steps and state.step % t.gen_eval_steps == 0:
             run_generation_eval()
-        if t.save_steps and state.step % t.save_steps == 0:
-            write_checkpoint(f"checkpoint_step_{state.step}")
+        if t.save_steps and state.step % t.save_steps == 0 and write_checkpoint(f"checkpoint_step_{state.step}"):
+            exit_code = 1
+            break
         stop_votes, bad_count = sum_over_processes(accelerator, float(stop.requested), float(len(problems)))
         if bad_count:  # rare: gather the new ones to the main process, which lists each sample once
             found = gather_object(problems) if world > 1 else problems
@@ -424,25 +458,31 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
             if new:
                 log.warning("step %d: %s (listed in %s)", state.step, summarise(found), bad_samples_file)
         if stop_votes:
-            folder = write_checkpoint(f"checkpoint_step_{state.step}")
-            log.warning("stopped at step %d; resume with training.resume=%s", state.step, folder)
-            exit_code = EXIT_INTERRUPTED
+            failure = write_checkpoint(f"checkpoint_step_{state.step}")
+            if not failure:
+                log.warning("stopped at step %d; resume with training.resume=auto (same run folder)", state.step)
+            exit_code = 1 if failure else EXIT_INTERRUPTED
             break
 
     progress.close()
     stop.uninstall()
     if exit_code == 0:
         run_validation()  # the final model's validation loss (the sweep objective), unless it ran at this step
-        _finish(cfg, accelerator, loss_module, processor, final_dir, run_dir, state, data)
+        exit_code = _finish(cfg, accelerator, loss_module, processor, final_dir, run_dir, state, data)
     tracker.finish()
     accelerator.end_training()
     return TrainResult(exit_code, tracker.latest)
 
 
-def _finish(cfg, accelerator, loss_module, processor, final_dir, run_dir, state, data) -> None:
-    """Final model, bad-sample summary, loss curve, hub upload; prints where everything is."""
+def _finish(cfg, accelerator, loss_module, processor, final_dir, run_dir, state, data) -> int:
+    """Final model, bad-sample summary, loss curve, hub upload; prints where everything is. Returns the exit code
+    (1 when the final model could not be saved)."""
+    model = accelerator.unwrap_model(loss_module).model
+    failure = save_on_main(accelerator, lambda: save_checkpoint(final_dir, model, processor, None))
+    if failure:
+        log.error("%s; the last checkpoint in %s is intact", failure, final_dir.parent)
+        return 1
     if accelerator.is_main_process:
-        save_checkpoint(final_dir, accelerator.unwrap_model(loss_module).model, processor, None)
         plot = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
         bad_files = sorted(run_dir.glob("bad_samples*.jsonl"))
         n_bad = sum(len(f.read_text().splitlines()) for f in bad_files)
@@ -453,6 +493,7 @@ def _finish(cfg, accelerator, loss_module, processor, final_dir, run_dir, state,
         if cfg.training.push_to_hub:
             push_to_hub(final_dir, cfg.training.hub_repo_id, cfg.training.hub_private)
     accelerator.wait_for_everyone()
+    return 0
 
 
 def _duration(seconds: float) -> str:

@@ -54,7 +54,7 @@ CASES = {
     ),
     "resume from a folder without training state": (
         ["train.py", *MATIX, "dataset.docling_matix.path={folders}/docling", "training.resume={folders}/docling"],
-        ["has no training_state.pt", "model.checkpoint="],
+        ["holds no training state", "model.checkpoint="],
     ),
     "wrong value type": (["train.py", "training.lr_connector=abc"], ["training.lr_connector=abc", "Float"]),
     "misspelt key": (["train.py", "training.batch_sizee=2"], ["batch_sizee", "did you mean 'batch_size'?"]),

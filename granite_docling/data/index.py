@@ -13,7 +13,11 @@ record. Records are read and parsed in loader workers, by locator.
   this machine, at most :data:`MAX_PROCESSES`); small sources are counted in the calling process.
 * **Shared.** A file lock beside the entry lets one process build while every other process that needs the same
   entry waits, then maps what the first wrote: one build per node, or per shared filesystem when
-  ``training.index_cache_dir`` is on one. Entries are written to a temporary folder and renamed into place.
+  ``training.index_cache_dir`` is on one (``flock``, which NFS carries between hosts; Lustre needs its ``flock``
+  mount option). The kernel drops the lock of a process that dies, so a killed builder never blocks a start.
+* **Whole or absent.** Entries are written to a temporary folder, flushed to the disk and renamed into place
+  (:mod:`granite_docling.durable`); ``meta.json``, written last, lists every file's size, and an entry whose
+  files do not match it is built again. What a killed build left behind is removed by the next builder.
 * **Bad records** met while building (unreadable JSON, schema, empty answers, missing images) are left out and
   kept in the entry's ``problems.jsonl``, to be reported once per run. What only shows when a record is decoded
   (a truncated image) is found lazily, in the workers.
@@ -41,10 +45,11 @@ from granite_docling.data.image_tiles import ImageSpec
 from granite_docling.data.lengths import LengthCounter
 from granite_docling.data.sample import Problem, Sample
 from granite_docling.data.sources import FolderSource, Source, available_cpus
+from granite_docling.durable import file_sizes, publish, size_mismatches
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 1  # bump when the entry layout or the length counting changes
+INDEX_VERSION = 2  # bump when the entry layout or the length counting changes
 CHUNK = 256  # records per task of the parallel build
 MIN_PARALLEL = 2000  # smaller sources are counted in the calling process (a pool costs ~1 s to start)
 MAX_PROCESSES = 32
@@ -119,6 +124,7 @@ def load_or_build(source: Source, processor, spec: ImageSpec, cache_root: Path, 
             lock.acquire()
         try:
             if not _complete(entry):
+                _remove_unfinished_builds(entry)
                 _build(source, processor, spec, entry, rank)
                 return _open(entry, source.name)
         finally:
@@ -132,7 +138,22 @@ def load_or_build(source: Source, processor, spec: ImageSpec, cache_root: Path, 
 
 
 def _complete(entry: Path) -> bool:
-    return (entry / "meta.json").is_file()
+    """Whether ``entry`` was written whole: its ``meta.json`` parses and every file has the size it lists."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta.get("files"), dict) and not size_mismatches(entry, meta["files"])
+
+
+def _remove_unfinished_builds(entry: Path) -> None:
+    """Remove the temporary folders of builds that were killed (only the lock holder builds: none is running),
+    and an entry that is not whole."""
+    leftovers = [*entry.parent.glob(f".{entry.name}.tmp-*"), *([entry] if entry.exists() else [])]
+    for leftover in leftovers:
+        shutil.rmtree(leftover, ignore_errors=True)
+    if leftovers:
+        log.info("data index: removed %d unfinished build(s) of %s", len(leftovers), entry.name)
 
 
 def _open(entry: Path, name: str) -> SourceIndex:
@@ -215,7 +236,8 @@ def _build(source: Source, processor, spec: ImageSpec, entry: Path, rank: int) -
 
 def _write(entry: Path, source: Source, positions: np.ndarray, lengths: np.ndarray, problems: list[Problem],
            rank: int, seconds: float, processes: int) -> None:  # fmt: skip
-    """Write the entry into a temporary folder, then rename it into place (readers never see half an entry)."""
+    """Write the entry into a temporary folder, then flush and rename it into place (no reader sees half an entry,
+    not even after a power cut)."""
     tmp = entry.parent / f".{entry.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -232,10 +254,10 @@ def _write(entry: Path, source: Source, positions: np.ndarray, lengths: np.ndarr
     (tmp / "problems.jsonl").write_text("".join(json.dumps(p.to_dict()) + "\n" for p in problems))
     meta = {"version": INDEX_VERSION, "name": source.name, "records": len(positions), "bad": len(problems),
             "seconds": round(seconds, 2), "processes": processes,
-            "built_by": {"rank": rank, "host": socket.gethostname(), "pid": os.getpid()}}  # fmt: skip
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(entry, ignore_errors=True)  # an incomplete entry (no meta.json) left by a crash
-    tmp.rename(entry)
+            "built_by": {"rank": rank, "host": socket.gethostname(), "pid": os.getpid()},
+            "files": file_sizes(tmp)}  # fmt: skip
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # last: an entry without it is not whole
+    publish(tmp, entry)
 
 
 def cache_root(configured: str | None) -> Path:

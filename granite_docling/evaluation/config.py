@@ -14,6 +14,7 @@ with the training run's seed and val_ratio (read from the checkpoint's run folde
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,13 @@ from typing import Dict, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from granite_docling.checkpoint_files import (
+    PICKLED_STATE_FILE,
+    STATE_FILE,
+    CheckpointError,
+    is_pickled_checkpoint,
+    read_manifest,
+)
 from granite_docling.config import (
     DTYPES,
     DatasetConfig,
@@ -61,6 +69,7 @@ class EvaluateConfig:
     compare_to: Optional[str] = None  # a second model folder / hub id, or a predictions.jsonl: before vs after
     dataset: Dict[str, DatasetConfig] = field(default_factory=dict)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    trust_checkpoint: bool = False  # read the run config from an older pickled training_state.pt (it can run code)
 
 
 def register_eval_configs() -> None:
@@ -130,36 +139,51 @@ def check_eval_paths(cfg: EvaluateConfig) -> None:
     raise_problems(problems)
 
 
-def training_split_settings(checkpoint: str | None, cfg: EvalConfig) -> tuple[float, int]:
+def training_split_settings(checkpoint: str | None, cfg: EvalConfig, trust_pickle: bool = False) -> tuple[float, int]:
     """(val_ratio, seed) for ``eval.split=val``: the eval.* values when set, else the training run's, else the
-    training defaults.
+    training defaults. ``eval.split=all`` needs neither.
 
-    The run's resolved config is looked up in ``<checkpoint>/training_state.pt`` (step and epoch checkpoints) and
-    in ``.hydra/config.yaml`` of the folders above the checkpoint (``<run>/final_model``,
-    ``<run>/checkpoints/checkpoint_step_N``).
+    The run's resolved config is looked up in ``.hydra/config.yaml`` of the checkpoint's run folder
+    (``<run>/final_model``, ``<run>/checkpoints/checkpoint_step_N``), then in the checkpoint's own
+    ``training_state.json``; a pickled ``training_state.pt`` of the older format is read only with
+    ``trust_pickle``, else a :class:`CheckpointError` says how to go on.
     """
-    found = _training_config(Path(checkpoint)) if checkpoint and Path(checkpoint).is_dir() else None
     defaults = TrainingConfig()
+    if cfg.split != "val":
+        return cfg.val_ratio or 0.0, cfg.seed if cfg.seed is not None else defaults.seed
+    needed = cfg.val_ratio is None or cfg.seed is None
+    found = None
+    if needed and checkpoint and Path(checkpoint).is_dir():
+        found = _training_config(Path(checkpoint), trust_pickle)
     training = (found or {}).get("training") or {}
     val_ratio = cfg.val_ratio if cfg.val_ratio is not None else training.get("val_ratio", defaults.val_ratio)
     seed = cfg.seed if cfg.seed is not None else training.get("seed", defaults.seed)
     return float(val_ratio), int(seed)
 
 
-def _training_config(checkpoint: Path) -> dict | None:
+def _training_config(checkpoint: Path, trust_pickle: bool) -> dict | None:
     for folder in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
         hydra_config = folder / ".hydra" / "config.yaml"
         if hydra_config.is_file():
             log.info("validation split settings from %s", hydra_config)
             return OmegaConf.to_container(OmegaConf.load(hydra_config))
-    from granite_docling.checkpoint import STATE_FILE  # imports torch: not before evaluate.py's cheap checks
-
-    state_file = checkpoint / STATE_FILE
-    if state_file.is_file():
+    if read_manifest(checkpoint) is not None:
+        state_file = checkpoint / STATE_FILE
+        config_yaml = json.loads(state_file.read_text(encoding="utf-8")).get("config")
+        if config_yaml:
+            log.info("validation split settings from %s", state_file)
+            return OmegaConf.to_container(OmegaConf.create(config_yaml))
+    elif is_pickled_checkpoint(checkpoint):
+        if not trust_pickle:
+            raise CheckpointError(
+                f"{checkpoint} keeps its run's config (the seed and val_ratio of its validation split) only in "
+                f"{PICKLED_STATE_FILE}, the older pickled format, which can run any code when it is read: pass "
+                f"eval.seed=... eval.val_ratio=..., or trust_checkpoint=true if you trust where it comes from"
+            )
         import torch
 
-        state = torch.load(state_file, map_location="cpu", weights_only=False, mmap=True)
+        state = torch.load(checkpoint / PICKLED_STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
         if state.get("config"):
-            log.info("validation split settings from %s", state_file)
+            log.info("validation split settings from %s (trusted pickle)", checkpoint / PICKLED_STATE_FILE)
             return OmegaConf.to_container(OmegaConf.create(state["config"]))
     return None

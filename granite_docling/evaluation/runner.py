@@ -93,7 +93,7 @@ def headline(after: dict, before: dict) -> list[str]:
 def evaluation_samples(cfg: EvaluateConfig) -> dict[str, list[Sample]]:
     """The samples to evaluate, per dataset display name (see the module docstring)."""
     e = cfg.eval
-    val_ratio, seed = training_split_settings(cfg.checkpoint or cfg.compare_to, e)
+    val_ratio, seed = training_split_settings(cfg.checkpoint or cfg.compare_to, e, cfg.trust_checkpoint)
     config = Config(dataset=cfg.dataset, training=TrainingConfig(val_ratio=val_ratio, seed=seed))
     from transformers import AutoProcessor
 

@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO
+from filelock import FileLock
 from fixture_data import good_dataset, to_hub_rows, write_annotation
 
+import granite_docling.data.index as index_module
 from granite_docling.data.image_tiles import ImageSpec
 from granite_docling.data.index import load_or_build
 from granite_docling.data.lengths import LengthCounter
@@ -82,8 +88,6 @@ def test_max_samples_indexes_the_first_good_records_only(tmp_path, tiny_processo
 
 
 def test_parallel_build_gives_the_same_index_as_one_process(tmp_path, tiny_processor, monkeypatch):
-    import granite_docling.data.index as index_module
-
     root = good_dataset(tmp_path / "data", 40)
     write_annotation(root, "017a.json", {"img_pth": "nope.png", "anns": {"user": "q", "assistant": "a"}})
     _, serial = index_of(root, tiny_processor, tmp_path / "serial")
@@ -97,18 +101,21 @@ def test_parallel_build_gives_the_same_index_as_one_process(tmp_path, tiny_proce
 
 
 def _build_in_a_process(root, cache, rank, queue):
+    import socket
+
     from conftest import compose_config
 
+    socket.gethostname = lambda: f"host{rank}"  # as if each process ran on a host of its own, sharing the cache
     from granite_docling.model import load_model_config, load_processor
 
     model_cfg = compose_config("model=tiny").model
     processor = load_processor(model_cfg, load_model_config(model_cfg))
     _, index = index_of(root, processor, cache, rank=rank)
     meta = json.loads((index.entry / "meta.json").read_text())
-    queue.put((rank, meta["built_by"]["pid"] == os.getpid()))
+    queue.put((rank, meta["built_by"]["pid"] == os.getpid() and meta["built_by"]["host"] == f"host{rank}"))
 
 
-def test_processes_starting_together_build_the_index_once(tmp_path):
+def test_processes_starting_together_on_several_hosts_build_the_index_once(tmp_path):
     root = good_dataset(tmp_path / "data", 30)
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
@@ -152,3 +159,73 @@ def test_a_save_to_disk_folder_is_read_in_place(tmp_path, tiny_processor, saved)
     (datasets.DatasetDict({"train": dataset}) if saved == "dict" else dataset).save_to_disk(tmp_path / "saved")
     source, index = index_of(tmp_path / "saved", tiny_processor, tmp_path / "cache")
     assert len(index) == 3 and source.read(index.locator(2)).turns == samples[2].turns
+
+
+# A build in its own process, slowed down so that a SIGKILL can land while it counts or while it writes the entry.
+KILLABLE_BUILD = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import numpy as np
+from conftest import compose_config
+import granite_docling.data.index as index_module
+from granite_docling.data.image_tiles import ImageSpec
+from granite_docling.data.lengths import LengthCounter
+from granite_docling.data.sources import ReadOptions, open_source
+from granite_docling.model import load_model_config, load_processor
+
+phase = {phase!r}
+real_count, real_save = LengthCounter.count, np.save
+def slow_count(self, samples, spec):
+    print("counting", flush=True)
+    time.sleep(0.2 if phase == "count" else 0)
+    return real_count(self, samples, spec)
+def slow_save(path, array):
+    real_save(path, array)
+    print("writing", flush=True)
+    time.sleep(0.5)
+LengthCounter.count = slow_count
+index_module.np.save = slow_save
+index_module.CHUNK = 4
+cfg = compose_config("model=tiny").model
+processor = load_processor(cfg, load_model_config(cfg))
+source = open_source({root!r}, "d", ReadOptions(), cache_dir={cache!r})
+index_module.load_or_build(source, processor, ImageSpec.from_processor(processor), {cache!r})
+print("built", flush=True)
+"""
+
+
+def test_a_build_killed_while_counting_or_writing_leaves_nothing_used_and_no_lock(tmp_path, tiny_processor, caplog):
+    root, cache = good_dataset(tmp_path / "data", 24), tmp_path / "cache"
+    for phase in ("count", "write"):
+        script = KILLABLE_BUILD.format(tests=str(REPO / "tests"), phase=phase, root=str(root), cache=str(cache))
+        builder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO)
+        for line in builder.stdout:  # kill it in the middle of the phase: it holds the lock now
+            if line.strip() == ("counting" if phase == "count" else "writing"):
+                break
+        builder.send_signal(signal.SIGKILL)
+        builder.wait(timeout=30)
+        (entry,) = {p.with_suffix("") for p in cache.glob("*.lock")}
+        assert not index_module._complete(entry)
+        assert len(list(cache.glob(f".{entry.name}.tmp-*"))) == (phase == "write")
+
+    lock = FileLock(str(entry) + ".lock")
+    lock.acquire(timeout=5)  # the dead builder's lock does not block
+    lock.release()
+    with caplog.at_level("INFO", logger="granite_docling.data.index"):
+        _, index = index_of(root, tiny_processor, cache)
+    assert "removed 1 unfinished build(s)" in caplog.text and "rank 0 built 24 records" in caplog.text
+    assert index.entry == entry and index_module._complete(entry)
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []
+    _, fresh = index_of(root, tiny_processor, tmp_path / "fresh")
+    assert index.tokens.tolist() == fresh.tokens.tolist() and index.tiles.tolist() == fresh.tiles.tolist()
+
+
+def test_an_entry_whose_files_do_not_match_its_meta_is_built_again(tmp_path, tiny_processor, caplog):
+    root, cache = good_dataset(tmp_path / "data", 6), tmp_path / "cache"
+    _, first = index_of(root, tiny_processor, cache)
+    tokens = first.entry / "tokens.npy"
+    tokens.write_bytes(tokens.read_bytes()[:-8])  # what a power cut can leave where nothing was flushed
+    with caplog.at_level("INFO", logger="granite_docling.data.index"):
+        _, again = index_of(root, tiny_processor, cache)
+    assert "rank 0 built 6 records" in caplog.text
+    assert again.entry == first.entry and len(again.tokens) == 6

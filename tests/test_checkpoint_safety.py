@@ -1,0 +1,169 @@
+"""Checkpoints one can trust, end to end: no code runs from a crafted training_state.pt, SIGKILLs at any moment
+lose nothing, and a full disk stops every process with one line while the previous checkpoint stays whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, run_script
+from fixture_data import good_dataset, write_image
+from test_checkpoint import RunsCode
+
+from granite_docling.checkpoint import load_training_state
+from granite_docling.checkpoint_files import MANIFEST_FILE, PICKLED_STATE_FILE, latest_checkpoint, read_manifest
+
+
+def args(data, run_dir, *extra):
+    return ["train.py", "experiment=quick", f"dataset.sample.path={data}", "training.batch_size=2",
+            "training.val_ratio=0", "training.num_workers=0", "training.log_interval=1", f"hydra.run.dir={run_dir}",
+            *extra]  # fmt: skip
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in rows if "train/loss" in row]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The data and checkpoint_step_2 of a 2-step run."""
+    root = tmp_path_factory.mktemp("trained")
+    data = good_dataset(root / "data", 6)
+    done = run_script(*args(data, root / "run", "training.max_steps=2", "training.save_steps=2"), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return data, root / "run" / "checkpoints" / "checkpoint_step_2"
+
+
+def in_older_format(checkpoint, folder, state) -> None:
+    """A copy of ``checkpoint`` whose training state is only ``state`` pickled in training_state.pt."""
+    shutil.copytree(checkpoint, folder)
+    shutil.rmtree(folder / "training_state")
+    (folder / MANIFEST_FILE).unlink()
+    torch.save(state, folder / PICKLED_STATE_FILE)
+
+
+def start(*script_args, cwd=REPO):
+    return subprocess.Popen([sys.executable, *script_args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+
+
+def test_a_crafted_training_state_never_runs_and_the_older_format_runs_when_trusted(trained, tmp_path):
+    data, checkpoint = trained
+    marker = tmp_path / "the pickle ran"
+    crafted = tmp_path / "crafted" / "checkpoints" / "checkpoint_step_2"
+    in_older_format(checkpoint, crafted, {"loop": {"step": 2}, "payload": RunsCode(marker)})
+    auto_run = tmp_path / "auto"  # a run folder whose newest checkpoint is the crafted one
+    shutil.copytree(crafted.parents[1], auto_run)
+    older = tmp_path / "older" / "checkpoints" / "checkpoint_step_2"
+    in_older_format(checkpoint, older, load_training_state(checkpoint))
+    write_image(tmp_path / "page.png")
+
+    refused = {  # every place a checkpoint is read; each must refuse the pickle in one line, or not read it
+        "resume=PATH": start(*args(data, tmp_path / "a", f"training.resume={crafted}", "training.max_steps=3")),
+        "resume=auto": start(*args(data, auto_run, "training.resume=auto", "training.max_steps=3")),
+        "evaluate.py": start("evaluate.py", f"checkpoint={crafted}", "dataset=[sample]",
+                             f"dataset.sample.path={data}", "eval.split=val", f"hydra.run.dir={tmp_path / 'e'}"),
+    }  # fmt: skip
+    predicted = start("-m", "granite_docling.cli", "predict", str(crafted), str(tmp_path / "page.png"), "--out",
+                      str(tmp_path / "p"), "--max-new-tokens", "4")  # fmt: skip
+    trusted = start(*args(data, tmp_path / "t", f"training.resume={older}", "training.trust_checkpoint=true",
+                          "training.max_steps=4", "training.save_steps=4"))  # fmt: skip
+
+    for where, process in refused.items():
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 2, f"{where}: {stderr[-3000:]}"
+        (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert "pickled format" in line and "trust_checkpoint=true" in line, where
+        assert "Traceback" not in stderr, where
+    _, stderr = predicted.communicate(timeout=300)
+    assert predicted.returncode == 0, stderr[-3000:]  # predict needs no training state: the model files are enough
+    assert not marker.exists()
+
+    stdout, stderr = trusted.communicate(timeout=300)
+    assert trusted.returncode == 0, stderr[-3000:]
+    assert "a pickle, because trust_checkpoint is set" in stdout + stderr
+    assert "resumed from" in stdout + stderr and sorted(train_losses(tmp_path / "t")) == [3, 4]
+    assert read_manifest(tmp_path / "t" / "checkpoints" / "checkpoint_step_4")["step"] == 4  # saved in the safe format
+
+
+def test_sigkill_at_random_moments_of_a_run_that_saves_every_step_loses_nothing(tmp_path):
+    data = good_dataset(tmp_path / "data", 8)
+    run = ["training.max_steps=10", "training.save_steps=1", "training.max_checkpoints=2", "training.save_interval=0"]
+    reference = run_script(*args(data, tmp_path / "reference", *run), timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    run_dir = tmp_path / "killed"
+    checkpoints = run_dir / "checkpoints"
+    chance = random.Random(20)
+    killed_at = []
+    for _ in range(4):
+        step_before = newest_step(checkpoints)
+        process = start(*args(data, run_dir, *run, "training.resume=auto"))
+        deadline = time.time() + 120
+        while newest_step(checkpoints) <= step_before:  # this run trains now
+            assert process.poll() is None and time.time() < deadline, "no new checkpoint before the kill"
+            time.sleep(0.005)
+        time.sleep(chance.uniform(0, 0.5))  # a step or a save under way
+        process.kill()
+        process.communicate(timeout=60)
+        killed_at.append(newest_step(checkpoints))
+        for folder in checkpoints.iterdir():  # every folder that looks like a checkpoint loads whole
+            if read_manifest(folder):
+                load_training_state(folder)
+    assert killed_at[-1] < 10, "the run ended before the last kill: kill sooner"
+
+    finished = run_script(*args(data, run_dir, *run, "training.resume=auto"), timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    expected, got = train_losses(tmp_path / "reference"), train_losses(run_dir)
+    assert sorted(got) == sorted(expected) == list(range(1, 11))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), f"step {step} (killed after {killed_at})"
+
+
+def newest_step(checkpoints) -> int:
+    newest = latest_checkpoint(checkpoints)
+    manifest = read_manifest(newest) if newest else None
+    return manifest["step"] if manifest else 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 150 MB filesystem: one tiny-preset checkpoint (~85 MB) fits, a second does not."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_every_process_in_one_line_and_the_previous_checkpoint_resumes(tmp_path, small_disk):
+    data = good_dataset(tmp_path / "data", 8)
+    run_dir = small_disk / "run"
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run = ["training.max_steps=4", "training.save_steps=1", "training.max_checkpoints=1", "training.batch_size=1"]
+    full = run_script(*launch, *args(data, run_dir, *run), timeout=300)
+    assert full.returncode != 0, "the run should have stopped on the full disk"
+    main_log, other_log = (run_dir / "train.log").read_text(), (run_dir / "train_rank1.log").read_text()
+    (line,) = [line for line in main_log.splitlines() if "ERROR" in line]
+    assert f"could not save checkpoint {run_dir / 'checkpoints' / 'checkpoint_step_2'}: No space left on device" in line
+    assert "the main process could not save a checkpoint" in other_log  # and so it stopped too
+    assert "Traceback" not in main_log + other_log  # (torchrun prints its own when a process exits non-zero)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint_step_1"]  # nothing half-written
+
+    previous = run_dir / "checkpoints" / "checkpoint_step_1"
+    resume = [f"training.resume={previous}", "training.max_steps=2", "training.batch_size=2"]
+    resumed = run_script(*args(data, tmp_path / "resumed", *resume), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 1" in resumed.stdout + resumed.stderr and sorted(train_losses(tmp_path / "resumed")) == [2]
