@@ -81,6 +81,7 @@ bench: setup
 	$(PY) benchmarks/vs_trl.py
 	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/metric_speed.py
+	$(PY) benchmarks/checkpoint_io.py
 
 # The CPU learning curve (about 20 minutes on 2 cores).
 learning-curve: setup

@@ -69,3 +69,12 @@ def test_vs_trl_smallest_run(tmp_path: Path):
     # Same initial weights and the same one page: the losses differ only by TRL's one extra supervised token.
     assert result["trl_supervised_tokens_per_sample"] == result["ours_supervised_tokens_per_sample"] + 1
     assert abs(result["ours_loss"] - result["trl_loss"]) < 0.05
+
+
+def test_checkpoint_io_chooses_the_newest_checkpoint_from_the_manifests_alone():
+    done = run_script("benchmarks/checkpoint_io.py", "--preset", "tiny", "--json", timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = last_json_line(done.stdout)
+    assert result["checkpoints"] == 3 and len(result["save_seconds"]) == 3
+    assert result["resume_auto_bytes_read"] < 10_000  # three small manifests
+    assert result["older_format_bytes_read"] > 3 * result["training_state_pt_mb"] * 2**20 * 0.99

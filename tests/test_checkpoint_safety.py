@@ -1,5 +1,6 @@
-"""Checkpoints one can trust, end to end: no code runs from a crafted training_state.pt, SIGKILLs at any moment
-lose nothing, and a full disk stops every process with one line while the previous checkpoint stays whole."""
+"""Checkpoints one can trust, end to end: no code runs from a crafted training_state.pt, a SIGTERM checkpoints and
+SIGKILLs at any moment lose nothing, and a full disk stops every process with one line while the previous
+checkpoint stays whole."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -16,9 +18,11 @@ import torch
 from conftest import REPO, run_script
 from fixture_data import good_dataset, write_image
 from test_checkpoint import RunsCode
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from granite_docling.checkpoint import load_training_state
 from granite_docling.checkpoint_files import MANIFEST_FILE, PICKLED_STATE_FILE, latest_checkpoint, read_manifest
+from granite_docling.train_loop import EXIT_INTERRUPTED
 
 
 def args(data, run_dir, *extra):
@@ -96,38 +100,46 @@ def test_a_crafted_training_state_never_runs_and_the_older_format_runs_when_trus
     assert read_manifest(tmp_path / "t" / "checkpoints" / "checkpoint_step_4")["step"] == 4  # saved in the safe format
 
 
-def test_sigkill_at_random_moments_of_a_run_that_saves_every_step_loses_nothing(tmp_path):
+def test_sigterm_then_sigkills_at_random_moments_of_a_run_that_saves_every_step_lose_nothing(tmp_path):
     data = good_dataset(tmp_path / "data", 8)
-    run = ["training.max_steps=10", "training.save_steps=1", "training.max_checkpoints=2", "training.save_interval=0"]
+    run = ["training.max_steps=14", "training.save_steps=1", "training.max_checkpoints=2", "training.save_interval=0"]
     reference = run_script(*args(data, tmp_path / "reference", *run), timeout=300)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    run_dir = tmp_path / "killed"
+    run_dir = tmp_path / "stopped"
     checkpoints = run_dir / "checkpoints"
     chance = random.Random(20)
-    killed_at = []
-    for _ in range(4):
+    stopped_at = []
+    for signal_name in ("SIGTERM", "SIGKILL", "SIGKILL", "SIGKILL", "SIGKILL"):
         step_before = newest_step(checkpoints)
         process = start(*args(data, run_dir, *run, "training.resume=auto"))
         deadline = time.time() + 120
         while newest_step(checkpoints) <= step_before:  # this run trains now
-            assert process.poll() is None and time.time() < deadline, "no new checkpoint before the kill"
+            assert process.poll() is None and time.time() < deadline, "no new checkpoint before the signal"
             time.sleep(0.005)
-        time.sleep(chance.uniform(0, 0.5))  # a step or a save under way
-        process.kill()
-        process.communicate(timeout=60)
-        killed_at.append(newest_step(checkpoints))
+        time.sleep(chance.uniform(0, 0.3))  # a step or a save under way
+        process.send_signal(getattr(signal, signal_name))
+        stdout, stderr = process.communicate(timeout=60)
+        stopped_at.append(newest_step(checkpoints))
+        if step_before:
+            assert f"resumed from {checkpoints}" in stdout + stderr
+        if signal_name == "SIGTERM":  # a checkpoint of the step under way, and the exit code that says so
+            assert process.returncode == EXIT_INTERRUPTED, stderr[-3000:]
+            AutoModelForImageTextToText.from_pretrained(latest_checkpoint(checkpoints))  # a stock model folder too
+            AutoProcessor.from_pretrained(latest_checkpoint(checkpoints))
+            assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]  # no temporary folder
         for folder in checkpoints.iterdir():  # every folder that looks like a checkpoint loads whole
             if read_manifest(folder):
                 load_training_state(folder)
-    assert killed_at[-1] < 10, "the run ended before the last kill: kill sooner"
+    assert stopped_at[-1] < 14, f"the run ended before the last signal ({stopped_at}): send them sooner"
 
     finished = run_script(*args(data, run_dir, *run, "training.resume=auto"), timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]  # what SIGKILLs left is gone
     expected, got = train_losses(tmp_path / "reference"), train_losses(run_dir)
-    assert sorted(got) == sorted(expected) == list(range(1, 11))
+    assert sorted(got) == sorted(expected) == list(range(1, 15))
     for step in expected:
-        assert got[step] == pytest.approx(expected[step], abs=1e-5), f"step {step} (killed after {killed_at})"
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), f"step {step} (stopped after {stopped_at})"
 
 
 def newest_step(checkpoints) -> int:
