@@ -218,3 +218,14 @@ def test_write_errors_are_told_in_a_users_words(tmp_path):
     wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device")
     assert describe_write_error(wrapped, tmp_path / "c").startswith("No space left on device (")
     assert describe_write_error(RuntimeError("unexpected pos 25785472"), tmp_path / "c") == "unexpected pos 25785472"
+
+
+def test_the_loss_curve_marks_a_checkpoint_at_the_step_of_its_manifest(tmp_path):
+    from granite_docling.evaluation.loss_curve import checkpoint_step
+
+    model, optimizer, scheduler = small_training()
+    folder = tmp_path / "checkpoint_epoch_1"
+    folder.mkdir()
+    write_training_state(folder, training_state(optimizer, scheduler, LoopState(step=25, epoch=1), [], ""))
+    assert checkpoint_step(folder) == 25
+    assert checkpoint_step(tmp_path / "checkpoint_step_40") == 40  # no manifest: the folder's name

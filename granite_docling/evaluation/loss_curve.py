@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from granite_docling.checkpoint_files import read_manifest
+
 log = logging.getLogger(__name__)
 
 SOURCE_PREFIX = "train/loss/"  # train/loss/<source>: the loss of one source's samples in a step
@@ -75,8 +77,14 @@ def training_run_folder(target: str | Path | None, _depth: int = 0) -> Path | No
 
 
 def checkpoint_step(target: str | Path | None) -> int | None:
-    """N for a ``checkpoint_step_N`` folder (marked on the curve), else None."""
-    match = _STEP_CHECKPOINT.match(Path(target).name) if target else None
+    """The optimizer step of a checkpoint folder (marked on the curve): from its manifest, or N of a
+    ``checkpoint_step_N`` folder of the older format; else None."""
+    if not target:
+        return None
+    manifest = read_manifest(Path(target)) if Path(target).is_dir() else None
+    if manifest is not None:
+        return int(manifest["step"])
+    match = _STEP_CHECKPOINT.match(Path(target).name)
     return int(match.group(1)) if match else None
 
 
