@@ -90,10 +90,10 @@ def run_ours(args: argparse.Namespace, data: Path, work: Path) -> dict:
     samples, padded = [], []
     backward_step = train_loop.backward_step
 
-    def counting_backward_step(accelerator, loss_module, group):  # records what each step trained on
+    def counting_backward_step(accelerator, loss_module, group, *args, **kwargs):  # what each step trained on
         samples.append(sum(len(b["ids"]) for b in group))
         padded.append(sum(b["input_ids"].numel() for b in group if b["ids"]))
-        return backward_step(accelerator, loss_module, group)
+        return backward_step(accelerator, loss_module, group, *args, **kwargs)
 
     train_loop.backward_step = counting_backward_step
     try:

@@ -26,7 +26,7 @@ from granite_docling.checkpoint_files import is_pickled_checkpoint, is_training_
 
 HUB_ID = "ibm-granite/granite-docling-258M"
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3")
 DATASET_FORMATS = ("auto", "docling", "hub")
@@ -133,7 +133,7 @@ class TrainingConfig:
     min_lr: float = 1e-6  # floor of the cosine schedule
     warmup_steps: int = 0  # linear warmup, in optimizer steps
     gradient_checkpointing: bool = True  # recompute activations in backward to save memory
-    mixed_precision: str = "no"  # no, bf16 or fp16 autocast
+    mixed_precision: str = "auto"  # auto (what the device computes fast: granite_docling/precision.py), no, bf16, fp16
     compile: bool = False  # torch.compile the model
     num_workers: int = 4  # DataLoader worker processes per device
     log_interval: int = 10  # console / metrics line every N optimizer steps

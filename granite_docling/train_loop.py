@@ -52,6 +52,7 @@ from granite_docling.data.loading import append_problems, build_data, listed_pro
 from granite_docling.flops import ModelFlops, batch_shape, device_peak_flops, vision_trains
 from granite_docling.loss import TokenLoss
 from granite_docling.model import apply_lora, load_model_and_processor, parameter_groups
+from granite_docling.precision import device_precision
 from granite_docling.tracking import NullTracker, Tracker, plot_loss_curve
 
 log = logging.getLogger(__name__)
@@ -205,14 +206,15 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.training
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
+    precision, precision_reason = device_precision(t.mixed_precision)
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     set_seed(t.seed)
     checkpoint_root = Path(t.save_dir) if t.save_dir else run_dir / "checkpoints"
     final_dir = checkpoint_root / "final_model" if t.save_dir else run_dir / "final_model"
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    log.info("run folder %s, %d process(es) on %s, mixed precision %s", run_dir, world, accelerator.device,
-             t.mixed_precision)  # fmt: skip
+    log.info("run folder %s, %d process(es) on %s, mixed precision %s (%s)", run_dir, world, accelerator.device,
+             precision, precision_reason)  # fmt: skip
 
     # ---- model, data, optimizer, schedule
     model, processor = load_model_and_processor(cfg.model)

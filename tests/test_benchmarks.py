@@ -52,7 +52,6 @@ def test_gpu_check_cpu_smoke_prints_one_line_per_configuration():
 
 
 def test_vs_trl_smallest_run(tmp_path: Path):
-    pytest.importorskip("trl")
     from granite_docling.data.prepare import prepare_dataset
 
     # One short real page (147 tokens with the tiny preset): both trainers, 2 steps each, the second one timed.

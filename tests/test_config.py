@@ -195,3 +195,26 @@ def test_repository_legacy_examples_use_the_hub_id():
     for name in ("granite_docling_config.py", "granite_docling_test.py"):
         mapped = load_legacy_config(REPO / "conf" / "legacy" / name)
         assert mapped["model"]["checkpoint"] == "ibm-granite/granite-docling-258M"
+
+
+def test_auto_precision_picks_what_the_device_computes_fast(tmp_path):
+    from granite_docling.precision import choose_precision, cpu_flags
+
+    avx2_only = frozenset({"fpu", "sse2", "avx2", "fma"})  # the AMD EPYC where bf16 autocast was 10x slower
+    amx = avx2_only | {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+    assert choose_precision("auto", cuda=False, cuda_bf16=False, cpu_flags=avx2_only)[0] == "no"
+    assert choose_precision("auto", cuda=False, cuda_bf16=False, cpu_flags=amx)[0] == "bf16"
+    assert choose_precision("auto", cuda=True, cuda_bf16=True, cpu_flags=avx2_only)[0] == "bf16"
+    assert choose_precision("auto", cuda=True, cuda_bf16=False, cpu_flags=amx) == (
+        "fp16",
+        "auto: the GPU has no bf16, so fp16 with loss scaling",
+    )
+    assert choose_precision("bf16", cuda=False, cuda_bf16=False, cpu_flags=avx2_only) == ("bf16", "as set")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16\n\nprocessor\t: 1\nflags\t\t: fpu avx2 amx_bf16\n")
+    assert cpu_flags(cpuinfo) == frozenset({"fpu", "avx2", "amx_bf16"})
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_the_trainer_defaults_choose_the_precision_by_device():
+    assert compose_config().training.mixed_precision == "auto"
