@@ -44,7 +44,7 @@ from granite_docling.data.index import SourceIndex, cache_root, load_or_build
 from granite_docling.data.sample import REASONS, BadSampleError, Problem, Sample
 from granite_docling.data.sampler import GlobalBatchSampler
 from granite_docling.data.sources import DatasetNotFoundError, ReadOptions, RecordError, Source, open_source
-from granite_docling.data.split import split_positions
+from granite_docling.data.split import scored_validation, split_positions
 
 log = logging.getLogger(__name__)
 
@@ -256,10 +256,12 @@ def build_data(cfg: Config, processor, rank: int = 0, world_size: int = 1) -> Da
                                  f"{int(index.tokens[i])} > {t.max_length} tokens") for i in dropped]  # fmt: skip
         if t.max_length is not None:
             train, val = (p[np.asarray(index.tokens)[p] <= t.max_length] for p in (train, val))
+        scored = scored_validation(val, t.val_max_samples, t.seed, source.name)
         train_parts.append(Part(source, train, index))
-        val_parts.append(Part(source, val, index))
-        sizes[source.name] = (len(train), len(val))
-        log.info("  %s: %d train, %d validation samples", source.name, *sizes[source.name])
+        val_parts.append(Part(source, scored, index))
+        sizes[source.name] = (len(train), len(scored))
+        capped = f" (a validation scores {len(scored)} of the {len(val)} held out)" if len(scored) < len(val) else ""
+        log.info("  %s: %d train, %d validation samples%s", source.name, len(train), len(val), capped)
     if not any(len(part.positions) for part in train_parts):
         raise DatasetNotFoundError(f"no training samples left: {summarise(problems) or 'every source is empty'}")
     edges = image_edges(cfg)

@@ -2,6 +2,8 @@
 
 The same records are held out on every run and every process, and by ``evaluate.py eval.split=val``, which
 calls the same function on the same index. Positions are record numbers of the source's index, kept in order.
+Training scores at most ``training.val_max_samples`` of each source's held-out records (:func:`scored_validation`);
+the rest stay held out, never trained on.
 """
 
 from __future__ import annotations
@@ -27,6 +29,16 @@ def split_positions(size: int, val_ratio: float, seed: int, name: str) -> tuple[
     held_out = np.zeros(size, dtype=bool)
     held_out[seeded_rng(seed, name, "validation").permutation(size)[:n_val]] = True
     return everything[~held_out], everything[held_out]
+
+
+def scored_validation(val: np.ndarray, cap: int | None, seed: int, name: str) -> np.ndarray:
+    """The held-out positions a validation scores: all of ``val``, or a seeded ``cap`` of them (in order), so a
+    validation costs the same however large the dataset. A pure function of (seed, name, val): the same samples
+    on every run and every process."""
+    if cap is None or len(val) <= cap:
+        return val
+    chosen = seeded_rng(seed, name, "scored validation").permutation(len(val))[:cap]
+    return val[np.sort(chosen)]
 
 
 def split_validation(samples: Sequence, val_ratio: float, seed: int, name: str) -> tuple[list, list]:

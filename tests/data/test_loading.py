@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import compose_config
 from fixture_data import BAD_FILES, dataset_with_bad_samples, good_dataset
@@ -11,7 +12,7 @@ from fixture_data import BAD_FILES, dataset_with_bad_samples, good_dataset
 from granite_docling.data.loading import append_problems, build_data, listed_problems, make_loader, summarise
 from granite_docling.data.sample import BadSampleError, Problem
 from granite_docling.data.sampler import epoch_order, mixture_counts
-from granite_docling.data.split import split_positions, split_validation
+from granite_docling.data.split import scored_validation, split_positions, split_validation
 
 
 def test_validation_split_is_deterministic_per_seed_and_source():
@@ -115,3 +116,29 @@ def test_a_source_resized_unlike_the_saved_processor_is_warned_about(tiny_proces
         warn_about_image_sizes({"pages": None, "same": saved, "formulas": saved // 2}, tiny_processor)
     assert len(caplog.records) == 1
     assert "dataset formulas trains at" in caplog.text and f"model.image_longest_edge={saved // 2}" in caplog.text
+
+
+def test_a_validation_scores_a_seeded_cap_of_the_held_out_samples():
+    held_out = np.arange(0, 1000, 7)
+    scored = scored_validation(held_out, 20, seed=42, name="docling_matix")
+    assert len(scored) == 20 and set(scored) <= set(held_out) and list(scored) == sorted(scored)
+    assert np.array_equal(scored, scored_validation(held_out, 20, seed=42, name="docling_matix"))  # any run, any rank
+    assert not np.array_equal(scored, scored_validation(held_out, 20, seed=43, name="docling_matix"))
+    assert not np.array_equal(scored, scored_validation(held_out, 20, seed=42, name="synth_formula"))
+    assert np.array_equal(scored_validation(held_out, None, 42, "d"), held_out)
+    assert np.array_equal(scored_validation(held_out, 1000, 42, "d"), held_out)
+
+
+def test_the_capped_validation_is_the_same_on_every_process_and_never_trained_on(tmp_path, tiny_processor, caplog):
+    root = good_dataset(tmp_path / "data", 20)
+    overrides = ["model=tiny", "dataset=[folder]", f"dataset.folder.path={root}", "training.val_ratio=0.5",
+                 "training.val_max_samples=3"]  # fmt: skip
+    with caplog.at_level("INFO", logger="granite_docling.data.loading"):
+        one = build_data(compose_config(*overrides), tiny_processor)
+    two = [build_data(compose_config(*overrides), tiny_processor, rank, 2) for rank in range(2)]
+    assert "10 train, 10 validation samples (a validation scores 3 of the 10 held out)" in caplog.text
+    for data in (one, *two):
+        assert len(data.val) == 3 and len(data.train) == 10
+        assert [data.val.parts[0].locator(k) for k in range(3)] == [one.val.parts[0].locator(k) for k in range(3)]
+    held_out = {one.val.parts[0].locator(k) for k in range(3)}
+    assert not held_out & {one.train.parts[0].locator(k) for k in range(10)}
