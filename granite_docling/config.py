@@ -141,7 +141,7 @@ class TrainingConfig:
     objective: str = "auto"  # metric train.py returns to sweepers; auto = final val/loss, else last train/loss
     val_interval: int = 1  # validate every N epochs
     val_steps: Optional[int] = None  # also validate every N optimizer steps
-    val_max_samples: Optional[int] = 256  # score at most N held-out samples per dataset (seeded); null = all
+    val_max_samples: Optional[int] = 64  # score at most N held-out samples per dataset (seeded); null = all
     save_interval: int = 1  # checkpoint every N epochs
     save_steps: Optional[int] = None  # also checkpoint every N optimizer steps
     save_initial: bool = False  # also save the untrained start as initial_model/ beside final_model/ (before/after)
