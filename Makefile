@@ -73,6 +73,7 @@ test-browser: setup
 	$(PY) -m pytest -q -m browser tests/evaluation/test_report_browser.py
 
 # The measurements of benchmarks/RESULTS.md; each prints its ratios against a baseline run in the same call.
+# Their quick modes run in `make test` (tests/test_benchmarks.py), so a broken benchmark fails there first.
 bench: setup
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/image_path.py

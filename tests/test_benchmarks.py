@@ -1,4 +1,6 @@
-"""Every benchmark runs in its smallest mode and prints the JSON its users read (numbers are not checked here)."""
+"""Every benchmark of ``make bench`` (and the GPU check's CPU smoke test) runs in its quickest mode in the default
+suite and prints the JSON its users read, so a changed signature fails here rather than in ``make bench``. Numbers
+are not checked here beyond what must hold at any size; benchmarks/RESULTS.md has them."""
 
 from __future__ import annotations
 
@@ -20,20 +22,34 @@ def last_json_line(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow  # make test-slow; the loss itself is checked against transformers' in test_train_loop
+def last_json_object(stdout: str) -> dict:
+    """The last JSON object printed, on one line or indented over several."""
+    lines = stdout.strip().splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("{"))
+    return json.loads("\n".join(lines[start:]))
+
+
+def test_loss_memory_quick_mode_gives_the_stock_loss():
+    done = run_script("benchmarks/loss_memory.py", "--json", "--seq-len", "256", "--prompt-tokens", "64",
+                      "--vocab", "4096", "--hidden", "64", "--chunk-size", "64")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = last_json_line(done.stdout)
+    assert {"peak_mb_chunked", "peak_mb_full", "ratio", "supervised_tokens"} <= set(result)
+    assert result["supervised_tokens"] == 256 - 64 - 1
+    assert result["loss_chunked"] == pytest.approx(result["loss_full"], rel=1e-5)
+
+
+@pytest.mark.slow  # make test-slow; the quick mode above runs by default
 def test_loss_memory_chunked_loss_is_the_stock_loss_in_less_memory():
     # 2,048 positions x 32k classes: full float32 logits are 256 MB, a 256-position chunk 32 MB.
     done = run_script("benchmarks/loss_memory.py", "--json", "--seq-len", "2048", "--prompt-tokens", "512",
                       "--vocab", "32768", "--hidden", "64", "--chunk-size", "256")  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     result = last_json_line(done.stdout)
-    assert {"peak_mb_chunked", "peak_mb_full", "ratio", "supervised_tokens"} <= set(result)
-    assert result["supervised_tokens"] == 2048 - 512 - 1
     assert result["loss_chunked"] == pytest.approx(result["loss_full"], rel=1e-5)
     assert result["peak_mb_chunked"] < result["peak_mb_full"] / 2
 
 
-@pytest.mark.slow  # make test-slow: the default run stays under 10 minutes
 def test_gpu_check_cpu_smoke_prints_one_line_per_configuration():
     env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--cpu-smoke"], capture_output=True, text=True,
@@ -77,3 +93,30 @@ def test_checkpoint_io_chooses_the_newest_checkpoint_from_the_manifests_alone():
     assert result["checkpoints"] == 3 and len(result["save_seconds"]) == 3
     assert result["resume_auto_bytes_read"] < 10_000  # three small manifests
     assert result["older_format_bytes_read"] > 3 * result["training_state_pt_mb"] * 2**20 * 0.99
+
+
+def test_image_path_quick_mode_compares_the_fast_path_with_the_stock_processor():
+    done = run_script("benchmarks/image_path.py", "--max-samples", "1", "--repeats", "1", "--json", timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = last_json_object(done.stdout)
+    assert result["input_ids_equal"] and result["tile_layout_equal"]
+    assert result["worker_cpu_ratio"] > 0 and result["bytes_ratio"] > 1
+
+
+def test_padding_quick_mode_predicts_the_padding_the_loader_makes():
+    done = run_script("benchmarks/padding.py", "--pages", "6", "--formulas", "6", "--epochs", "1", "--check-batches",
+                      "1", "--json", timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = last_json_object(done.stdout)
+    assert result["predicted_equals_measured"] and result["samples"] > 0
+    assert 0 <= result["padding_fraction"] <= result["random_padding_fraction"]
+
+
+def test_scale_quick_mode_trains_on_a_built_folder(tmp_path):
+    done = run_script("benchmarks/scale.py", "--plan", "folder:20", "--work", str(tmp_path), "--json", timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (case,) = last_json_object(done.stdout)["cases"]
+    assert case["samples"] == 20 and set(case["runs"]) == {"first", "cached"}
+    for run in case["runs"].values():
+        assert run["error"] is None and run["steps"] == 3 and run["memory_mb"] > 0
+    assert case["runs"]["cached"]["index_reused"]
