@@ -124,6 +124,7 @@ class TrainingConfig:
     max_steps: Optional[int] = None  # optimizer steps to run; overrides num_epochs
     batch_size: int = 1  # samples per device per micro-step
     gradient_accumulation_steps: int = 8  # micro-steps per optimizer step
+    batch_tokens: Optional[int] = None  # micro-batches of <= N padded tokens (images included); null: batch_size each
     val_ratio: float = 0.05  # share of every source held out for validation; 0 = no validation split
     lr_vision: float = 5e-5  # peak learning rate of the vision encoder
     lr_text: float = 5e-5  # peak learning rate of the text model
@@ -288,6 +289,11 @@ def validate(cfg: Config) -> None:
             f"dataset.{streamed[0]}.streaming=true but {', '.join(sorted(set(cfg.dataset) - set(streamed)))} "
             "is not streamed: stream all sources or none"
         )
+    if streamed and training.batch_tokens is not None:
+        problems.append(
+            "training.batch_tokens needs indexed data: a stream's sample lengths are not known before it is read "
+            "(set it to null, or index the data: dataset.<name>.streaming=false)"
+        )
 
     for name in ("batch_size", "gradient_accumulation_steps", "num_epochs", "log_interval", "val_interval"):
         if getattr(training, name) < 1:
@@ -301,6 +307,7 @@ def validate(cfg: Config) -> None:
         "max_checkpoints",
         "max_samples_per_dataset",
         "val_max_samples",
+        "batch_tokens",
     ):
         value = getattr(training, name)
         if value is not None and value < 1:

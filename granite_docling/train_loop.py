@@ -3,8 +3,10 @@ groups; the rest is here in plain sight.
 
     python train.py experiment=quick          # see train.py for every way to launch it
 
-Vocabulary: ``step`` is an optimizer step; ``micro_step`` one forward/backward of ``batch_size`` samples per
-process (``gradient_accumulation_steps`` of them make a step); ``epoch`` a pass over the training split.
+Vocabulary: ``step`` is an optimizer step, ``batch_size x gradient_accumulation_steps x processes`` samples;
+``micro_step`` one forward/backward per process, of ``batch_size`` samples (``gradient_accumulation_steps`` of
+them make a step) or, with ``training.batch_tokens``, of as many samples as fit that many padded tokens (as many
+micro-steps as the step's samples need); ``epoch`` a pass over the training split.
 
 Exit codes: 0 done; :data:`EXIT_INTERRUPTED` (75) stopped by SIGTERM / Ctrl-C after writing a checkpoint,
 resume with ``training.resume=auto`` (same ``hydra.run.dir``) or ``training.resume=PATH``; 1 on errors,
@@ -362,7 +364,10 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
             (data.train if data.streaming else data.train_sampler).set_epoch(state.epoch, state.samples_in_epoch)
             batches = iter(train_loader)
         fetch_started = time.time()
-        group = take(batches, t.gradient_accumulation_steps)
+        micro_steps = (
+            t.gradient_accumulation_steps if data.streaming else data.train_sampler.micro_steps(state.samples_in_epoch)
+        )
+        group = take(batches, micro_steps)
         window_wait += time.time() - fetch_started
         if data.streaming:  # streams of the processes differ in length: the epoch ends when any one runs short
             (short,) = sum_over_processes(accelerator, float(len(group) < t.gradient_accumulation_steps))
@@ -419,7 +424,7 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
         lrs = {f"train/lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
         metrics = {"train/loss": step_loss, "train/avg_loss": state.loss_sum / state.loss_steps,
                    "train/lr": optimizer.param_groups[0]["lr"], **lrs, "epoch": state.epoch,
-                   "train/supervised_tokens": global_tokens}  # fmt: skip
+                   "train/supervised_tokens": global_tokens, "train/micro_batches": len(group)}  # fmt: skip
         metrics |= {f"train/loss/{name}": loss for name, loss in dataset_losses.items()}  # report.html draws them
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)

@@ -218,3 +218,19 @@ def test_auto_precision_picks_what_the_device_computes_fast(tmp_path):
 
 def test_the_trainer_defaults_choose_the_precision_by_device():
     assert compose_config().training.mixed_precision == "auto"
+
+
+def test_a_token_budget_needs_indexed_data_and_a_positive_size():
+    cfg = compose_config("model=tiny", "dataset=[sample]", "dataset.sample.path=/data", "training.batch_tokens=0")
+    with pytest.raises(ConfigError, match=r"training.batch_tokens=0 must be at least 1"):
+        validate(cfg)
+    streamed = compose_config(
+        "model=tiny",
+        "dataset=[sample]",
+        "dataset.sample.path=/data",
+        "dataset.sample.streaming=true",
+        "training.batch_tokens=4096",
+        "training.val_ratio=0",
+    )
+    with pytest.raises(ConfigError, match="training.batch_tokens needs indexed data"):
+        validate(streamed)

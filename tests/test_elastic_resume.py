@@ -45,16 +45,29 @@ def uninterrupted(data, tmp_path_factory):
 
 
 # 2 -> 1 in the default run; 1 -> 2 (same code path, the other way) with make test-slow, to keep make test short.
-@pytest.mark.parametrize(("before", "after"), [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
-def test_resume_on_another_number_of_processes_gives_the_same_losses(data, tmp_path, uninterrupted, before, after):
-    first = train(data, tmp_path / "first", before, 4, f"training.index_cache_dir={tmp_path / 'cache'}")
+# With a token budget (training.batch_tokens) a step holds the same samples, cut into fewer micro-batches: the
+# losses are those of the uninterrupted run without a budget.
+@pytest.mark.parametrize(
+    ("before", "after", "batch_tokens"),
+    [
+        (2, 1, None),
+        pytest.param(1, 2, None, marks=pytest.mark.slow),
+        (2, 1, 200),
+        pytest.param(1, 2, 200, marks=pytest.mark.slow),
+    ],
+)
+def test_resume_on_another_number_of_processes_gives_the_same_losses(
+    data, tmp_path, uninterrupted, before, after, batch_tokens
+):
+    budget = f"training.batch_tokens={batch_tokens or 'null'}"
+    first = train(data, tmp_path / "first", before, 4, f"training.index_cache_dir={tmp_path / 'cache'}", budget)
     if before == 2:  # a fresh cache: one of the two processes builds the index, the other waits and maps it
         log = (tmp_path / "first" / "train.log").read_text() + (tmp_path / "first" / "train_rank1.log").read_text()
         built = re.findall(r"data index sample: rank (\d) built 24 records", log)
         reused = re.findall(r"data index sample: rank (\d) reused \S+ \(24 records, built by rank (\d)", log)
         assert len(built) == 1 and len(reused) == 1 and reused[0] == (str(1 - int(built[0])), built[0])
     checkpoint = tmp_path / "first" / "checkpoints" / "checkpoint_step_4"
-    resumed = train(data, tmp_path / "second", after, 8, f"training.resume={checkpoint}")
+    resumed = train(data, tmp_path / "second", after, 8, f"training.resume={checkpoint}", budget)
     output = resumed.stdout + resumed.stderr
     assert "at step 4" in output and f"instead of {before} with the same global batch of 4" in output
     assert first.returncode == 0
@@ -62,6 +75,20 @@ def test_resume_on_another_number_of_processes_gives_the_same_losses(data, tmp_p
     assert sorted(got) == sorted(uninterrupted) == list(range(1, 9))
     for step, loss in uninterrupted.items():
         assert got[step] == pytest.approx(loss, abs=1e-4), f"step {step}"
+
+
+@pytest.mark.slow  # make test-slow: the default run stays under 10 minutes
+def test_a_token_budget_resumes_exactly_on_the_same_processes(data, tmp_path, uninterrupted):
+    budget = "training.batch_tokens=200"  # ~2 samples per micro-batch
+    train(data, tmp_path / "first", 1, 4, budget)
+    checkpoint = tmp_path / "first" / "checkpoints" / "checkpoint_step_4"
+    train(data, tmp_path / "second", 1, 8, f"training.resume={checkpoint}", budget)
+    rows = [json.loads(line) for line in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines()]
+    assert {row["train/micro_batches"] for row in rows if "train/loss" in row} == {2}  # not 4: packed
+    got = losses(tmp_path / "first") | losses(tmp_path / "second")
+    assert sorted(got) == list(range(1, 9))
+    for step, loss in uninterrupted.items():
+        assert got[step] == pytest.approx(loss, abs=1e-5), f"step {step}"
 
 
 @pytest.mark.slow  # make test-slow: the default run stays under 10 minutes

@@ -270,12 +270,16 @@ def build_data(cfg: Config, processor, rank: int = 0, world_size: int = 1) -> Da
                    on_bad_sample=t.on_bad_sample, image_path=t.image_path)  # fmt: skip
     val_parts = [part for part in val_parts if len(part.positions)]
     lengths = None
-    if t.length_grouping:
+    if t.length_grouping or t.batch_tokens:
         lengths = tuple(np.concatenate([np.asarray(getattr(part.index, key))[part.positions] for part in train_parts])
                         for key in ("tokens", "tiles"))  # fmt: skip
+    if t.batch_tokens and (longer := int((lengths[0] > t.batch_tokens).sum())):
+        log.warning("%d training sample(s) are longer than training.batch_tokens=%d (the longest: %d tokens): each "
+                    "runs alone in its micro-batch", longer, t.batch_tokens, int(lengths[0].max()))  # fmt: skip
     weights = [source.weight for source in cfg.dataset.values()]
     sampler = GlobalBatchSampler([len(part.positions) for part in train_parts], weights, t.seed, t.batch_size,
-                                 t.gradient_accumulation_steps, rank, world_size, lengths)  # fmt: skip
+                                 t.gradient_accumulation_steps, rank, world_size, lengths, t.length_grouping,
+                                 t.batch_tokens)  # fmt: skip
     return Data(train=make(train_parts), val=make(val_parts) if val_parts else None, train_sampler=sampler,
                 problems=problems, sizes=sizes)  # fmt: skip
 

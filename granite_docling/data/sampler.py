@@ -6,10 +6,17 @@
   have similar (tokens, tiles): windows of :data:`WINDOW` samples are sorted by length, cut into blocks, and the
   blocks shuffled. Still a function of (seed, epoch) and the lengths only.
 * :class:`GlobalBatchSampler` cuts the order into steps of ``batch_size x accumulation x processes`` samples (the
-  global batch). A step's samples are sorted by length and dealt out as micro-batches: micro-step ``m`` of
-  process ``r`` gets the ``(m * processes + r)``-th ``batch_size`` slice, so that at each micro-step the
-  processes hold batches of similar length. The epoch's last step may be smaller; a process whose slice is empty
-  gets an empty batch (the loop backpropagates a zero loss, keeping the processes in step).
+  global batch). A step's samples are sorted by length and cut into micro-batches: ``batch_size`` samples each,
+  or, with a token budget (``training.batch_tokens``), as many consecutive samples as fit the budget in padded
+  tokens (image tokens included; :func:`pack_by_tokens`), so that one micro-batch holds many formula crops or one
+  long document. Micro-batch ``k`` goes to process ``k % processes`` as its micro-step ``k // processes``: at
+  each micro-step the processes hold batches of similar length. Every process runs as many micro-steps as the
+  process with the most; one whose micro-batch is missing gets an empty batch (the loop backpropagates a zero
+  loss, keeping the processes in step). The epoch's last step may be smaller.
+
+An optimizer step is always the global batch of samples, with or without a budget: the budget decides only how
+a step's samples are cut into forward passes. The loss is normalised over the whole step's supervised tokens, so a
+step's gradient is that of one batch of its samples, however they are cut and however many processes share them.
 
 The position is the number of samples of the global order consumed in the epoch. A run resumed on another number
 of processes continues the same order from there: with the same global batch, every step holds the same samples
@@ -53,6 +60,22 @@ def epoch_order(sizes: Sequence[int], weights: Sequence[float | None], seed: int
     return order[rng.permutation(len(order))]
 
 
+def pack_by_tokens(tokens: Sequence[int], budget: int) -> list[int]:
+    """Sizes of consecutive micro-batches over samples of ``tokens`` (sorted by length): each as long as its
+    padded size (samples x the longest) stays within ``budget``. A sample longer than the budget goes alone."""
+    sizes: list[int] = []
+    count, longest = 0, 0
+    for length in tokens:
+        if count and max(longest, int(length)) * (count + 1) > budget:
+            sizes.append(count)
+            count, longest = 0, 0
+        count += 1
+        longest = max(longest, int(length))
+    if count:
+        sizes.append(count)
+    return sizes
+
+
 def by_length(indices: np.ndarray, tokens: np.ndarray, tiles: np.ndarray) -> np.ndarray:
     """``indices`` sorted by (tokens, tiles); ties keep their order (a stable sort)."""
     return indices[np.lexsort((tiles[indices], tokens[indices]))]
@@ -73,21 +96,26 @@ def grouped_order(order: np.ndarray, tokens: np.ndarray, tiles: np.ndarray, seed
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
-    """This process's micro-batches (lists of dataset indices), ``accumulation`` per optimizer step.
+    """This process's micro-batches (lists of dataset indices), one optimizer step after another.
 
     ``set_epoch(epoch, start)`` starts at global sample ``start`` of the epoch's order (see the module docstring);
     every process yields the same number of micro-batches, so no process waits for a step that never comes.
-    ``lengths`` (tokens, tiles) per sample turns length grouping on.
+    ``lengths`` (tokens, tiles) per sample turns length grouping on (``group_by_length``); ``batch_tokens`` packs
+    micro-batches by padded tokens instead of ``batch_size`` samples (it needs ``lengths``).
     """
 
     def __init__(self, sizes: Sequence[int], weights: Sequence[float | None], seed: int, batch_size: int,
                  accumulation: int = 1, rank: int = 0, world_size: int = 1,
-                 lengths: tuple[np.ndarray, np.ndarray] | None = None):  # fmt: skip
+                 lengths: tuple[np.ndarray, np.ndarray] | None = None, group_by_length: bool = True,
+                 batch_tokens: int | None = None):  # fmt: skip
         self.sizes, self.weights, self.seed = list(sizes), list(weights), seed
         self.batch_size, self.accumulation, self.rank, self.world_size = batch_size, accumulation, rank, world_size
         self.lengths = lengths
+        self.group_by_length = group_by_length and lengths is not None
+        self.batch_tokens = batch_tokens
         if lengths is not None:
             assert len(lengths[0]) == len(lengths[1]) == sum(sizes), "one (tokens, tiles) per sample"
+        assert batch_tokens is None or lengths is not None, "a token budget needs the samples' lengths"
         self.epoch, self.start = 0, 0
         self._order: tuple[int, np.ndarray] | None = None
 
@@ -114,18 +142,34 @@ class GlobalBatchSampler(Sampler[list[int]]):
         """The epoch's global sample order (cached for the current epoch)."""
         if self._order is None or self._order[0] != self.epoch:
             order = epoch_order(self.sizes, self.weights, self.seed, self.epoch)
-            if self.lengths is not None:
+            if self.group_by_length:
                 order = grouped_order(order, *self.lengths, self.seed, self.epoch)
             self._order = (self.epoch, order)
         return self._order[1]
 
-    def step_batches(self, step_samples: np.ndarray) -> list[list[int]]:
-        """This process's ``accumulation`` micro-batches of one step's samples (empty lists where none are left)."""
+    def micro_batches(self, step_samples: np.ndarray) -> list[np.ndarray]:
+        """One step's micro-batches over all processes, shortest first."""
         if self.lengths is not None:
             step_samples = by_length(step_samples, *self.lengths)
-        b, world = self.batch_size, self.world_size
-        return [step_samples[(m * world + self.rank) * b : (m * world + self.rank + 1) * b].tolist()
-                for m in range(self.accumulation)]  # fmt: skip
+        if self.batch_tokens is None:
+            b = self.batch_size
+            return [step_samples[k * b : (k + 1) * b] for k in range(self.accumulation * self.world_size)]
+        sizes = pack_by_tokens(self.lengths[0][step_samples], self.batch_tokens)
+        return np.split(step_samples, np.cumsum(sizes)[:-1]) if sizes else []
+
+    def step_batches(self, step_samples: np.ndarray) -> list[list[int]]:
+        """This process's micro-batches of one step's samples (empty lists where it has none left)."""
+        batches = self.micro_batches(step_samples)
+        micro_steps = math.ceil(len(batches) / self.world_size)
+        return [batches[k].tolist() if k < len(batches) else []
+                for k in range(self.rank, micro_steps * self.world_size, self.world_size)]  # fmt: skip
+
+    def micro_steps(self, position: int) -> int:
+        """How many micro-batches every process runs for the step that starts at global sample ``position`` (0 at
+        the end of the epoch with a budget)."""
+        if self.batch_tokens is None:
+            return self.accumulation
+        return len(self.step_batches(self.order()[position : position + self.global_batch]))
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self.order()
@@ -133,4 +177,6 @@ class GlobalBatchSampler(Sampler[list[int]]):
             yield from self.step_batches(order[position : position + self.global_batch])
 
     def __len__(self) -> int:
-        return self.accumulation * math.ceil(max(0, self.epoch_size - self.start) / self.global_batch)
+        if self.batch_tokens is None:
+            return self.accumulation * math.ceil(max(0, self.epoch_size - self.start) / self.global_batch)
+        return sum(self.micro_steps(p) for p in range(self.start, self.epoch_size, self.global_batch))

@@ -13,7 +13,7 @@ from fixture_data import good_dataset
 
 from granite_docling.data.lengths import padding_fraction
 from granite_docling.data.loading import build_data
-from granite_docling.data.sampler import GlobalBatchSampler, epoch_order, grouped_order
+from granite_docling.data.sampler import GlobalBatchSampler, epoch_order, grouped_order, pack_by_tokens
 
 
 def page_like_lengths(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -152,3 +152,69 @@ def test_build_data_groups_by_default_and_the_switch_restores_plain_batches(tmp_
     grouped.train_sampler.set_epoch(0)
     plain.train_sampler.set_epoch(0)
     assert sorted(i for b in grouped.train_sampler for i in b) == sorted(i for b in plain.train_sampler for i in b)
+
+
+def test_pack_by_tokens_fills_each_micro_batch_up_to_the_budget_in_padded_tokens():
+    assert pack_by_tokens([100, 100, 150, 200, 900, 2000], budget=600) == [3, 1, 1, 1]  # 3 x 150, 200, 900, 2000
+    assert pack_by_tokens([300] * 7, budget=2100) == [7]
+    assert pack_by_tokens([300] * 7, budget=2099) == [6, 1]
+    assert pack_by_tokens([5000], budget=4000) == [1]  # longer than the budget: alone
+    assert pack_by_tokens([], budget=10) == []
+
+
+def seed_like_mix(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mostly formula crops (300-420 tokens, 5 tiles) with real-docs-like pages among them, as in the seed's mix."""
+    rng = np.random.default_rng(seed)
+    tokens, tiles = page_like_lengths(n, seed)
+    crops = rng.random(n) < 0.8
+    tokens[crops] = rng.integers(300, 421, crops.sum())
+    tiles[crops] = 5
+    return tokens, tiles
+
+
+def budget_sampler(lengths, rank=0, world_size=1, batch_tokens=None, accumulation=8):
+    return GlobalBatchSampler([len(lengths[0])], [None], 0, 1, accumulation // world_size, rank, world_size, lengths,
+                              batch_tokens=batch_tokens)  # fmt: skip
+
+
+def budget_steps(budgeted: GlobalBatchSampler) -> list[Counter]:
+    """Each step's samples, cut where :meth:`micro_steps` says (as the loop does)."""
+    budgeted.set_epoch(0)
+    batches, out = iter(budgeted), []
+    for position in range(0, budgeted.epoch_size, budgeted.global_batch):
+        step = [next(batches) for _ in range(budgeted.micro_steps(position))]
+        out.append(Counter(i for batch in step for i in batch))
+    assert next(batches, None) is None
+    return out
+
+
+def test_a_token_budget_cuts_the_same_steps_into_fewer_micro_batches_within_the_budget():
+    lengths = seed_like_mix(800)
+    budget = int(lengths[0].max())  # the longest sample's padded length
+    plain, packed = budget_sampler(lengths), budget_sampler(lengths, batch_tokens=budget)
+    assert budget_steps(packed) == steps([plain])  # a step is the same samples: only the cut differs
+    batches = list(packed)
+    assert all(len(b) * lengths[0][b].max() <= budget for b in batches if b)
+    assert len(batches) * 4 <= len(list(plain))  # at least 4x fewer forward / backward passes than batch 1
+    assert len(packed) == len(batches)
+
+
+def test_a_budgeted_step_holds_the_same_micro_batches_on_any_number_of_processes():
+    lengths = seed_like_mix(400)
+
+    def micro_batches(world_size: int) -> list[set]:
+        samplers = [budget_sampler(lengths, r, world_size, batch_tokens=2500) for r in range(world_size)]
+        per_rank = []
+        for s in samplers:
+            s.set_epoch(1, 24)  # resumed mid-epoch
+            per_rank.append(list(s))
+        assert len({len(batches) for batches in per_rank}) == 1, "every process yields as many micro-batches"
+        return [{tuple(b) for batches in per_rank for b in batches if b}]
+
+    assert micro_batches(1) == micro_batches(2) == micro_batches(4)
+    one = budget_sampler(lengths, batch_tokens=2500)
+    one.set_epoch(1, 24)
+    two = budget_sampler(lengths, 1, 2, batch_tokens=2500)
+    two.set_epoch(1, 24)
+    assert [one.micro_steps(p) for p in (24, 32)] == [len(one.step_batches(one.order()[p : p + 8])) for p in (24, 32)]
+    assert two.micro_steps(len(lengths[0])) == 0  # the end of the epoch
