@@ -120,3 +120,15 @@ def test_scale_quick_mode_trains_on_a_built_folder(tmp_path):
     for run in case["runs"].values():
         assert run["error"] is None and run["steps"] == 3 and run["memory_mb"] > 0
     assert case["runs"]["cached"]["index_reused"]
+
+
+def test_token_budget_quick_mode_cuts_the_passes_within_the_budget_with_the_same_losses():
+    quick = ["--pages", "6", "--formulas", "24", "--warmup", "1", "--json"]
+    done = run_script("benchmarks/token_budget.py", *quick, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = last_json_line(done.stdout)
+    budget, batch1 = result["budget"], result["batch1"]
+    assert budget["largest_padded_tokens"] <= result["batch_tokens"] == batch1["longest_sample"]
+    assert budget["passes"] < batch1["passes"] and budget["passes_logged"] == budget["passes"]
+    assert budget["by_dataset"]["crops"]["samples_per_pass"] > 1
+    assert budget["mean_loss"] == pytest.approx(batch1["mean_loss"], abs=1e-4)  # the same steps, cut otherwise
