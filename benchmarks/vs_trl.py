@@ -2,6 +2,15 @@
 
     python benchmarks/vs_trl.py --json                       # real-docs pages, tiny preset, 20 steps of batch 2
     python benchmarks/vs_trl.py --data data/mine --steps 20 --batch-size 4
+    python benchmarks/vs_trl.py --epochs 1 --batch-size 1 --num-workers 0 --preset granite_docling_258m \
+        --override model.random_init=true --override model.image_longest_edge=512 --json   # full size, whole epoch
+
+``--override`` applies any config override to both sides (the model preset, the page size, ...). ``--epochs N``
+trains whole epochs on both sides, so both see every sample the same number of times; a run of ``--steps`` sees
+the first steps' samples of each side's own order, which differ (ours groups by length), and the result says
+so (``same_samples``: whether both sides supervised the same tokens, counting TRL's one extra per sample).
+Each side's peak memory is the resident high-water mark of this process while it trains (``VmHWM`` reset
+before each side; loader workers are other processes: ``--num-workers 0`` keeps everything in this one).
 
 Both runs happen in this one process, one after the other, from the same random initialisation (the ``tiny``
 preset: the real vendored tokenizer and processor, 64 px tiles, pages resized to a 128 px long edge, ~900 tokens
@@ -60,17 +69,36 @@ def prepare_real_docs(out: Path, max_pages: int | None = None) -> Path:
 
 def config_overrides(args: argparse.Namespace, data: Path, run_dir: Path) -> list[str]:
     lr = args.lr
+    if args.epochs:
+        length = [f"training.num_epochs={args.epochs}", "training.max_steps=null"]
+    else:
+        length = [f"training.max_steps={args.steps}"]
     return [
         f"model={args.preset}", "dataset=[folder]", f"dataset.folder.path={data}", "dataset.folder.max_turns=1",
-        f"training.max_steps={args.steps}", f"training.batch_size={args.batch_size}",
+        *length, f"training.batch_size={args.batch_size}",
         "training.gradient_accumulation_steps=1", f"training.num_workers={args.num_workers}",
         "training.gradient_checkpointing=false", "training.mixed_precision=no", "training.val_ratio=0",
         f"training.lr_vision={lr}", f"training.lr_text={lr}", f"training.lr_connector={lr}",
         f"training.min_lr={lr}",  # min_lr == lr: a constant schedule, like TRL's lr_scheduler_type=constant
         "training.warmup_steps=0", "training.weight_decay=0.01", "training.max_grad_norm=1.0",
         "training.log_interval=1", "training.save_interval=0",
-        f"training.seed={args.seed}", f"training.length_cache_dir={run_dir / 'lengths'}",
+        f"training.seed={args.seed}", f"training.index_cache_dir={run_dir / 'index'}", *args.override,
     ]  # fmt: skip
+
+
+def reset_peak_memory() -> None:
+    """Start a new resident high-water mark for this process (Linux: ``/proc/self/clear_refs``)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mb() -> float | None:
+    """This process's resident high-water mark since the last reset, in MiB (None where it cannot be read)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return None
 
 
 def timed_rate(step_seconds: list[float], step_samples: list[int], warmup: int) -> float:
@@ -96,10 +124,12 @@ def run_ours(args: argparse.Namespace, data: Path, work: Path) -> dict:
         return backward_step(accelerator, loss_module, group, *args, **kwargs)
 
     train_loop.backward_step = counting_backward_step
+    reset_peak_memory()
     try:
         exit_code = train_loop.train(cfg, run_dir).exit_code
     finally:
         train_loop.backward_step = backward_step
+    peak = peak_memory_mb()
     if exit_code != 0:
         raise RuntimeError(f"our training loop exited with {exit_code} (its log is on stderr)")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -112,6 +142,8 @@ def run_ours(args: argparse.Namespace, data: Path, work: Path) -> dict:
         "losses": losses,
         "supervised_tokens_per_sample": sum(r["train/supervised_tokens"] for r in rows) / sum(samples),
         "padded_tokens_per_sample": sum(padded) / sum(samples),
+        "samples": sum(samples),
+        "peak_memory_mb": peak,
     }
 
 
@@ -169,7 +201,8 @@ def run_trl(args: argparse.Namespace, data: Path, work: Path) -> dict:
 
     config = SFTConfig(
         output_dir=str(work / "trl"),
-        max_steps=args.steps,
+        max_steps=-1 if args.epochs else args.steps,
+        num_train_epochs=args.epochs or 1,
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1,
         learning_rate=args.lr,
@@ -199,7 +232,9 @@ def run_trl(args: argparse.Namespace, data: Path, work: Path) -> dict:
         processing_class=processor,
         callbacks=[StepClock()],
     )
+    reset_peak_memory()
     trainer.train()
+    peak = peak_memory_mb()
     seconds = [b - a for a, b in itertools.pairwise(step_ends)]
     samples = trainer.samples
     if len(seconds) != len(samples):
@@ -210,6 +245,8 @@ def run_trl(args: argparse.Namespace, data: Path, work: Path) -> dict:
         "losses": losses,
         "supervised_tokens_per_sample": sum(trainer.supervised) / sum(samples),
         "padded_tokens_per_sample": sum(trainer.padded) / sum(samples),
+        "samples": sum(samples),
+        "peak_memory_mb": peak,
     }
 
 
@@ -235,9 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="tiny", help="conf/model preset (random init)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trl-first", action="store_true", help="run TRL before ours (to check order effects)")
+    parser.add_argument("--epochs", type=int, help="train whole epochs on both sides instead of --steps")
+    parser.add_argument("--override", action="append", default=[], help="config override for both (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (and nothing else on stdout)")
     args = parser.parse_args(argv)
-    if args.steps <= args.warmup:
+    if not args.epochs and args.steps <= args.warmup:
         parser.error(f"--steps ({args.steps}) must be larger than --warmup ({args.warmup})")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -259,8 +298,20 @@ def main(argv: list[str] | None = None) -> int:
                 ours = run_ours(args, data, work)
                 trl_result = run_trl(args, data, work)
         load_after = os.getloadavg()[0]
+    # TRL also supervises the newline after each <|end_of_text|>: one token per sample more on the same samples.
+    same_samples = (
+        ours["samples"] == trl_result["samples"]
+        and abs(trl_result["supervised_tokens_per_sample"] - ours["supervised_tokens_per_sample"] - 1) < 1e-6
+    )
     result = {
         "ratio": ours["samples_per_s"] / trl_result["samples_per_s"],
+        "same_samples": same_samples,
+        "ours_supervised_tokens_per_s": ours["samples_per_s"] * ours["supervised_tokens_per_sample"],
+        "trl_supervised_tokens_per_s": trl_result["samples_per_s"] * trl_result["supervised_tokens_per_sample"],
+        "ours_peak_memory_mb": ours["peak_memory_mb"],
+        "trl_peak_memory_mb": trl_result["peak_memory_mb"],
+        "ours_samples": ours["samples"],
+        "trl_samples": trl_result["samples"],
         "ours_samples_per_s": ours["samples_per_s"],
         "trl_samples_per_s": trl_result["samples_per_s"],
         "ours_loss": _mean(ours["losses"]),
@@ -273,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         "trl_padded_tokens_per_sample": trl_result["padded_tokens_per_sample"],
         "preset": args.preset,
         "data": str(args.data) if args.data else "tests/fixtures/real_docs (scale 2)",
-        "steps": args.steps,
+        "steps": None if args.epochs else args.steps,
+        "epochs": args.epochs,
+        "overrides": args.override,
         "warmup_steps": args.warmup,
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,
@@ -283,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before_after": [round(load_before, 2), round(load_after, 2)],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
     }
+    if not same_samples:
+        note = "note: the two sides trained on different samples (see --epochs): their rates are not comparable"
+        print(note, file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     else:
