@@ -295,10 +295,17 @@ def push_to_hub(folder: Path, repo_id: str, private: bool) -> str:
     return repo_id
 
 
-def check_resumed_shape(state: LoopState, global_batch: int, world: int, workers: int, streaming: bool) -> None:
-    """Say what a resume on another shape means for the data order (see granite_docling.data.sampler)."""
+def check_resumed_shape(
+    state: LoopState, global_batch: int, world: int, workers: int, exact_on_any_shape: bool = True
+) -> None:
+    """Say what a resume on another shape means for the data order (see granite_docling.data.sampler and
+    granite_docling.data.steps: a stream's position is exact on the same shape only)."""
     saved_batch, saved_world = state.global_batch, state.processes
-    if streaming and saved_world and (saved_world, saved_batch, state.workers) != (world, global_batch, workers):
+    if (
+        not exact_on_any_shape
+        and saved_world
+        and (saved_world, saved_batch, state.workers) != (world, global_batch, workers)
+    ):
         log.warning("resumed a streaming run on %d process(es) x %d workers with global batch %d (saved: %d x %d, "
                     "%d): a stream's position is exact only on the same shape; each worker skips its share of %d "
                     "micro-batches", world, workers, global_batch, saved_world, state.workers, saved_batch,

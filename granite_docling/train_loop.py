@@ -51,6 +51,7 @@ from granite_docling.config import Config
 from granite_docling.data.encoding import IGNORE_INDEX
 from granite_docling.data.image_tiles import batch_pixel_values
 from granite_docling.data.loading import append_problems, build_data, listed_problems, make_loader, summarise
+from granite_docling.data.steps import training_steps
 from granite_docling.flops import ModelFlops, batch_shape, device_peak_flops, vision_trains
 from granite_docling.loss import TokenLoss
 from granite_docling.model import apply_lora, load_model_and_processor, parameter_groups
@@ -92,16 +93,6 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def take(iterator, n: int) -> list:
-    """Up to ``n`` next items of ``iterator``."""
-    items = []
-    for item in iterator:
-        items.append(item)
-        if len(items) == n:
-            break
-    return items
 
 
 def sum_over_processes(accelerator: Accelerator, *values: float) -> list[float]:
@@ -236,19 +227,19 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
         append_problems(bad_samples_file, data.problems, listed)
         if data.problems:
             log.warning("%s (listed in %s)", summarise(data.problems), bad_samples_file)
-    train_loader = make_loader(data.train, data.train_sampler, t.batch_size, t.num_workers, pad_id)
+
+    def any_process(flag: bool) -> bool:  # True on every process when it is True on any
+        return sum_over_processes(accelerator, float(flag))[0] > 0
+
+    train_steps = training_steps(data, t.batch_size, t.gradient_accumulation_steps, t.num_workers, pad_id, any_process)
     val_loader = None
     if data.val is not None:
         val_indices = range(rank, len(data.val), world)  # no shuffling, no padding: each process a share
         val_loader = make_loader(data.val, val_indices, t.batch_size, t.num_workers, pad_id)
 
     global_batch = t.batch_size * t.gradient_accumulation_steps * world
-    if data.streaming:  # planned from the parquet footers: the steps until the first process runs short
-        epoch_steps = [data.train.steps_in_epoch(e, t.gradient_accumulation_steps) for e in range(t.num_epochs)]
-        steps_per_epoch, total_steps = epoch_steps[0], t.max_steps or sum(epoch_steps)
-    else:
-        steps_per_epoch = data.train_sampler.steps_per_epoch
-        total_steps = t.max_steps or t.num_epochs * steps_per_epoch
+    epoch_steps = train_steps.planned_steps(t.num_epochs)
+    steps_per_epoch, total_steps = epoch_steps[0], t.max_steps or sum(epoch_steps)
     learning_rates = {"vision": t.lr_vision, "text": t.lr_text, "connector": t.lr_connector}
     groups = parameter_groups(model, learning_rates, t.weight_decay)
     fused = cfg.optimizer.fused if cfg.optimizer.fused is not None else torch.cuda.is_available()
@@ -280,8 +271,8 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
         state = loop_state(saved)
         set_rng_state(saved["rng"][min(rank, len(saved["rng"]) - 1)])
         log.info("resumed from %s at step %d (epoch %d, %d %s into it)", resume_from, state.step, state.epoch,
-                 state.samples_in_epoch, "micro-batches" if data.streaming else "samples")  # fmt: skip
-        check_resumed_shape(state, global_batch, world, t.num_workers, data.streaming)
+                 state.samples_in_epoch, train_steps.position_unit)  # fmt: skip
+        check_resumed_shape(state, global_batch, world, t.num_workers, train_steps.exact_on_any_shape)
     state.global_batch, state.processes, state.workers = global_batch, world, t.num_workers
 
     if t.save_initial and resume_from is None:  # the weights training starts from, for before/after evaluations
@@ -356,24 +347,17 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
     window_start, window_samples, window_tokens, window_wait, window_flops = time.time(), 0, 0, 0.0, 0.0
     peak_flops = device_peak_flops(t.peak_tflops)
     model_flops, train_vision = ModelFlops(model), vision_trains(model)
-    batches = None
+    steps = None
     exit_code = 0
     loss_module.train()
     while state.step < total_steps:
-        if batches is None:  # start (or continue) an epoch at the exact sample position
-            (data.train if data.streaming else data.train_sampler).set_epoch(state.epoch, state.samples_in_epoch)
-            batches = iter(train_loader)
+        if steps is None:  # start (or continue) an epoch at the exact position
+            steps = train_steps.epoch(state.epoch, state.samples_in_epoch)
         fetch_started = time.time()
-        micro_steps = (
-            t.gradient_accumulation_steps if data.streaming else data.train_sampler.micro_steps(state.samples_in_epoch)
-        )
-        group = take(batches, micro_steps)
+        step = next(steps, None)  # this process's micro-batches of the step, and the position after it
         window_wait += time.time() - fetch_started
-        if data.streaming:  # streams of the processes differ in length: the epoch ends when any one runs short
-            (short,) = sum_over_processes(accelerator, float(len(group) < t.gradient_accumulation_steps))
-            group = group if not short else []
-        if not group:  # end of epoch
-            state.epoch, state.samples_in_epoch, batches = state.epoch + 1, 0, None
+        if step is None:  # end of epoch
+            state.epoch, state.samples_in_epoch, steps = state.epoch + 1, 0, None
             if t.val_interval and state.epoch % t.val_interval == 0:
                 run_validation()
             if t.save_interval and state.epoch % t.save_interval == 0:
@@ -382,12 +366,9 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
                     break
             continue
 
+        group, state.samples_in_epoch = step
         # Bad samples travel in the batches; train on the rest (listed below, once, by the main process).
         problems = [p for batch in group for p in batch["problems"]]
-        if data.streaming:
-            state.samples_in_epoch += len(group)  # micro-batches of this process
-        else:
-            state.samples_in_epoch = data.train_sampler.advance(state.samples_in_epoch)  # global samples
 
         step_loss, global_tokens, dataset_losses = backward_step(accelerator, loss_module, group, mixed_datasets)
 
