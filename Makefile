@@ -84,6 +84,7 @@ bench: setup
 	$(PY) benchmarks/metric_speed.py
 	$(PY) benchmarks/checkpoint_io.py
 	$(PY) benchmarks/token_budget.py
+	$(PY) benchmarks/step_profile.py
 
 # The CPU learning curve (about 20 minutes on 2 cores).
 learning-curve: setup

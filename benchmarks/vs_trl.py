@@ -5,6 +5,11 @@
     python benchmarks/vs_trl.py --epochs 1 --batch-size 1 --num-workers 0 --preset granite_docling_258m \
         --override model.random_init=true --override model.image_longest_edge=512 --json   # full size, whole epoch
 
+``--same-order`` checks our step against TRL's: TRL trains the samples in the order and batches our run trained
+them (its sampler made sequential over our order), with the newline it supervises after ``<|end_of_text|>``
+masked, so both sides supervise the same tokens from the same weights; ``max_step_loss_rel_diff`` is the largest
+relative difference of the two sides' per-step losses (ours must agree within 1%).
+
 ``--override`` applies any config override to both sides (the model preset, the page size, ...). ``--epochs N``
 trains whole epochs on both sides, so both see every sample the same number of times; a run of ``--steps`` sees
 the first steps' samples of each side's own order, which differ (ours groups by length), and the result says
@@ -115,11 +120,12 @@ def run_ours(args: argparse.Namespace, data: Path, work: Path) -> dict:
 
     run_dir = work / "ours"
     cfg = compose(*config_overrides(args, data, run_dir))
-    samples, padded = [], []
+    samples, padded, step_ids = [], [], []
     backward_step = train_loop.backward_step
 
     def counting_backward_step(accelerator, loss_module, group, *args, **kwargs):  # what each step trained on
         samples.append(sum(len(b["ids"]) for b in group))
+        step_ids.append([sample_id for b in group for sample_id in b["ids"]])
         padded.append(sum(b["input_ids"].numel() for b in group if b["ids"]))
         return backward_step(accelerator, loss_module, group, *args, **kwargs)
 
@@ -144,10 +150,11 @@ def run_ours(args: argparse.Namespace, data: Path, work: Path) -> dict:
         "padded_tokens_per_sample": sum(padded) / sum(samples),
         "samples": sum(samples),
         "peak_memory_mb": peak,
+        "step_ids": step_ids,
     }
 
 
-def trl_dataset(data: Path):
+def trl_dataset(data: Path, order: list[str] | None = None):
     """The same samples (first turn) as a prompt-completion ``datasets.Dataset``; images decoded on access."""
     import datasets
 
@@ -156,6 +163,9 @@ def trl_dataset(data: Path):
     samples, problems = read_dataset(str(data), "folder", ReadOptions(split="train", max_turns=1), "auto")
     if problems:
         raise RuntimeError(f"{len(problems)} bad sample(s) in {data}: {problems[:3]}")
+    if order is not None:  # the sample ids in the order to train them
+        by_id = {s.id: s for s in samples}
+        samples = [by_id[sample_id] for sample_id in order]
     columns = {
         "images": [[str(ref) for ref in s.images] for s in samples],
         "prompt": [[{"role": "user", "content": s.turns[0].user}] for s in samples],
@@ -165,8 +175,25 @@ def trl_dataset(data: Path):
     return dataset.cast_column("images", datasets.List(datasets.Image()))
 
 
-def run_trl(args: argparse.Namespace, data: Path, work: Path) -> dict:
-    """TRL's SFTTrainer on the same model, initialisation, pages and settings."""
+def without_trailing_newline(collate, newline_id: int):
+    """TRL's collator, with the supervised newline after each answer's ``<|end_of_text|>`` masked (as ours)."""
+
+    def masked(examples):
+        batch = collate(examples)
+        labels = batch["labels"]
+        for row in range(labels.shape[0]):
+            supervised = (labels[row] != -100).nonzero()
+            if len(supervised) and labels[row, supervised[-1, 0]] == newline_id:
+                labels[row, supervised[-1, 0]] = -100
+        return batch
+
+    return masked
+
+
+def run_trl(args: argparse.Namespace, data: Path, work: Path, order: list[list[str]] | None = None) -> dict:
+    """TRL's SFTTrainer on the same model, initialisation, pages and settings; with ``order`` (our steps' sample
+    ids), on our batches in our order, supervising the tokens ours does."""
+    import torch
     from accelerate.utils import set_seed
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -192,6 +219,11 @@ def run_trl(args: argparse.Namespace, data: Path, work: Path) -> dict:
         samples: list[int] = []
         padded: list[int] = []
         supervised: list[int] = []
+
+        def _get_train_sampler(self, *args, **kwargs):
+            if order is None:
+                return super()._get_train_sampler(*args, **kwargs)
+            return torch.utils.data.SequentialSampler(self.train_dataset)
 
         def training_step(self, model, inputs, *rest, **kwargs):
             self.samples.append(int(inputs["input_ids"].shape[0]))
@@ -228,10 +260,12 @@ def run_trl(args: argparse.Namespace, data: Path, work: Path) -> dict:
     trainer = CountingSFTTrainer(
         model=model,
         args=config,
-        train_dataset=trl_dataset(data),
+        train_dataset=trl_dataset(data, [i for ids in order for i in ids] if order else None),
         processing_class=processor,
         callbacks=[StepClock()],
     )
+    if order is not None:
+        trainer.data_collator = without_trailing_newline(trainer.data_collator, processor.tokenizer.encode("\n")[0])
     reset_peak_memory()
     trainer.train()
     peak = peak_memory_mb()
@@ -272,10 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="tiny", help="conf/model preset (random init)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trl-first", action="store_true", help="run TRL before ours (to check order effects)")
+    parser.add_argument("--same-order", action="store_true", help="TRL trains our batches in our order (a check)")
     parser.add_argument("--epochs", type=int, help="train whole epochs on both sides instead of --steps")
     parser.add_argument("--override", action="append", default=[], help="config override for both (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (and nothing else on stdout)")
     args = parser.parse_args(argv)
+    if args.same_order and args.trl_first:
+        parser.error("--same-order runs ours first (TRL follows our order)")
     if not args.epochs and args.steps <= args.warmup:
         parser.error(f"--steps ({args.steps}) must be larger than --warmup ({args.warmup})")
 
@@ -296,15 +333,17 @@ def main(argv: list[str] | None = None) -> int:
                 ours = run_ours(args, data, work)
             else:
                 ours = run_ours(args, data, work)
-                trl_result = run_trl(args, data, work)
+                trl_result = run_trl(args, data, work, ours["step_ids"] if args.same_order else None)
         load_after = os.getloadavg()[0]
     # TRL also supervises the newline after each <|end_of_text|>: one token per sample more on the same samples.
+    extra = 0 if args.same_order else 1  # --same-order masks it
     same_samples = (
         ours["samples"] == trl_result["samples"]
-        and abs(trl_result["supervised_tokens_per_sample"] - ours["supervised_tokens_per_sample"] - 1) < 1e-6
+        and abs(trl_result["supervised_tokens_per_sample"] - ours["supervised_tokens_per_sample"] - extra) < 1e-6
     )
     result = {
         "ratio": ours["samples_per_s"] / trl_result["samples_per_s"],
+        "same_order": args.same_order,
         "same_samples": same_samples,
         "ours_supervised_tokens_per_s": ours["samples_per_s"] * ours["supervised_tokens_per_sample"],
         "trl_supervised_tokens_per_s": trl_result["samples_per_s"] * trl_result["supervised_tokens_per_sample"],
@@ -316,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         "trl_samples_per_s": trl_result["samples_per_s"],
         "ours_loss": _mean(ours["losses"]),
         "trl_loss": _mean(trl_result["losses"]),
+        "ours_step_losses": ours["losses"],
+        "trl_step_losses": trl_result["losses"],
         "ours_final_loss": ours["losses"][-1],
         "trl_final_loss": trl_result["losses"][-1],
         "ours_supervised_tokens_per_sample": ours["supervised_tokens_per_sample"],
@@ -336,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before_after": [round(load_before, 2), round(load_after, 2)],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
     }
+    if args.same_order:
+        pairs = zip(ours["losses"], trl_result["losses"], strict=True)
+        result["max_step_loss_rel_diff"] = max(abs(a - b) / abs(a) for a, b in pairs)
     if not same_samples:
         note = "note: the two sides trained on different samples (see --epochs): their rates are not comparable"
         print(note, file=sys.stderr)

@@ -113,7 +113,7 @@ class OptimizerConfig:
     name: str = "adamw"  # only AdamW for now
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam momentum coefficients
     eps: float = 1e-8  # Adam denominator epsilon
-    fused: Optional[bool] = None  # fused AdamW kernel (CUDA, and CPU); null = on when training on CUDA
+    fused: Optional[bool] = None  # fused AdamW kernel; null = on (CUDA and CPU, where its step is ~4x faster)
 
 
 @dataclass

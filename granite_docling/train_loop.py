@@ -242,7 +242,7 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
     steps_per_epoch, total_steps = epoch_steps[0], t.max_steps or sum(epoch_steps)
     learning_rates = {"vision": t.lr_vision, "text": t.lr_text, "connector": t.lr_connector}
     groups = parameter_groups(model, learning_rates, t.weight_decay)
-    fused = cfg.optimizer.fused if cfg.optimizer.fused is not None else torch.cuda.is_available()
+    fused = cfg.optimizer.fused is not False  # null: fused, on CUDA and CPU alike
     optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps, fused=fused)
     min_ratios = [t.min_lr / g["lr"] for g in groups]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
