@@ -216,8 +216,14 @@ def rotate_checkpoints(root: Path, keep: int | None) -> list[Path]:
     found = complete_checkpoints(root)
     doomed = found[: max(0, len(found) - keep)]
     for folder in doomed:
-        shutil.rmtree(folder, ignore_errors=True)
+        # Renamed out of sight first (atomic), so that a process killed mid-delete never leaves a folder that
+        # still has its manifest but lacks files.
+        trash = folder.parent / f".{folder.name}.deleting-{os.getpid()}"
+        folder.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
         log.info("removed old checkpoint %s (keeping %d)", folder, keep)
+    for leftover in Path(root).glob(".checkpoint_*.deleting-*"):  # what a killed rotation left
+        shutil.rmtree(leftover, ignore_errors=True)
     return doomed
 
 

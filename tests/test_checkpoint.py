@@ -229,3 +229,28 @@ def test_the_loss_curve_marks_a_checkpoint_at_the_step_of_its_manifest(tmp_path)
     write_training_state(folder, training_state(optimizer, scheduler, LoopState(step=25, epoch=1), [], ""))
     assert checkpoint_step(folder) == 25
     assert checkpoint_step(tmp_path / "checkpoint_step_40") == 40  # no manifest: the folder's name
+
+
+def test_rotation_renames_a_checkpoint_out_of_sight_before_deleting_it(tmp_path, monkeypatch):
+    model, optimizer, scheduler = small_training()
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        (root / f"checkpoint_step_{step}").mkdir(parents=True)
+        write_training_state(
+            root / f"checkpoint_step_{step}", training_state(optimizer, scheduler, LoopState(step), [], "")
+        )
+    (root / ".checkpoint_step_0.deleting-99").mkdir()  # left by a rotation that was killed
+
+    def killed_mid_delete(path, ignore_errors=False):  # deletes one file, then the process dies
+        next(p for p in sorted(path.rglob("*")) if p.is_file()).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_mid_delete)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.rotate_checkpoints(root, keep=2)
+    assert [p.name for p in complete_checkpoints(root)] == ["checkpoint_step_2", "checkpoint_step_3"]
+    for folder in complete_checkpoints(root):  # nothing that looks complete is half-deleted
+        load_training_state(folder)
+    monkeypatch.undo()
+    checkpoint.rotate_checkpoints(root, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_step_2", "checkpoint_step_3"]
