@@ -254,3 +254,23 @@ def test_rotation_renames_a_checkpoint_out_of_sight_before_deleting_it(tmp_path,
     monkeypatch.undo()
     checkpoint.rotate_checkpoints(root, keep=2)
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint_step_2", "checkpoint_step_3"]
+
+
+def test_evaluate_reads_the_split_settings_from_a_checkpoints_own_state_or_asks_to_trust_a_pickle(tmp_path):
+    from granite_docling.evaluation.config import EvalConfig, training_split_settings
+
+    model, optimizer, scheduler = small_training()
+    folder = tmp_path / "copied" / "checkpoint_step_3"  # no run folder (.hydra) above it
+    folder.mkdir(parents=True)
+    config = "training:\n  seed: 7\n  val_ratio: 0.2\n"
+    write_training_state(folder, training_state(optimizer, scheduler, LoopState(step=3), [rng_state()], config))
+    assert training_split_settings(str(folder), EvalConfig()) == (0.2, 7)
+    assert training_split_settings(str(folder), EvalConfig(seed=1, val_ratio=0.1)) == (0.1, 1)
+
+    older = tmp_path / "older" / "checkpoint_step_3"
+    older.mkdir(parents=True)
+    torch.save({"config": config}, older / PICKLED_STATE_FILE)
+    with pytest.raises(CheckpointError, match="eval.seed=... eval.val_ratio=..., or trust_checkpoint=true"):
+        training_split_settings(str(older), EvalConfig())
+    assert training_split_settings(str(older), EvalConfig(), trust_pickle=True) == (0.2, 7)
+    assert training_split_settings(str(older), EvalConfig(split="all")) == (0.0, 42)  # needs no settings
