@@ -133,9 +133,13 @@ def save_checkpoint(folder: Path, model, processor, training_state: dict | None 
 
 
 def remove_temporaries(folder: Path) -> None:
-    """Remove what saves of ``folder`` killed mid-write left (``.<name>.tmp-<pid>``); they never count as
-    checkpoints, but they hold disk space."""
-    for leftover in folder.parent.glob(f".{folder.name}.tmp-*"):
+    """Remove what saves of ``folder`` killed mid-write left (``.<name>.tmp-<pid>``, and ``.<name>.old-<pid>``
+    from a replacement); they never count as checkpoints, but they hold disk space. A replacement killed between
+    its two renames left the only complete copy aside: it is put back first."""
+    olds = sorted(folder.parent.glob(f".{folder.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not folder.exists():  # killed between moving the old copy aside and renaming the new one in
+        olds.pop().rename(folder)
+    for leftover in [*folder.parent.glob(f".{folder.name}.tmp-*"), *olds]:
         shutil.rmtree(leftover, ignore_errors=True)
 
 

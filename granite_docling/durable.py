@@ -51,6 +51,7 @@ def publish(tmp: Path, final: Path) -> None:
     fsync_tree(tmp)
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
+        shutil.rmtree(old, ignore_errors=True)  # a leftover of a killed process that had this pid
         final.rename(old)
     tmp.rename(final)
     fsync_dir(final.parent)

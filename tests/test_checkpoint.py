@@ -274,3 +274,15 @@ def test_evaluate_reads_the_split_settings_from_a_checkpoints_own_state_or_asks_
         training_split_settings(str(older), EvalConfig())
     assert training_split_settings(str(older), EvalConfig(), trust_pickle=True) == (0.2, 7)
     assert training_split_settings(str(older), EvalConfig(split="all")) == (0.0, 42)  # needs no settings
+
+
+def test_a_replacement_killed_between_its_renames_gets_its_old_copy_back(tmp_path):
+    model, optimizer, scheduler = small_training()
+    state = training_state(optimizer, scheduler, LoopState(step=1), [rng_state()], "")
+    final = save_checkpoint(tmp_path / "final_model", Model(), Processor(), state)
+    aside = tmp_path / ".final_model.old-4242"
+    final.rename(aside)  # the old copy moved aside; the process died before the new one was renamed in
+    (tmp_path / ".final_model.tmp-4242").mkdir()
+    checkpoint.remove_temporaries(final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final_model"]
+    assert load_training_state(final)["loop"]["step"] == 1
