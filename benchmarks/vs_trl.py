@@ -24,9 +24,9 @@ fast image path, length-grouped batches, chunked loss on supervised positions on
 advise for a vision-language model: a prompt-completion dataset (one user turn with the page image, one assistant
 turn), so its ``DataCollatorForVisionLanguageModeling`` runs the stock processor and ``completion_only_loss``
 (TRL's default for that format) masks the prompt. ``assistant_only_loss`` is not available: granite-docling's chat
-template has no ``{% generation %}`` markers and TRL cannot patch it. Both runs: float32, no gradient
-checkpointing, AdamW with the same constant learning rate, weight decay 0.01, clipping at 1.0, no evaluation or
-checkpoints during the timed steps.
+template has no ``{% generation %}`` markers and TRL cannot patch it. Both runs: float32 (``--bf16``: bf16
+autocast), no gradient checkpointing, AdamW with the same constant learning rate, weight decay 0.01, clipping at
+1.0, no evaluation or checkpoints during the timed steps.
 
 Timing: the seconds between the ends of consecutive optimizer steps (data wait included), over every step after
 the first ``--warmup`` ones; samples/s is the samples of those steps over that time. ``ratio`` is ours over TRL's.
@@ -82,7 +82,8 @@ def config_overrides(args: argparse.Namespace, data: Path, run_dir: Path) -> lis
         f"model={args.preset}", "dataset=[folder]", f"dataset.folder.path={data}", "dataset.folder.max_turns=1",
         *length, f"training.batch_size={args.batch_size}",
         "training.gradient_accumulation_steps=1", f"training.num_workers={args.num_workers}",
-        "training.gradient_checkpointing=false", "training.mixed_precision=no", "training.val_ratio=0",
+        "training.gradient_checkpointing=false", f"training.mixed_precision={'bf16' if args.bf16 else 'no'}",
+        "training.val_ratio=0",
         f"training.lr_vision={lr}", f"training.lr_text={lr}", f"training.lr_connector={lr}",
         f"training.min_lr={lr}",  # min_lr == lr: a constant schedule, like TRL's lr_scheduler_type=constant
         "training.warmup_steps=0", "training.weight_decay=0.01", "training.max_grad_norm=1.0",
@@ -244,7 +245,7 @@ def run_trl(args: argparse.Namespace, data: Path, work: Path, order: list[list[s
         max_grad_norm=1.0,
         optim="adamw_torch",
         gradient_checkpointing=False,
-        bf16=False,
+        bf16=args.bf16,
         fp16=False,
         max_length=None,  # never truncate: TRL's default (1024) would cut pages through their answers
         completion_only_loss=True,  # the default for prompt-completion data, spelled out
@@ -306,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="tiny", help="conf/model preset (random init)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trl-first", action="store_true", help="run TRL before ours (to check order effects)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (default: float32)")
     parser.add_argument("--same-order", action="store_true", help="TRL trains our batches in our order (a check)")
     parser.add_argument("--epochs", type=int, help="train whole epochs on both sides instead of --steps")
     parser.add_argument("--override", action="append", default=[], help="config override for both (repeatable)")
@@ -368,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": None if args.epochs else args.steps,
         "epochs": args.epochs,
         "overrides": args.override,
+        "precision": "bf16" if args.bf16 else "float32",
         "warmup_steps": args.warmup,
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,
