@@ -9,7 +9,8 @@ moments, as after any optimizer step) are written with :func:`granite_docling.ch
 each the same training state as the older format's pickled ``training_state.pt``. Then:
 
 * ``resume=auto`` now: :func:`granite_docling.checkpoint_files.latest_checkpoint` (reads the manifests);
-* the older format: every ``training_state.pt`` loaded whole to read its step, as ``checkpoint_sort_key`` did.
+* the older format: every ``training_state.pt`` loaded whole to read its step, as ``checkpoint_sort_key`` did
+  (here with ``weights_only=True``, which reads the same bytes).
 
 Bytes read are the process's ``rchar`` (``/proc/self/io``): every byte a read call returned, from the disk or the
 page cache alike. Also reported: the seconds a save takes, flushed to the disk (``fsync``) included.
@@ -58,7 +59,7 @@ def trained_state(preset: str):
 def measure(preset: str, work: Path) -> dict:
     import torch
 
-    from granite_docling.checkpoint import LoopState, rng_state, save_checkpoint, training_state
+    from granite_docling.checkpoint import LoopState, read_pickled_state, rng_state, save_checkpoint, training_state
     from granite_docling.checkpoint_files import PICKLED_STATE_FILE, latest_checkpoint
 
     model, processor, optimizer, scheduler = trained_state(preset)
@@ -79,7 +80,7 @@ def measure(preset: str, work: Path) -> dict:
     before = bytes_read()
     steps = {}
     for folder in sorted(root.iterdir()):  # what the older format's checkpoint_sort_key did for each
-        steps[folder] = torch.load(folder / PICKLED_STATE_FILE, map_location="cpu", weights_only=False)["loop"]["step"]
+        steps[folder] = read_pickled_state(folder / PICKLED_STATE_FILE)["loop"]["step"]  # all of it, to read a number
     pickles = bytes_read() - before
     assert chosen == max(steps, key=steps.get), "both ways must choose the same checkpoint"
 

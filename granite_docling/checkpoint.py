@@ -17,9 +17,10 @@ Writes go to a hidden temporary folder that is flushed to the disk and renamed i
 complete. A save that fails (a full disk, no permission) removes its temporary folder, leaves every earlier
 checkpoint as it was and raises :class:`CheckpointSaveError` with one line that says why.
 
-Checkpoints written before this format keep their state in ``training_state.pt``, a pickle, which can run any
-code when it is loaded. They are read only when the user says they trust them (``training.trust_checkpoint=true``
-for train.py, ``trust_checkpoint=true`` for evaluate.py); otherwise :class:`CheckpointError` says how.
+Checkpoints written before this format keep their state in ``training_state.pt``, a pickle. They are read only
+when the user asks for it (``training.trust_checkpoint=true`` for train.py, ``trust_checkpoint=true`` for
+evaluate.py; otherwise :class:`CheckpointError` says how), and even then with ``weights_only=True`` and an
+allow-list of NumPy's array types (:func:`read_pickled_state`): a crafted pickle is refused, never run.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -37,6 +39,11 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+try:  # how NumPy arrays are unpickled (the RNG state of an older training_state.pt)
+    from numpy._core.multiarray import _reconstruct as reconstruct
+except ImportError:  # NumPy 1
+    from numpy.core.multiarray import _reconstruct as reconstruct
 
 from granite_docling.checkpoint_files import (
     FORMAT,
@@ -218,17 +225,22 @@ def rotate_checkpoints(root: Path, keep: int | None) -> list[Path]:
     if keep is None:
         return []
     found = complete_checkpoints(root)
-    doomed = found[: max(0, len(found) - keep)]
-    for folder in doomed:
+    removed = []
+    for folder in found[: max(0, len(found) - keep)]:
         # Renamed out of sight first (atomic), so that a process killed mid-delete never leaves a folder that
         # still has its manifest but lacks files.
         trash = folder.parent / f".{folder.name}.deleting-{os.getpid()}"
-        folder.rename(trash)
+        try:
+            folder.rename(trash)
+        except OSError as error:  # not worth stopping the run for: the checkpoint just stays
+            log.warning("could not remove old checkpoint %s: %s", folder, error)
+            continue
         shutil.rmtree(trash, ignore_errors=True)
+        removed.append(folder)
         log.info("removed old checkpoint %s (keeping %d)", folder, keep)
     for leftover in Path(root).glob(".checkpoint_*.deleting-*"):  # what a killed rotation left
         shutil.rmtree(leftover, ignore_errors=True)
-    return doomed
+    return removed
 
 
 def training_state(
@@ -254,7 +266,7 @@ def load_training_state(folder: Path, trust_pickle: bool = False) -> dict:
         if not trust_pickle:
             raise CheckpointError(pickled_state_message(folder))
         log.warning("reading %s, a pickle, because trust_checkpoint is set", folder / PICKLED_STATE_FILE)
-        return torch.load(folder / PICKLED_STATE_FILE, map_location="cpu", weights_only=False)
+        return read_pickled_state(folder / PICKLED_STATE_FILE)
     manifest = read_manifest(folder)
     if manifest is None:
         if (folder / STATE_FILE).is_file():
@@ -269,6 +281,21 @@ def load_training_state(folder: Path, trust_pickle: bool = False) -> dict:
         raise CheckpointError(f"{folder} is damaged ({'; '.join(damaged[:3])}): resume from an earlier checkpoint")
     packed = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
     return unpack_state(packed, load_file(folder / TENSORS_FILE))
+
+
+def read_pickled_state(path: Path) -> dict:
+    """An older ``training_state.pt``, unpickled with ``weights_only=True``: tensors, plain values and the NumPy
+    arrays of its RNG state are accepted, anything else (code a crafted file would run) is refused."""
+    numpy_1_name = (reconstruct, "numpy.core.multiarray._reconstruct")  # how NumPy 1 wrote it
+    allowed = [reconstruct, numpy_1_name, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise CheckpointError(
+            f"{path} holds more than tensors and plain values, so it is not read ({reason})"
+        ) from error
 
 
 def loop_state(saved: dict) -> LoopState:

@@ -50,9 +50,9 @@ def is_training_checkpoint(folder: Path) -> bool:
 
 def pickled_state_message(folder: Path) -> str:
     return (
-        f"{folder} keeps its training state in {PICKLED_STATE_FILE}, the older pickled format, which can run any "
-        f"code when it is read: if you trust where it comes from, pass {TRUST_HINT} (checkpoints saved from then "
-        f"on are in the safe format)"
+        f"{folder} keeps its training state in {PICKLED_STATE_FILE}, the older pickled format: to read it, pass "
+        f"{TRUST_HINT} (only tensors and plain values are taken from it, never code; checkpoints saved from then on "
+        f"are in the new format)"
     )
 
 

@@ -153,7 +153,7 @@ class TrainingConfig:
     save_dir: Optional[str] = None  # checkpoint folder; null = checkpoints/ inside the run folder
     seed: int = 42  # seeds model init, data order and the validation split
     resume: Optional[str] = None  # checkpoint folder to continue from, or 'auto' (newest in save_dir)
-    trust_checkpoint: bool = False  # also resume from the older pickled training_state.pt (it can run code)
+    trust_checkpoint: bool = False  # also resume from an older pickled training_state.pt (plain data only)
     max_samples_per_dataset: Optional[int] = None  # cap on every source (a dataset's own max_samples also applies)
     max_length: Optional[int] = None  # drop samples longer than this many tokens, image tokens included
     on_bad_sample: str = "skip"  # skip (count and report) or error (stop at the first, naming it)

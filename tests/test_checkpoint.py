@@ -133,7 +133,7 @@ class RunsCode:
         return open, (self.marker, "w")
 
 
-def test_a_pickled_state_is_read_only_when_trusted(tmp_path):
+def test_a_pickled_state_is_read_only_when_asked_and_then_only_as_plain_data(tmp_path):
     marker = tmp_path / "ran"
     folder = tmp_path / "checkpoints" / "checkpoint_step_4"
     folder.mkdir(parents=True)
@@ -141,9 +141,16 @@ def test_a_pickled_state_is_read_only_when_trusted(tmp_path):
     with pytest.raises(CheckpointError, match="pickled format.*training.trust_checkpoint=true"):
         load_training_state(folder)
     assert latest_checkpoint(folder.parent) == folder  # listing it reads nothing
-    assert not marker.exists()
-    assert load_training_state(folder, trust_pickle=True)["loop"]["step"] == 4
-    assert marker.exists()  # trusted: the pickle ran, as the user said it may
+    with pytest.raises(CheckpointError, match="holds more than tensors and plain values, so it is not read"):
+        load_training_state(folder, trust_pickle=True)
+    assert not marker.exists()  # not even when asked
+
+    model, optimizer, scheduler = small_training()
+    take_step(model, optimizer, scheduler, 0)
+    older = training_state(optimizer, scheduler, LoopState(step=4), [rng_state()], "training: {}\n")
+    torch.save(older, folder / PICKLED_STATE_FILE)  # what the older format wrote: tensors, NumPy RNG arrays
+    loaded = load_training_state(folder, trust_pickle=True)
+    assert loaded["loop"]["step"] == 4 and np.array_equal(loaded["rng"][0]["numpy"][1], older["rng"][0]["numpy"][1])
 
 
 def test_newest_checkpoint_comes_from_the_manifests_alone(tmp_path, monkeypatch):

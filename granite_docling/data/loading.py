@@ -274,12 +274,22 @@ def build_data(cfg: Config, processor, rank: int = 0, world_size: int = 1) -> Da
         lengths = tuple(np.concatenate([np.asarray(getattr(part.index, key))[part.positions] for part in train_parts])
                         for key in ("tokens", "tiles"))  # fmt: skip
     if t.batch_tokens and (longer := int((lengths[0] > t.batch_tokens).sum())):
-        log.warning("%d training sample(s) are longer than training.batch_tokens=%d (the longest: %d tokens): each "
-                    "runs alone in its micro-batch", longer, t.batch_tokens, int(lengths[0].max()))  # fmt: skip
+        longest = int(lengths[0].max())
+        message = "%d training sample(s) are longer than training.batch_tokens=%d (the longest: %d tokens)"
+        log.warning(message + ": each runs alone in its micro-batch", longer, t.batch_tokens, longest)
     weights = [source.weight for source in cfg.dataset.values()]
-    sampler = GlobalBatchSampler([len(part.positions) for part in train_parts], weights, t.seed, t.batch_size,
-                                 t.gradient_accumulation_steps, rank, world_size, lengths, t.length_grouping,
-                                 t.batch_tokens)  # fmt: skip
+    sampler = GlobalBatchSampler(
+        sizes=[len(part.positions) for part in train_parts],
+        weights=weights,
+        seed=t.seed,
+        batch_size=t.batch_size,
+        accumulation=t.gradient_accumulation_steps,
+        rank=rank,
+        world_size=world_size,
+        lengths=lengths,
+        group_by_length=t.length_grouping,
+        batch_tokens=t.batch_tokens,
+    )
     return Data(train=make(train_parts), val=make(val_parts) if val_parts else None, train_sampler=sampler,
                 problems=problems, sizes=sizes)  # fmt: skip
 

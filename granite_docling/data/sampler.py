@@ -161,8 +161,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
         """This process's micro-batches of one step's samples (empty lists where it has none left)."""
         batches = self.micro_batches(step_samples)
         micro_steps = math.ceil(len(batches) / self.world_size)
-        return [batches[k].tolist() if k < len(batches) else []
-                for k in range(self.rank, micro_steps * self.world_size, self.world_size)]  # fmt: skip
+        mine = range(self.rank, micro_steps * self.world_size, self.world_size)  # micro-batch k -> process k % W
+        return [batches[k].tolist() if k < len(batches) else [] for k in mine]
 
     def micro_steps(self, position: int) -> int:
         """How many micro-batches every process runs for the step that starts at global sample ``position`` (0 at

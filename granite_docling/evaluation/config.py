@@ -69,7 +69,7 @@ class EvaluateConfig:
     compare_to: Optional[str] = None  # a second model folder / hub id, or a predictions.jsonl: before vs after
     dataset: Dict[str, DatasetConfig] = field(default_factory=dict)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    trust_checkpoint: bool = False  # read the run config from an older pickled training_state.pt (it can run code)
+    trust_checkpoint: bool = False  # read the run config from an older pickled training_state.pt (plain data only)
 
 
 def register_eval_configs() -> None:
@@ -177,12 +177,12 @@ def _training_config(checkpoint: Path, trust_pickle: bool) -> dict | None:
         if not trust_pickle:
             raise CheckpointError(
                 f"{checkpoint} keeps its run's config (the seed and val_ratio of its validation split) only in "
-                f"{PICKLED_STATE_FILE}, the older pickled format, which can run any code when it is read: pass "
-                f"eval.seed=... eval.val_ratio=..., or trust_checkpoint=true if you trust where it comes from"
+                f"{PICKLED_STATE_FILE}, the older pickled format: pass eval.seed=... eval.val_ratio=..., or "
+                f"trust_checkpoint=true to read it (only tensors and plain values are taken from it, never code)"
             )
-        import torch
+        from granite_docling.checkpoint import read_pickled_state  # imports torch: not before the cheap checks
 
-        state = torch.load(checkpoint / PICKLED_STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
+        state = read_pickled_state(checkpoint / PICKLED_STATE_FILE)
         if state.get("config"):
             log.info("validation split settings from %s (trusted pickle)", checkpoint / PICKLED_STATE_FILE)
             return OmegaConf.to_container(OmegaConf.create(state["config"]))
