@@ -15,7 +15,10 @@ The seed guide's own config trains one DoclingMatix shard (~1,150 documents) bes
 
 Reported for each: forward / backward passes over the epoch (all, and per dataset: the passes that hold its
 samples and its samples per pass), the largest padded micro-batch (tokens), samples/s over the epoch after the
-first ``--warmup`` steps, and the mean loss (the same steps, so the same losses up to float error).
+first ``--warmup`` steps, and the mean loss (the same steps, so the same losses up to float error); over the same
+steps, the share of the time spent waiting for data, and on a GPU the MFU the loop logs and the peak GPU memory
+(``torch.cuda.max_memory_allocated``). ``benchmarks/gpu_check.sh`` runs it at full size with
+``training.mixed_precision=auto``.
 """
 
 from __future__ import annotations
@@ -91,20 +94,32 @@ def passes(cfg) -> dict:
 
 
 def train_epoch(cfg, run_dir: Path, warmup: int) -> dict:
+    import torch
+
     from granite_docling.train_loop import train
 
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     if train(cfg, run_dir).exit_code != 0:
         raise RuntimeError(f"training exited with an error; see {run_dir}")
+    peak_gpu_gb = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [row for row in rows if "train/loss" in row]
     global_batch = cfg.training.batch_size * cfg.training.gradient_accumulation_steps
     timed = rows[warmup:-1]  # every step but the epoch's last holds the global batch
     if not timed:
         raise RuntimeError(f"{len(rows)} steps leave none to time after {warmup} warm-up steps and the last")
-    seconds = sum(global_batch / row["train/samples_per_second"] for row in timed)
+    step_seconds = [global_batch / row["train/samples_per_second"] for row in timed]
+    seconds = sum(step_seconds)
+    mfu = [row.get("train/mfu") for row in timed]  # logged where the device's peak is known (GPUs)
     return {
         "steps": len(rows),
         "samples_per_s": global_batch * len(timed) / seconds,
+        "data_wait_share": sum(row["train/data_wait"] * s for row, s in zip(timed, step_seconds, strict=True))
+        / seconds,
+        "mfu": None if None in mfu else sum(m * s for m, s in zip(mfu, step_seconds, strict=True)) / seconds,
+        "peak_gpu_memory_gb": peak_gpu_gb,
         "mean_loss": sum(row["train/loss"] for row in rows) / len(rows),
         "passes_logged": sum(row["train/micro_batches"] for row in rows),
     }

@@ -10,12 +10,15 @@ them (its sampler made sequential over our order), with the newline it supervise
 masked, so both sides supervise the same tokens from the same weights; ``max_step_loss_rel_diff`` is the largest
 relative difference of the two sides' per-step losses (ours must agree within 1%).
 
-``--override`` applies any config override to both sides (the model preset, the page size, ...). ``--epochs N``
+``--override`` applies any config override to both sides (the model preset, the page size, ...);
+``--ours-batch-size`` gives our side another global batch (say 8 under ``training.batch_tokens``, where TRL's
+batch is as large as its memory allows). ``--epochs N``
 trains whole epochs on both sides, so both see every sample the same number of times; a run of ``--steps`` sees
 the first steps' samples of each side's own order, which differ (ours groups by length), and the result says
 so (``same_samples``: whether both sides supervised the same tokens, counting TRL's one extra per sample).
 Each side's peak memory is the resident high-water mark of this process while it trains (``VmHWM`` reset
-before each side; loader workers are other processes: ``--num-workers 0`` keeps everything in this one).
+before each side; loader workers are other processes: ``--num-workers 0`` keeps everything in this one); on a GPU
+also the most memory torch held there (``peak_gpu_memory_mb``, ``torch.cuda.max_memory_allocated``).
 
 Both runs happen in this one process, one after the other, from the same random initialisation (the ``tiny``
 preset: the real vendored tokenizer and processor, 64 px tiles, pages resized to a 128 px long edge, ~900 tokens
@@ -72,7 +75,7 @@ def prepare_real_docs(out: Path, max_pages: int | None = None) -> Path:
     return out
 
 
-def config_overrides(args: argparse.Namespace, data: Path, run_dir: Path) -> list[str]:
+def config_overrides(args: argparse.Namespace, data: Path, run_dir: Path, batch_size: int) -> list[str]:
     lr = args.lr
     if args.epochs:
         length = [f"training.num_epochs={args.epochs}", "training.max_steps=null"]
@@ -80,7 +83,7 @@ def config_overrides(args: argparse.Namespace, data: Path, run_dir: Path) -> lis
         length = [f"training.max_steps={args.steps}"]
     return [
         f"model={args.preset}", "dataset=[folder]", f"dataset.folder.path={data}", "dataset.folder.max_turns=1",
-        *length, f"training.batch_size={args.batch_size}",
+        *length, f"training.batch_size={batch_size}",
         "training.gradient_accumulation_steps=1", f"training.num_workers={args.num_workers}",
         "training.gradient_checkpointing=false", f"training.mixed_precision={'bf16' if args.bf16 else 'no'}",
         "training.val_ratio=0",
@@ -93,7 +96,12 @@ def config_overrides(args: argparse.Namespace, data: Path, run_dir: Path) -> lis
 
 
 def reset_peak_memory() -> None:
-    """Start a new resident high-water mark for this process (Linux: ``/proc/self/clear_refs``)."""
+    """Start new high-water marks: this process's resident memory (Linux: ``/proc/self/clear_refs``) and the GPU's."""
+    if _cuda():
+        import torch
+
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
 
@@ -105,6 +113,15 @@ def peak_memory_mb() -> float | None:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return None
+
+
+def peak_gpu_memory_mb() -> float | None:
+    """The most GPU memory torch held for tensors since the last reset, in MiB (None without a GPU)."""
+    if not _cuda():
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def timed_rate(step_seconds: list[float], step_samples: list[int], warmup: int) -> float:
@@ -120,7 +137,7 @@ def run_ours(args: argparse.Namespace, data: Path, work: Path) -> dict:
     import granite_docling.train_loop as train_loop
 
     run_dir = work / "ours"
-    cfg = compose(*config_overrides(args, data, run_dir))
+    cfg = compose(*config_overrides(args, data, run_dir, args.ours_batch_size or args.batch_size))
     samples, padded, step_ids = [], [], []
     backward_step = train_loop.backward_step
 
@@ -136,7 +153,7 @@ def run_ours(args: argparse.Namespace, data: Path, work: Path) -> dict:
         exit_code = train_loop.train(cfg, run_dir).exit_code
     finally:
         train_loop.backward_step = backward_step
-    peak = peak_memory_mb()
+    peak, peak_gpu = peak_memory_mb(), peak_gpu_memory_mb()
     if exit_code != 0:
         raise RuntimeError(f"our training loop exited with {exit_code} (its log is on stderr)")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -151,6 +168,7 @@ def run_ours(args: argparse.Namespace, data: Path, work: Path) -> dict:
         "padded_tokens_per_sample": sum(padded) / sum(samples),
         "samples": sum(samples),
         "peak_memory_mb": peak,
+        "peak_gpu_memory_mb": peak_gpu,
         "step_ids": step_ids,
     }
 
@@ -201,7 +219,7 @@ def run_trl(args: argparse.Namespace, data: Path, work: Path, order: list[list[s
 
     from granite_docling.model import load_model_and_processor
 
-    cfg = compose(*config_overrides(args, data, work / "trl"))
+    cfg = compose(*config_overrides(args, data, work / "trl", args.batch_size))
     set_seed(args.seed)  # as train() does before building the model: the same random weights
     model, processor = load_model_and_processor(cfg.model)
 
@@ -269,7 +287,7 @@ def run_trl(args: argparse.Namespace, data: Path, work: Path, order: list[list[s
         trainer.data_collator = without_trailing_newline(trainer.data_collator, processor.tokenizer.encode("\n")[0])
     reset_peak_memory()
     trainer.train()
-    peak = peak_memory_mb()
+    peak, peak_gpu = peak_memory_mb(), peak_gpu_memory_mb()
     seconds = [b - a for a, b in itertools.pairwise(step_ends)]
     samples = trainer.samples
     if len(seconds) != len(samples):
@@ -282,6 +300,7 @@ def run_trl(args: argparse.Namespace, data: Path, work: Path, order: list[list[s
         "padded_tokens_per_sample": sum(trainer.padded) / sum(samples),
         "samples": sum(samples),
         "peak_memory_mb": peak,
+        "peak_gpu_memory_mb": peak_gpu,
     }
 
 
@@ -302,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run, warm-up included")
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the timing")
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--ours-batch-size", type=int, help="our global batch, if not --batch-size (a token budget)")
     parser.add_argument("--num-workers", type=int, default=1, help="DataLoader workers, for both")
     parser.add_argument("--lr", type=float, default=1e-3, help="constant learning rate, for both")
     parser.add_argument("--preset", default="tiny", help="conf/model preset (random init)")
@@ -313,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--override", action="append", default=[], help="config override for both (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (and nothing else on stdout)")
     args = parser.parse_args(argv)
+    if args.same_order and args.ours_batch_size not in (None, args.batch_size):
+        parser.error("--same-order trains the same batches on both sides: leave out --ours-batch-size")
     if args.same_order and args.trl_first:
         parser.error("--same-order runs ours first (TRL follows our order)")
     if not args.epochs and args.steps <= args.warmup:
@@ -351,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         "trl_supervised_tokens_per_s": trl_result["samples_per_s"] * trl_result["supervised_tokens_per_sample"],
         "ours_peak_memory_mb": ours["peak_memory_mb"],
         "trl_peak_memory_mb": trl_result["peak_memory_mb"],
+        "ours_peak_gpu_memory_mb": ours["peak_gpu_memory_mb"],
+        "trl_peak_gpu_memory_mb": trl_result["peak_gpu_memory_mb"],
         "ours_samples": ours["samples"],
         "trl_samples": trl_result["samples"],
         "ours_samples_per_s": ours["samples_per_s"],
@@ -373,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         "precision": "bf16" if args.bf16 else "float32",
         "warmup_steps": args.warmup,
         "batch_size": args.batch_size,
+        "ours_batch_size": args.ours_batch_size or args.batch_size,
         "num_workers": args.num_workers,
         "lr": args.lr,
         "order": "trl, ours" if args.trl_first else "ours, trl",

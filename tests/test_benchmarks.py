@@ -50,21 +50,41 @@ def test_loss_memory_chunked_loss_is_the_stock_loss_in_less_memory():
     assert result["peak_mb_chunked"] < result["peak_mb_full"] / 2
 
 
-def test_gpu_check_cpu_smoke_prints_one_line_per_configuration():
+def test_gpu_check_cpu_smoke_runs_every_part_and_tags_its_lines():
     env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--cpu-smoke"], capture_output=True, text=True,
-                          timeout=180, env=env)  # fmt: skip
+                          timeout=600, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [json.loads(line) for line in done.stdout.strip().splitlines()]
-    assert [line["freeze_vision"] for line in lines] == [False, True]
-    for line in lines:
+    assert [line["part"] for line in lines] == ["step", "step", "mix", "trl"], lines
+    assert not [line for line in lines if "error" in line or "skipped" in line]
+    steps, (mix,), (trl,) = lines[:2], lines[2:3], lines[3:]
+    assert [line["freeze_vision"] for line in steps] == [False, True]
+    for line in steps:
         assert {"samples_per_s", "mfu", "peak_memory_gb", "data_wait_share", "batch_size", "tflop_per_sample"} <= set(
             line
         )
         assert line["samples_per_s"] > 0 and 0 <= line["data_wait_share"] <= 1
         assert line["tiles_per_sample"] > 0 and line["supervised_per_sample"] > 0
-    trained, frozen = lines
+    trained, frozen = steps
     assert frozen["tflop_per_sample"] < trained["tflop_per_sample"]  # same page: no vision backward when frozen
+    for run in (mix["batch1"], mix["budget"]):
+        assert run["samples_per_s"] > 0 and 0 <= run["data_wait_share"] <= 1
+        assert run["mfu"] is None and run["peak_gpu_memory_gb"] is None  # on a CPU: no peak FLOPs, no GPU
+    assert mix["budget"]["passes"] < mix["batch1"]["passes"]
+    assert trl["same_samples"] and trl["ratio"] > 0 and trl["ours_peak_gpu_memory_mb"] is None
+
+
+def test_a_gpu_check_part_that_runs_past_its_slice_says_so(tmp_path):
+    # A slice too short for anything: every part reports its time-out (or skip) as a line, and the check ends.
+    env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "GPU_CHECK_LIMIT_S": "6"}
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--cpu-smoke"], capture_output=True, text=True,
+                          timeout=120, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert [line["part"] for line in lines] == ["step", "mix", "trl"], lines
+    assert lines[0]["error"] == "timed out after 2 s" and lines[1]["error"] == "timed out after 2 s"
+    assert lines[2] == {"part": "trl", "skipped": "time budget"}
 
 
 @pytest.mark.parametrize("same_order", [False, True])
