@@ -29,7 +29,8 @@ HUB_ID = "ibm-granite/granite-docling-258M"
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3")
-DATASET_FORMATS = ("auto", "docling", "hub")
+DATASET_FORMATS = ("auto", "docling", "hub", "docling_eval")
+DATASET_UNITS = ("page", "document")
 BAD_SAMPLE_POLICIES = ("skip", "error")
 COMPONENTS = ("vision", "connector", "text")
 
@@ -95,7 +96,8 @@ class DatasetConfig:
 
     path: str = ""  # Docling folder (anns/ + images/), parquet file or folder, datasets folder, or hub id
     name: Optional[str] = None  # display name in logs and metrics; defaults to the key under ``dataset``
-    format: str = "auto"  # auto, docling (folder of JSON + images) or hub (images + texts columns)
+    format: str = "auto"  # auto, docling (JSON + images), hub (images + texts columns), docling_eval (its parquet)
+    unit: str = "page"  # docling_eval: one sample per page, or one multi-page sample per document
     split: str = "train"  # split folder / hub split to read
     max_turns: Optional[int] = None  # keep the first N question/answer turns of each sample
     max_samples: Optional[int] = None  # keep the first N samples of this source
@@ -275,6 +277,9 @@ def validate(cfg: Config) -> None:
         if not source.path:
             problems.append(f"{prefix}.path is not set: pass {prefix}.path=/path/to/data")
         check_choice(f"{prefix}.format", source.format, DATASET_FORMATS)
+        check_choice(f"{prefix}.unit", source.unit, DATASET_UNITS)
+        if source.streaming and source.format == "docling_eval":
+            problems.append(f"{prefix}: docling-eval datasets are indexed, not streamed; drop {prefix}.streaming=true")
         for name in ("max_turns", "max_samples", "max_images_per_sample", "image_longest_edge"):
             value = getattr(source, name)
             if value is not None and value < 1:

@@ -89,3 +89,50 @@ def to_hub_rows(samples) -> list[dict]:
         texts = [{"user": t.user, "assistant": t.assistant, "source": t.source} for t in sample.turns]
         rows.append({"images": images, "texts": texts})
     return rows
+
+
+REAL_DOCS = Path(__file__).parent / "fixtures" / "real_docs"
+
+
+def docling_eval_rows(names: list[str], scale: float = 0.1) -> list[dict]:
+    """Real DoclingDocuments of tests/fixtures/real_docs as rows of docling-eval's schema (what its
+    ``DatasetRecord.as_record_dict`` writes): the document as JSON, one PNG per page in page order (plain pages of
+    the page's shape at ``scale``; ``make test-docling`` checks the real thing, written by docling-eval itself)."""
+    import io
+
+    rows = []
+    for name in names:
+        document = json.loads((REAL_DOCS / f"{name}.json").read_text())
+        images = []
+        for index, page_no in enumerate(sorted(document["pages"], key=int)):
+            size = document["pages"][page_no]["size"]
+            buffer = io.BytesIO()
+            Image.new("RGB", (int(size["width"] * scale), int(size["height"] * scale)), "white").save(buffer, "PNG")
+            images.append({"bytes": buffer.getvalue(), "path": None})
+            document["pages"][page_no]["image"] = {
+                "mimetype": "image/png",
+                "dpi": 72,
+                "size": size,
+                "uri": f"GroundTruthPageImages/{index}",
+            }
+        rows.append(
+            {
+                "document_id": name,
+                "GroundTruthDocument": json.dumps(document),
+                "GroundTruthPageImages": images,
+                "GroundTruthPictures": [],
+                "modalities": ["layout", "markdown_text"],
+                "mime_type": "application/pdf",
+            }
+        )
+    return rows
+
+
+def write_docling_eval(root: Path, rows: list[dict], split: str = "test") -> Path:
+    """``rows`` as docling-eval's shard layout: ``root/<split>/shard_000000_000000.parquet``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / split).mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / split / "shard_000000_000000.parquet")
+    return root

@@ -121,3 +121,20 @@ def test_a_streaming_run_resumes_exactly_through_train_py(data, tmp_path):
     assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5]
     for step, loss in expected.items():
         assert got[step] == pytest.approx(loss, abs=1e-5), f"step {step}"
+
+
+@pytest.mark.slow  # make test-slow: the same index, sampler and position as the folder above, another source
+def test_a_docling_eval_dataset_resumes_on_another_number_of_processes(tmp_path):
+    from fixture_data import docling_eval_rows, write_docling_eval
+
+    root = write_docling_eval(tmp_path / "eval", docling_eval_rows(["multi_page", "code_and_formula"] * 3))  # 21
+    source = ["dataset.sample.split=test"]
+    train(root, tmp_path / "whole", 1, 8, *source)
+    train(root, tmp_path / "first", 2, 4, *source)
+    checkpoint = tmp_path / "first" / "checkpoints" / "checkpoint_step_4"
+    resumed = train(root, tmp_path / "second", 1, 8, *source, f"training.resume={checkpoint}")
+    assert "instead of 2 with the same global batch of 4" in resumed.stdout + resumed.stderr
+    expected, got = losses(tmp_path / "whole"), losses(tmp_path / "first") | losses(tmp_path / "second")
+    assert sorted(got) == sorted(expected) == list(range(1, 9))
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, abs=1e-4), f"step {step}"

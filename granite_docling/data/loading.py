@@ -208,7 +208,8 @@ class Data:
 def source_options(cfg: Config, key: str) -> ReadOptions:
     source = cfg.dataset[key]
     limits = [n for n in (source.max_samples, cfg.training.max_samples_per_dataset) if n is not None]
-    return ReadOptions(source.split, source.max_turns, min(limits) if limits else None, source.max_images_per_sample)
+    max_samples = min(limits) if limits else None
+    return ReadOptions(source.split, source.max_turns, max_samples, source.max_images_per_sample, source.unit)
 
 
 def image_edges(cfg: Config) -> dict[str, int | None]:

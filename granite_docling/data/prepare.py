@@ -40,13 +40,13 @@ from pathlib import Path
 from docling_core.types.doc import ContentLayer, DocItem, DoclingDocument
 from PIL import Image
 
+from granite_docling.data.doctags import PAGE_PROMPT, document_doctags, page_doctags
+
 logger = logging.getLogger(__name__)
 
-PAGE_PROMPT = "Convert this page to docling."
 PDF_SUFFIXES = frozenset({".pdf"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
 UNITS = ("page", "document")
-DOCTAG_OPEN, DOCTAG_CLOSE, PAGE_BREAK = "<doctag>", "</doctag>", "<page_break>"
 # Page aspect ratios (width / height) of the rendered input and of the JSON may differ by this much before we warn:
 # <loc_N> tokens are normalised by the JSON's page size, so a different page shape puts every box off.
 ASPECT_TOLERANCE = 0.02
@@ -178,22 +178,6 @@ def check_document(source: SourceDocument, doc: DoclingDocument) -> list[str]:
         f"describes {len(page_numbers)} (page numbers {page_numbers[:10]}{'...' if len(page_numbers) > 10 else ''}); "
         "convert the whole file with docling again, or pair it with the JSON made from it"
     ]
-
-
-def page_doctags(doc: DoclingDocument, page_no: int) -> str:
-    """The DocTags of one page, ``<doctag>...</doctag>``, with no ``<page_break>`` markers for the other pages."""
-    text = doc.export_to_doctags(pages={page_no}, add_page_index=False)
-    body = text.removeprefix(DOCTAG_OPEN).removesuffix(DOCTAG_CLOSE)
-    # An empty page serialises as a lone delimiter; the answer for a blank page is an empty <doctag>.
-    return DOCTAG_OPEN + (body if body.strip() else "") + DOCTAG_CLOSE
-
-
-def document_doctags(doc: DoclingDocument) -> str:
-    """All pages in one ``<doctag>``, one ``<page_break>``-separated segment per page (DoclingMatix's form)."""
-    bodies = [
-        page_doctags(doc, page_no).removeprefix(DOCTAG_OPEN).removesuffix(DOCTAG_CLOSE) for page_no in sorted(doc.pages)
-    ]
-    return DOCTAG_OPEN + f"{PAGE_BREAK}\n".join(bodies) + DOCTAG_CLOSE
 
 
 def render_pages(source: SourceDocument, scale: float) -> list[Image.Image]:

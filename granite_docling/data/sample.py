@@ -22,6 +22,8 @@ REASONS = {
     "image_too_large": "an image has more pixels than allowed (decompression-bomb guard)",
     "path_outside_root": "an image path resolves outside the dataset folder (refused)",
     "too_long": "the sample is longer than training.max_length tokens, image tokens included",
+    "bad_document": "the ground-truth DoclingDocument (docling-eval's GroundTruthDocument) does not parse",
+    "missing_page_image": "a page of the document has no page image",
 }
 
 

@@ -6,13 +6,19 @@ Layouts (``dataset.<name>.format``; ``auto`` detects them):
 
       {"img_pth": "images/train/x.png" | [...], "anns": {"user", "assistant", "source"} | [...]}
 
+* ``docling_eval``: the datasets docling-eval's builders write (DocLayNet, DP-Bench, OmniDocBench, FUNSD, CVAT
+  deliveries, ...): parquet shards ``<out>/<split>/shard_*.parquet`` (or a hub id), one row per document with
+  ``GroundTruthDocument`` (a DoclingDocument as JSON) and ``GroundTruthPageImages`` (the pages in page order).
+  One sample per page (``unit=page``): the page image, the model card's prompt and the page's DocTags; or one
+  multi-page sample per document (``unit=document``). ``auto`` picks it from the ``GroundTruthDocument`` column.
 * ``hub``: the layout of HuggingFaceM4/DoclingMatix and ds4sd/SynthFormulaNet, an ``images`` list (encoded
   images) and a ``texts`` list of ``{user, assistant, source}`` per row: parquet files or a folder of them, a
   ``datasets.save_to_disk`` folder or Arrow files, or a hub id. Read through HF ``datasets`` as memory-mapped
   Arrow: parquet and hub ids are converted once into its cache (under ``training.index_cache_dir``), Arrow files
   and ``save_to_disk`` folders are mapped where they are. Nothing is loaded into memory.
 
-A source addresses records by a *locator* (the annotation file's relative name, or the row number) and reads
+A source addresses records by a *locator* (the annotation file's relative name, the row number, or row and page
+packed into one number) and reads
 one at a time: :meth:`Source.read` parses and checks what is cheap to check (JSON, schema, empty answers, image
 paths inside the root and present) and raises :class:`RecordError` with a reason key of
 :data:`~granite_docling.data.sample.REASONS`. Images are decoded later, in loader workers
@@ -31,6 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from granite_docling.data.doctags import PAGE_PROMPT, document_doctags, page_doctags
 from granite_docling.data.images import ImageError, resolve_inside
 from granite_docling.data.sample import Problem, Sample, Turn
 
@@ -60,6 +69,7 @@ class ReadOptions:
     max_turns: int | None = None
     max_samples: int | None = None
     max_images_per_sample: int | None = None
+    unit: str = "page"  # docling_eval: one sample per page, or per document
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,6 +299,170 @@ class HubSource(Source):
         self.__init__(**state)
 
 
+GROUND_TRUTH, PAGE_IMAGES, DOCUMENT_ID = "GroundTruthDocument", "GroundTruthPageImages", "document_id"
+PAGE_STRIDE = 1 << 16  # a docling_eval locator is row * PAGE_STRIDE + the page's position among the row's images
+
+
+def page_images(doc, images: Sequence[Any]) -> tuple[list[tuple[int, Any]], list[int]]:
+    """((page number, image) for each page of ``doc`` that has one, page numbers without one). docling-eval
+    writes ``GroundTruthPageImages`` in page order, one per page that has an image; raises :class:`RecordError`
+    when the two cannot be matched."""
+    pages = sorted(doc.pages)
+    if len(images) == len(pages):
+        return list(zip(pages, images, strict=True)), []
+    with_image = [page_no for page_no in pages if doc.pages[page_no].image is not None]
+    if images and len(with_image) == len(images):
+        return list(zip(with_image, images, strict=True)), sorted(set(pages) - set(with_image))
+    raise RecordError("missing_page_image", f"{len(images)} page images for the {len(pages)} pages of the document")
+
+
+class DoclingEvalSource(Source):
+    """docling-eval's rows (``GroundTruthDocument`` + ``GroundTruthPageImages``) in a memory-mapped Arrow table:
+    one sample per page image (``unit=page``) or per row (``unit=document``)."""
+
+    def __init__(self, path: str | Path, name: str, options: ReadOptions, cache_dir: Path | None = None):
+        self.path, self.name, self.options, self.cache_dir = path, name, options, cache_dir
+        check_split_folder(path, options.split)
+        self._dataset, self._fingerprint = open_arrow_dataset(path, options.split, cache_dir)
+        missing = {GROUND_TRUTH, PAGE_IMAGES} - set(self._dataset.column_names)
+        if missing:
+            raise DatasetNotFoundError(
+                f"{path} has columns {self._dataset.column_names}; a docling-eval dataset needs {sorted(missing)}"
+            )
+        self._table = self._dataset.data
+        self._columns = [c for c in (GROUND_TRUTH, PAGE_IMAGES, DOCUMENT_ID) if c in self._dataset.column_names]
+        self._starts: np.ndarray | None = None  # the first sample of each row (index builds only)
+
+    def fingerprint(self) -> str:
+        return f"{self._fingerprint}-{self.options.unit}"
+
+    def starts(self) -> np.ndarray:
+        """Row r's samples are ``starts[r]:starts[r + 1]``: one per page image (at least one, so that a row
+        without images is reported), or one per row."""
+        if self._starts is None:
+            import pyarrow.compute as pc
+
+            rows = self._dataset.num_rows
+            if self.options.unit == "document":
+                counts = np.ones(rows, dtype=np.int64)
+            else:
+                lengths = pc.list_value_length(self._table.column(PAGE_IMAGES)).fill_null(0)
+                counts = np.maximum(1, lengths.to_numpy(zero_copy_only=False).astype(np.int64))
+            self._starts = np.concatenate([[0], np.cumsum(counts)])
+        return self._starts
+
+    def __len__(self) -> int:
+        return int(self.starts()[-1])
+
+    def locator(self, i: int) -> int:
+        row = int(np.searchsorted(self.starts(), i, side="right")) - 1
+        return row * PAGE_STRIDE + (i - int(self.starts()[row]))
+
+    def record_id(self, locator: str | int) -> str:
+        row, position = divmod(int(locator), PAGE_STRIDE)
+        where = f"{Path(str(self.path)).name}#{row}"
+        return where if self.options.unit == "document" else f"{where} page image {position}"
+
+    def _row(self, row: int) -> dict:
+        (record,) = self._table.fast_slice(row, 1).select(self._columns).to_pylist()
+        return record
+
+    def read(self, locator: str | int) -> Sample:
+        row, position = divmod(int(locator), PAGE_STRIDE)
+        record = self._row(row)
+        doc, pages, _ = self.parse(record)
+        return self.sample_of(doc, pages, position, self._row_name(record, row))
+
+    def _row_name(self, record: dict, row: int) -> str:
+        return record.get(DOCUMENT_ID) or f"{Path(str(self.path)).name}#{row}"
+
+    def parse(self, record: dict):
+        """(DoclingDocument, [(page number, image bytes)], page numbers without an image); raises RecordError."""
+        from docling_core.types.doc import DoclingDocument
+        from pydantic import ValidationError
+
+        text = record.get(GROUND_TRUTH)
+        if not isinstance(text, str) or not text:
+            raise RecordError("bad_document", "GroundTruthDocument is empty")
+        try:
+            doc = DoclingDocument.model_validate_json(text)
+        except ValidationError as error:
+            raise RecordError("bad_document", str(error).splitlines()[0]) from error
+        pages, without = page_images(doc, record.get(PAGE_IMAGES) or [])
+        return doc, [(page_no, image_bytes(image)) for page_no, image in pages], without
+
+    def sample_of(self, doc, pages: list[tuple[int, bytes]], position: int, name: str) -> Sample:
+        if self.options.unit == "document":
+            numbers = [page_no for page_no, _ in pages]
+            turn = Turn(PAGE_PROMPT, document_doctags(doc, numbers), source=name)
+            sample = Sample(id=name, dataset=self.name, images=tuple(image for _, image in pages), turns=(turn,))
+            return limit(sample, self.options)
+        if position >= len(pages):
+            raise RecordError("missing_page_image", f"the document has {len(pages)} page images, not {position + 1}")
+        page_no, image = pages[position]
+        page = f"{name}#page={page_no}"
+        turn = Turn(PAGE_PROMPT, page_doctags(doc, page_no), source=page)
+        return Sample(id=page, dataset=self.name, images=(image,), turns=(turn,))
+
+    def records(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Sample | Problem]]:
+        """Each row parsed once; a row that cannot be used is named once, at its first sample, and its other
+        samples are left out; so are pages without an image, named once beside the row's first page."""
+        stop = len(self) if stop is None else min(stop, len(self))
+        starts = self.starts()
+        first_row = int(np.searchsorted(starts, start, side="right")) - 1
+        last_row = int(np.searchsorted(starts, stop - 1, side="right")) - 1 if stop > start else first_row - 1
+        for row in range(first_row, last_row + 1):
+            record = self._row(row)
+            name = self._row_name(record, row)
+            samples = range(max(start, int(starts[row])), min(stop, int(starts[row + 1])))
+            try:
+                doc, pages, without = self.parse(record)
+            except RecordError as error:
+                if samples and samples[0] == starts[row]:
+                    yield samples[0], Problem(self.name, name, error.reason, error.detail)
+                continue
+            if without and samples and samples[0] == starts[row]:
+                yield samples[0], Problem(self.name, name, "missing_page_image", f"pages {without} have no image")
+            for i in samples:
+                try:
+                    yield i, self.sample_of(doc, pages, i - int(starts[row]), name)
+                except RecordError as error:
+                    yield i, Problem(self.name, f"{name} page image {i - int(starts[row])}", error.reason, error.detail)
+
+    def __getstate__(self) -> dict:  # spawned workers map the same files again instead of pickling the table
+        return {"path": self.path, "name": self.name, "options": self.options, "cache_dir": self.cache_dir}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+
+def check_split_folder(path: str | Path, split: str) -> None:
+    """A local folder of docling-eval shards must hold the split (``<out>/<split>/shard_*.parquet``): no silent
+    fall-back to every file, which would train on the test split."""
+    local = Path(path)
+    if not local.is_dir() or (local / "state.json").is_file() or (local / "dataset_dict.json").is_file():
+        return
+    files = sorted(local.rglob("*.parquet"))
+    if files and not any(split in f.relative_to(local).as_posix() for f in files):
+        splits = sorted({f.relative_to(local).parts[0] for f in files if len(f.relative_to(local).parts) > 1})
+        raise DatasetNotFoundError(
+            f"{local} has no {split!r} split (its splits: {', '.join(splits) or 'none'}); set dataset.<name>.split"
+        )
+
+
+def arrow_columns(path: str | Path, split: str, cache_dir: Path | None) -> list[str]:
+    """The column names of parquet / Arrow data or a hub id (parquet: from the first file's footer alone)."""
+    local = Path(path)
+    if local.exists() and not (local / "state.json").is_file() and not (local / "dataset_dict.json").is_file():
+        files = hub_files(local, split)
+        if files and files[0].suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_schema(files[0]).names
+    dataset, _ = open_arrow_dataset(path, split, cache_dir)
+    return dataset.column_names
+
+
 def hub_files(path: Path, split: str) -> list[Path]:
     """The parquet (or else Arrow) files of a split under ``path``: names containing the split, else all."""
     if path.is_file():
@@ -354,9 +528,13 @@ def detect_format(path: str | Path) -> str:
 def open_source(path: str | Path, name: str, options: ReadOptions, fmt: str = "auto",
                 cache_dir: Path | None = None) -> Source:  # fmt: skip
     """The source behind ``path`` in its layout."""
-    fmt = detect_format(path) if fmt == "auto" else fmt
-    if fmt == "docling":
+    detected = detect_format(path) if fmt == "auto" else fmt
+    if detected == "docling":
         return FolderSource(Path(path), name, options)
+    if fmt == "auto" and GROUND_TRUTH in arrow_columns(path, options.split, cache_dir):
+        detected = "docling_eval"  # parquet, Arrow or a hub id: the columns tell docling-eval's from the hub's
+    if detected == "docling_eval":
+        return DoclingEvalSource(path, name, options, cache_dir)
     return HubSource(path, name, options, cache_dir)
 
 

@@ -134,6 +134,9 @@ def open_stream_source(name: str, path: str, options: ReadOptions, weight: float
         footers = list(pool.map(footer, files))
     units, left = [], options.max_samples if options.max_samples is not None else math.inf
     for i, (groups, columns) in enumerate(footers):
+        if "GroundTruthDocument" in columns:
+            indexed = "docling-eval datasets are indexed, not streamed; drop streaming=true"
+            raise DatasetNotFoundError(f"{files[i]}: {indexed}")
         if missing := set(COLUMNS) - set(columns):
             raise DatasetNotFoundError(f"{files[i]} lacks columns {sorted(missing)}; the hub layout has images, texts")
         for group, first in zip(range(len(groups)), np.cumsum([0, *groups[:-1]]), strict=True):
