@@ -258,8 +258,10 @@ def user_error_message(error: BaseException) -> str | None:
     from granite_docling.checkpoint_files import CheckpointError, CheckpointSaveError
     from granite_docling.data.sample import BadSampleError
     from granite_docling.data.sources import DatasetNotFoundError
+    from granite_docling.evaluation.server import ServerError
 
-    if isinstance(error, (ConfigError, DatasetNotFoundError, BadSampleError, CheckpointError, CheckpointSaveError)):
+    user_errors = (ConfigError, DatasetNotFoundError, BadSampleError, CheckpointError, CheckpointSaveError, ServerError)
+    if isinstance(error, user_errors):
         return str(error)
     if isinstance(error, OmegaConfBaseException):  # e.g. a bad ${interpolation}, met when the config is resolved
         return _omegaconf_line(error)

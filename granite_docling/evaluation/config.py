@@ -42,6 +42,7 @@ from granite_docling.config import (
 log = logging.getLogger(__name__)
 
 EVAL_SPLITS = ("val", "all")
+ENGINES = ("transformers", "server")
 
 
 @dataclass
@@ -50,6 +51,9 @@ class EvalConfig:
 
     split: str = "val"  # val: the samples training held out (same seed and val_ratio); all: every sample
     max_samples: Optional[int] = None  # evaluate at most N samples of each dataset (after the split)
+    engine: str = "transformers"  # transformers (generate here) or server (an OpenAI-compatible server: vLLM)
+    server_url: Optional[str] = None  # engine=server: the server's address, e.g. http://localhost:8000
+    server_concurrency: int = 16  # engine=server: requests in flight at once (the server batches them)
     batch_size: int = 4  # prompts per generate call, per process
     max_new_tokens: int = 4096  # answer budget in tokens; an answer cut here counts as not stopped with eos
     reference_length_factor: Optional[float] = 2.0  # also cut at this x the reference's tokens + 32; null = off
@@ -59,6 +63,7 @@ class EvalConfig:
     predictions: Optional[str] = None  # score this predictions.jsonl instead of generating (no model is loaded)
     num_examples: int = 6  # samples shown side by side in samples.html
     page_exports: bool = True  # write Markdown / HTML of every page conversion under pages/
+    docling_eval_export: bool = True  # write the page predictions as a docling-eval dataset under docling_eval/
 
 
 @dataclass
@@ -89,7 +94,17 @@ def validate_eval(cfg: EvaluateConfig) -> None:
         problems.append(f"eval.split={e.split!r} is not one of {', '.join(EVAL_SPLITS)}")
     if e.dtype not in DTYPES:
         problems.append(f"eval.dtype={e.dtype!r} is not one of {', '.join(DTYPES)}")
-    for name in ("batch_size", "max_new_tokens"):
+    if e.engine not in ENGINES:
+        problems.append(f"eval.engine={e.engine!r} is not one of {', '.join(ENGINES)}")
+    if e.engine == "server":
+        if not e.server_url:
+            problems.append("eval.engine=server needs eval.server_url=http://HOST:PORT (start one: make serve)")
+        if cfg.compare_to is not None and not is_predictions_file(cfg.compare_to):
+            problems.append(
+                "eval.engine=server answers with the one model it serves: give compare_to=PREDICTIONS.jsonl"
+                " of the other model, or use eval.engine=transformers"
+            )
+    for name in ("batch_size", "max_new_tokens", "server_concurrency"):
         if getattr(e, name) < 1:
             problems.append(f"eval.{name}={getattr(e, name)} must be at least 1")
     if e.max_samples is not None and e.max_samples < 1:

@@ -114,7 +114,7 @@ def generate(
             batch = []
             for index in order[start : start + batch_size]:
                 try:
-                    batch.append((index, [_load_image(image) for image in prompts[index].images]))
+                    batch.append((index, [load_image(image) for image in prompts[index].images]))
                 except ImageError as error:
                     results[index] = Generation(text="", stopped=False, new_tokens=0, error=str(error))
             if batch:
@@ -177,7 +177,8 @@ def reference_budgets(processor, references: Sequence[str], max_new_tokens: int,
             for r in references]  # fmt: skip
 
 
-def _load_image(image: Image.Image | ImageRef) -> Image.Image:
+def load_image(image: Image.Image | ImageRef) -> Image.Image:
+    """A prompt image, decoded where it is a path or encoded bytes; raises ImageError."""
     return image if isinstance(image, Image.Image) else decode_image(image)
 
 

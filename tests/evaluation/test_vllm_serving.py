@@ -10,6 +10,13 @@ samples so that the answers compared are real DocTags and formulas, not one repe
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 from conftest import run_script
@@ -20,9 +27,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 EOS = "<|end_of_text|>"
 
 
-@pytest.mark.vllm
-def test_vllm_answers_a_trained_checkpoint_exactly_like_transformers(tmp_path, tiny_processor):
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory, tiny_processor):
+    """(data folder, checkpoint): tiny_hd64 trained by train.py until it answers its samples by heart."""
     pytest.importorskip("vllm", reason="vllm is not installed (make test-vllm)")
+    tmp_path = tmp_path_factory.mktemp("memorised")
     # tiny_hd64 keeps tiny's tiles, patches and pixel shuffle, so tiny's processor sees the same tile layouts.
     data = make_memorisation_data(tmp_path / "data", tiny_processor)
     files = sorted((data / "anns" / "train").glob("*.json"))
@@ -34,7 +43,13 @@ def test_vllm_answers_a_trained_checkpoint_exactly_like_transformers(tmp_path, t
         "training.log_interval=40", f"hydra.run.dir={run}", timeout=1200,
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-3000:]
-    checkpoint = run / "final_model"
+    return data, run / "final_model"
+
+
+@pytest.mark.vllm
+def test_vllm_answers_a_trained_checkpoint_exactly_like_transformers(memorised, tmp_path):
+    data, checkpoint = memorised
+    files = sorted((data / "anns" / "train").glob("*.json"))
 
     model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
     processor = AutoProcessor.from_pretrained(checkpoint)
@@ -64,3 +79,82 @@ def test_vllm_answers_a_trained_checkpoint_exactly_like_transformers(tmp_path, t
             # vLLM leaves the stop token out of the text but keeps it in the ids
             assert answer[route]["text"] + EOS == want, (file.name, route)
             assert answer[route]["token_ids"][-1] == processor.tokenizer.eos_token_id, (file.name, route)
+
+
+@pytest.fixture(scope="module")
+def server(memorised):
+    """``make serve``'s command on the memorised checkpoint, on a free port; its base URL."""
+    _, checkpoint = memorised
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(checkpoint.parent / "vllm_server.log", "w")  # noqa: SIM115
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(checkpoint),
+        "--port",
+        str(port),
+        "--served-model-name",
+        "granite-docling",
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "4096",
+        "--limit-mm-per-prompt",
+        '{"image": 1}',
+    ]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 900
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/v1/models", timeout=5).read()
+                break
+            except OSError:
+                if process.poll() is not None or time.time() > deadline:
+                    raise RuntimeError((checkpoint.parent / "vllm_server.log").read_text()[-3000:]) from None
+                time.sleep(2)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+        log.close()
+
+
+@pytest.mark.vllm
+def test_the_server_engine_predicts_what_the_transformers_engine_predicts(memorised, server, tmp_path):
+    data, checkpoint = memorised
+    common = [
+        f"checkpoint={checkpoint}",
+        "dataset=[sample]",
+        f"dataset.sample.path={data}",
+        "eval.split=all",
+        f"dataset.sample.image_longest_edge={IMAGE_EDGE}",
+        "eval.max_new_tokens=256",
+    ]
+    runs = {}
+    for engine in ("transformers", "server"):
+        runs[engine] = tmp_path / engine
+        done = run_script(
+            "evaluate.py",
+            *common,
+            f"eval.engine={engine}",
+            f"eval.server_url={server}",
+            f"hydra.run.dir={runs[engine]}",
+            timeout=900,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    read = {
+        e: [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+        for e, run in runs.items()
+    }
+    assert len(read["server"]) == len(read["transformers"]) >= 5
+    for ours, theirs in zip(read["transformers"], read["server"], strict=True):
+        assert ours["id"] == theirs["id"]
+        assert (theirs["prediction"], theirs["stopped"]) == (ours["prediction"], ours["stopped"]), ours["id"]
+        assert ours["stopped"] and ours["prediction"] == ours["reference"]  # memorised: real answers compared
