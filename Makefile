@@ -8,7 +8,7 @@ DEMO_TRAIN ?= data/demo/train
 DEMO_EVAL ?= data/demo/eval
 DEMO_FORMULAS ?= 1000
 
-.PHONY: setup demo test test-slow test-shared test-docling test-vllm test-browser bench learning-curve lint format clean
+.PHONY: setup demo test test-slow test-shared test-docling test-vllm serve test-browser bench learning-curve lint format clean
 
 setup: $(VENV)/.installed
 
@@ -44,13 +44,16 @@ test-slow: setup
 test-shared: setup
 	$(PY) -m pytest -q -m shared
 
-# docling's VLM pipeline running one of our checkpoints. docling gets its own venv: its newest releases need a
-# docling-core with the export_to_doctags regression, and its torchvision needs torch 2.14.1 on CPU.
+# docling's VLM pipeline running one of our checkpoints, and docling-eval both ways (its datasets in, our
+# predictions scored by its evaluators). docling gets its own venv: its newest releases need a docling-core with
+# the export_to_doctags regression, its torchvision needs torch 2.14.1 on CPU, and docling-eval needs datasets < 5.
+# sacrebleu stands in for docling-eval's BLEU, a hub script this offline machine cannot fetch.
 test-docling:
 	test -x .venv-docling/bin/python || python3 -m venv .venv-docling
 	.venv-docling/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" "docling==2.141.0" \
-		"docling-core==2.101.1" -e ".[dev]"
-	.venv-docling/bin/python -m pytest -q -m slow tests/evaluation/test_docling_pipeline.py
+		"docling-core==2.101.1" "docling-eval==1.4.2" "sacrebleu>=2.4" -e ".[dev]"
+	.venv-docling/bin/python -m pytest -q -m slow tests/evaluation/test_docling_pipeline.py \
+		tests/evaluation/test_docling_eval_both_ways.py
 
 # vLLM serving a checkpoint trained by train.py, answers compared with transformers'. vLLM gets its own venv: the
 # CPU build needs torch 2.13.0 and transformers < 5.20, and the torchvision it pulls does not match that torch
@@ -64,6 +67,17 @@ test-docling:
 
 test-vllm: .venv-vllm/.installed
 	.venv-vllm/bin/python -m pytest -q -m vllm tests/evaluation/test_vllm_serving.py
+
+# An OpenAI-compatible vLLM server for a saved model folder, for `evaluate.py eval.engine=server
+# eval.server_url=http://localhost:$(PORT)` (and docling's API VLM options). On a CPU: float32, eager; on a GPU drop
+# VLLM_ARGS' --dtype / --enforce-eager. `make serve CHECKPOINT=outputs/<run>/final_model [PORT=8000]`.
+PORT ?= 8000
+VLLM_ARGS ?= --dtype float32 --enforce-eager --max-model-len 8192 --limit-mm-per-prompt '{"image": 1}'
+serve: .venv-vllm/.installed
+	@test -n "$(CHECKPOINT)" || { echo "error: pass CHECKPOINT=outputs/<run>/final_model (a saved model folder)"; exit 2; }
+	@test -f "$(CHECKPOINT)/config.json" || { echo "error: $(CHECKPOINT) is not a model folder (no config.json)"; exit 2; }
+	.venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model $(CHECKPOINT) --port $(PORT) \
+		--served-model-name granite-docling $(VLLM_ARGS)
 
 # report.html opened by headless Chromium (Debian's `chromium`, installed with apt-get where it is missing; sudo
 # unless root). Not part of `make test`, which needs no browser; CI runs it after `make test` (.ci/run). ~30 s.

@@ -167,10 +167,7 @@ def write_outputs(
     plot_metrics({title: metrics}, files["plot"])
 
     def images_of(record: Record) -> list[Image.Image | None]:
-        refs = (image_refs or {}).get((record.dataset, record.id))
-        if refs is None:
-            refs = [Path(p) for p in record.images if p]
-        return [_try_decode(ref) for ref in refs]
+        return record_images(record, image_refs)
 
     if page_exports:
         pages = folder / "pages"
@@ -192,6 +189,17 @@ def write_outputs(
                       examples=examples)  # fmt: skip
     files["page"] = write_report_page(outputs)
     return outputs
+
+
+def record_images(
+    record: Record, image_refs: Mapping[tuple[str, str], Sequence[ImageRef]] | None
+) -> list[Image.Image | None]:
+    """The record's images, decoded (None for one that cannot be): from ``image_refs`` (the samples read this run),
+    else the image files the record names."""
+    refs = (image_refs or {}).get((record.dataset, record.id))
+    if refs is None:
+        refs = [Path(p) for p in record.images if p]
+    return [_try_decode(ref) for ref in refs]
 
 
 def _try_decode(ref: ImageRef) -> Image.Image | None:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from granite_docling.data.sample import Sample
 from granite_docling.data.sources import RecordError
 from granite_docling.data.split import split_positions
 from granite_docling.evaluation.config import EvalConfig, EvaluateConfig, is_predictions_file, training_split_settings
+from granite_docling.evaluation.docling_eval_export import write_docling_eval_dataset
 from granite_docling.evaluation.generate import first_turn_prompt, generate, prompt_text, reference_budgets
 from granite_docling.evaluation.html_report import write_report_page
 from granite_docling.evaluation.metrics import OVERALL_KEY
@@ -38,12 +40,15 @@ from granite_docling.evaluation.report import (
     metrics_table,
     plot_metrics,
     read_predictions,
+    record_images,
     write_outputs,
 )
+from granite_docling.evaluation.server import generate_via_server
 
 log = logging.getLogger(__name__)
 
 COMPARE_DIR = "compare_to"
+DOCLING_EVAL_DIR = "docling_eval"  # the page predictions as a docling-eval dataset (docling_eval_export.py)
 
 
 @dataclass
@@ -145,21 +150,45 @@ def generate_records(
     """
     from accelerate.utils import gather_object
 
-    from granite_docling.model import load_model_and_processor
+    from granite_docling.model import load_model_and_processor, load_model_config, load_processor
 
     rank, world = accelerator.process_index, accelerator.num_processes
     model_config = ModelConfig(name=Path(checkpoint).name, checkpoint=checkpoint, dtype=e.dtype)
-    model, processor = load_model_and_processor(model_config)
-    model.to(accelerator.device)
+    if e.engine == "server":  # the server holds the model; the processor gives the prompts and the budgets
+        model, processor = None, load_processor(model_config, load_model_config(model_config))
+        log.info("answers from the server at %s (%d requests at a time)", e.server_url, e.server_concurrency)
+    else:
+        model, processor = load_model_and_processor(model_config)
+        model.to(accelerator.device)
     records = []
     for name, group in samples.items():
         prompts = [first_turn_prompt(sample) for sample in group]
         references = [sample.turns[0].assistant for sample in group]
         budgets = reference_budgets(processor, references, e.max_new_tokens, e.reference_length_factor)
         mine = list(range(rank, len(prompts), world))
-        answers = generate(model, processor, [prompts[i] for i in mine], [budgets[i] for i in mine], e.batch_size,
-                           image_longest_edge=edges.get(name), progress=accelerator.is_main_process,
-                           desc=f"{Path(checkpoint).name}: {name}")  # fmt: skip
+        desc = f"{Path(checkpoint).name}: {name}"
+        progress = accelerator.is_main_process
+        if model is None:
+            answers = generate_via_server(
+                e.server_url,
+                [prompts[i] for i in mine],
+                [budgets[i] for i in mine],
+                e.server_concurrency,
+                edges.get(name),
+                progress=progress,
+                desc=desc,
+            )
+        else:
+            answers = generate(
+                model,
+                processor,
+                [prompts[i] for i in mine],
+                [budgets[i] for i in mine],
+                e.batch_size,
+                image_longest_edge=edges.get(name),
+                progress=progress,
+                desc=desc,
+            )
         pairs = list(zip(mine, answers, strict=True))
         if world > 1:
             pairs = gather_object(pairs)
@@ -213,9 +242,22 @@ def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> EvaluationResult | Non
             records = generate_records(target, samples, edges, e, accelerator)
         if is_main:
             log.info("scoring %d answers of %s", len(records), target)
-            results.append(write_outputs(folder, records, title=str(target), num_examples=e.num_examples,
-                                         page_exports=e.page_exports, image_refs=image_refs,
-                                         checkpoint=str(target)))  # fmt: skip
+            outputs = write_outputs(
+                folder,
+                records,
+                title=str(target),
+                num_examples=e.num_examples,
+                page_exports=e.page_exports,
+                image_refs=image_refs,
+                checkpoint=str(target),
+            )
+            if e.docling_eval_export:
+                images = functools.partial(record_images, image_refs=image_refs)
+                exported = write_docling_eval_dataset(folder / DOCLING_EVAL_DIR, records, images)
+                if exported is not None:
+                    outputs.files["docling_eval"] = exported
+                    log.info("docling-eval dataset of the page predictions: %s", exported)
+            results.append(outputs)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if not is_main:

@@ -116,6 +116,31 @@ def test_evaluate_writes_every_output(evaluated):
         assert str(run_dir / path) in stdout, path
 
 
+def test_the_page_predictions_are_written_as_a_docling_eval_dataset(evaluated):
+    import pyarrow.parquet as pq
+    from docling_core.types.doc import DoclingDocument
+
+    from granite_docling.evaluation.docling_eval_export import schema
+    from granite_docling.evaluation.doctags import document_markdown
+    from granite_docling.evaluation.export import pages_to_document, split_pages
+
+    run_dir, _ = evaluated
+    table = pq.read_table(run_dir / "docling_eval" / "test" / "shard_000000_000000.parquet")
+    assert table.schema.equals(schema())
+    rows = table.to_pylist()
+    records = {r["id"]: r for r in map(json.loads, (run_dir / "predictions.jsonl").read_text().splitlines())}
+    pages = {i: r for i, r in records.items() if r["reference"].startswith("<doctag>")}
+    assert sorted(row["document_id"] for row in rows) == sorted(pages)  # the two page conversions, not formulas
+    for row in rows:
+        record = pages[row["document_id"]]
+        truth = DoclingDocument.model_validate_json(row["GroundTruthDocument"])
+        assert document_markdown(truth) == document_markdown(pages_to_document(split_pages(record["reference"])))
+        assert len(row["GroundTruthPageImages"]) == record["prompt"].count("<image>") == len(truth.pages)
+        assert row["original_prediction"] == record["prediction"] and row["prediction_format"] == "doctags"
+        assert (row["status"] == "success") == (row["PredictedDocument"] is not None)
+    assert (run_dir / "compare_to" / "docling_eval" / "test").is_dir()
+
+
 def test_compare_to_writes_the_second_evaluation_and_the_deltas(evaluated):
     run_dir, stdout = evaluated
     assert (run_dir / "compare_to" / "metrics.json").is_file()
