@@ -16,7 +16,7 @@
 #   benchmarks/gpu_check.sh --cpu-smoke            # every part on CPU at its smallest, tiny preset (tests)
 #
 # Packages: an image with torch, transformers, accelerate, peft, pyarrow and pandas also needs hydra-core,
-# omegaconf, docling-core, datasets, trl and what they need. benchmarks/gpu_wheels.sh downloads them (about 6 MB)
+# omegaconf, docling-core, datasets, trl and what they need. benchmarks/gpu_wheels.sh downloads them (about 10 MB)
 # into .whl/ on a machine with the package registry; carry .whl/ and this script installs it into /tmp/site when
 # hydra is missing (no network needed there).
 #
