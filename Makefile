@@ -70,9 +70,12 @@ test-vllm: .venv-vllm/.installed
 
 # An OpenAI-compatible vLLM server for a saved model folder, for `evaluate.py eval.engine=server
 # eval.server_url=http://localhost:$(PORT)` (and docling's API VLM options). On a CPU: float32, eager; on a GPU drop
-# VLLM_ARGS' --dtype / --enforce-eager. `make serve CHECKPOINT=outputs/<run>/final_model [PORT=8000]`.
+# VLLM_ARGS' --dtype / --enforce-eager (on a CPU --gpu-memory-utilization is the share of RAM kept for its
+# KV cache; --trust-request-mm-kwargs lets a dataset's image_longest_edge reach its processor).
+# `make serve CHECKPOINT=outputs/<run>/final_model [PORT=8000]`.
 PORT ?= 8000
-VLLM_ARGS ?= --dtype float32 --enforce-eager --max-model-len 8192 --limit-mm-per-prompt '{"image": 1}'
+VLLM_ARGS ?= --dtype float32 --enforce-eager --max-model-len 8192 --gpu-memory-utilization 0.3 \
+	--limit-mm-per-prompt '{"image": 1}' --trust-request-mm-kwargs
 serve: .venv-vllm/.installed
 	@test -n "$(CHECKPOINT)" || { echo "error: pass CHECKPOINT=outputs/<run>/final_model (a saved model folder)"; exit 2; }
 	@test -f "$(CHECKPOINT)/config.json" || { echo "error: $(CHECKPOINT) is not a model folder (no config.json)"; exit 2; }

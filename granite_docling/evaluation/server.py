@@ -6,7 +6,9 @@ The requests carry what the transformers engine gives ``generate``: each sample'
 URLs) and question as one user message, which the server puts through the checkpoint's own chat template (as
 ``vllm serve`` does for ``/v1/chat/completions``); greedy decoding (temperature 0); the same per-sample token budget
 (``max_tokens``); special tokens kept (``skip_special_tokens: false``: DocTags are special tokens). A per-dataset
-``image_longest_edge`` is passed as ``mm_processor_kwargs``, which vLLM hands to the processor.
+``image_longest_edge`` is passed as ``mm_processor_kwargs``, which vLLM hands to the processor only when it was started
+with ``--trust-request-mm-kwargs`` (``make serve`` does; without it vLLM answers 400, which stops the evaluation
+in one line naming the flag).
 ``eval.server_concurrency`` requests are in flight at once, so the server can batch them.
 
 A reply that ends with ``finish_reason: stop`` stopped with eos (vLLM leaves the stop token out of the text, as

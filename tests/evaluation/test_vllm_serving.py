@@ -104,8 +104,11 @@ def server(memorised):
         "--enforce-eager",
         "--max-model-len",
         "4096",
+        "--gpu-memory-utilization",  # on a CPU: the share of RAM vLLM keeps for its KV cache
+        "0.15",
         "--limit-mm-per-prompt",
         '{"image": 1}',
+        "--trust-request-mm-kwargs",  # a dataset's image_longest_edge travels as mm_processor_kwargs
     ]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -153,7 +156,7 @@ def test_the_server_engine_predicts_what_the_transformers_engine_predicts(memori
         e: [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
         for e, run in runs.items()
     }
-    assert len(read["server"]) == len(read["transformers"]) >= 5
+    assert len(read["server"]) == len(read["transformers"]) >= 3
     for ours, theirs in zip(read["transformers"], read["server"], strict=True):
         assert ours["id"] == theirs["id"]
         assert (theirs["prediction"], theirs["stopped"]) == (ours["prediction"], ours["stopped"]), ours["id"]
