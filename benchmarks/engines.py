@@ -4,7 +4,8 @@ OpenAI-compatible server (vLLM), samples/s of each and whether their answers agr
     make serve CHECKPOINT=outputs/<run>/final_model &            # in another shell: vLLM in .venv-vllm
     python benchmarks/engines.py outputs/<run>/final_model data/eval --server-url http://localhost:8000 --json
 
-Both answer the first turn of the same samples (the first ``--samples`` of ``--split``) with the same per-sample
+Both answer the first turn of the same samples (the first ``--samples`` of ``--split`` with at most ``--max-images``
+images, the server's per-prompt limit) with the same per-sample
 token budgets (``--max-new-tokens``, cut at ``--reference-factor`` x the reference as ``evaluate.py`` does):
 transformers in batches of ``--batch-size`` (float32, this process), the server with ``--concurrency`` requests in
 flight (:func:`granite_docling.evaluation.server.generate_via_server`, what ``eval.engine=server`` runs). Each side
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-url", required=True, help="e.g. http://localhost:8000")
     parser.add_argument("--split", default="train")
     parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--max-images", type=int, default=1, help="the server's --limit-mm-per-prompt (make serve: 1)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--reference-factor", type=float, default=2.0)
     parser.add_argument("--batch-size", type=int, default=4, help="transformers: prompts per generate call")
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from granite_docling.evaluation.server import generate_via_server
     from granite_docling.model import load_model_and_processor
 
-    samples, _ = read_dataset(args.data, args.data.name, ReadOptions(split=args.split, max_samples=args.samples))
+    samples, _ = read_dataset(args.data, args.data.name, ReadOptions(split=args.split))
+    samples = [s for s in samples if len(s.images) <= args.max_images][: args.samples]  # the server's image limit
     model, processor = load_model_and_processor(ModelConfig(name="served", checkpoint=str(args.checkpoint)))
     prompts = [first_turn_prompt(sample) for sample in samples]
     references = [sample.turns[0].assistant for sample in samples]
