@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _write_page(task: tuple[Path, int, int, float]) -> None:
-    from granite_docling.data.prepare import PAGE_PROMPT, document_doctags, write_json
+    from granite_docling.data.doctags import PAGE_PROMPT, document_doctags
+    from granite_docling.data.prepare import write_json
     from granite_docling.data.synth import synth_document
 
     out, index, seed, scale = task

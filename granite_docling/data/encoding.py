@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from granite_docling.data.image_tiles import ImageSpec, image_replacements, worker_pixels
 from granite_docling.data.sample import Turn
@@ -130,14 +131,6 @@ def _with_labels(tokenizer, input_ids: torch.Tensor) -> dict:
     return {"input_ids": input_ids, "labels": torch.tensor(masked_labels(input_ids.tolist(), mask))}
 
 
-def pad_sequences(sequences: Sequence[torch.Tensor], value: int) -> torch.Tensor:
-    """Right-pad 1-D tensors to the longest: (B, T_max)."""
-    out = torch.full((len(sequences), max(len(s) for s in sequences)), value, dtype=sequences[0].dtype)
-    for row, sequence in enumerate(sequences):
-        out[row, : len(sequence)] = sequence
-    return out
-
-
 def pad_images(tiles: Sequence[torch.Tensor | None], fill: float | bool = 0) -> torch.Tensor | None:
     """Stack per-sample tile tensors (N_i, ...) into (B, N_max, ...), zero-filled.
 
@@ -165,9 +158,9 @@ def collate(examples: Sequence[dict], pad_id: int) -> dict:
     """
     input_ids = [e["input_ids"] for e in examples]
     batch = {
-        "input_ids": pad_sequences(input_ids, pad_id),
-        "attention_mask": pad_sequences([torch.ones_like(ids) for ids in input_ids], 0),
-        "labels": pad_sequences([e["labels"] for e in examples], IGNORE_INDEX),
+        "input_ids": pad_sequence(input_ids, batch_first=True, padding_value=pad_id),
+        "attention_mask": pad_sequence([torch.ones_like(ids) for ids in input_ids], batch_first=True),
+        "labels": pad_sequence([e["labels"] for e in examples], batch_first=True, padding_value=IGNORE_INDEX),
     }
     pixel_values = pad_images([e.get("pixel_values") for e in examples])
     if pixel_values is not None:

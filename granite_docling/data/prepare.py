@@ -77,14 +77,6 @@ def _is_page_source(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in PDF_SUFFIXES | IMAGE_SUFFIXES
 
 
-def find_inputs(inputs: Sequence[str | Path]) -> list[SourceDocument]:
-    """Expand INPUT arguments into (document, JSON) pairs; raise once listing every input that cannot be used."""
-    sources, problems = _collect_inputs(inputs)
-    if problems:
-        raise PrepareError("cannot prepare these inputs:\n  " + "\n  ".join(problems))
-    return sources
-
-
 def _collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[SourceDocument], list[str]]:
     """The usable (document, JSON) pairs, and a message for every input that is not usable."""
     problems: list[str] = []

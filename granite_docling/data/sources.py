@@ -58,9 +58,6 @@ class RecordError(ValueError):
         super().__init__(f"{reason}: {detail}")
 
 
-SchemaError = RecordError  # the name parse_turns' callers know
-
-
 @dataclass(frozen=True)
 class ReadOptions:
     """What to keep of each source (the per-dataset options of the config)."""

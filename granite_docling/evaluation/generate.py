@@ -35,9 +35,6 @@ from granite_docling.evaluation.metrics import score_sample, summarize
 
 log = logging.getLogger(__name__)
 
-PAGE_PROMPT = "Convert this page to docling."
-"""The model card's (and DoclingMatix's) page-conversion question."""
-
 GEN_METRICS = ("edit_distance", "f1", "bleu", "meteor", "exact_match", "teds", "map", "doctags_valid",
                "stopped_with_eos")  # fmt: skip
 """The metrics :func:`evaluate_generation` reports, as ``gen/<name>`` means."""

@@ -51,8 +51,6 @@ from granite_docling.evaluation.text_metrics import exact_match, text_metrics
 
 _log = logging.getLogger(__name__)
 
-SAMPLE_KINDS = ("page", "short")
-
 REPORTED_METRICS = (
     "edit_distance",
     "precision",

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from granite_docling.data.doctags import PAGE_PROMPT
 from granite_docling.evaluation.export import pages_to_document, write_document_files
-from granite_docling.evaluation.generate import PAGE_PROMPT, Prompt, generate
+from granite_docling.evaluation.generate import Prompt, generate
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ import pytest
 from docling_core.types.doc import BoundingBox, DocItemLabel, DoclingDocument, ProvenanceItem, Size
 
 from granite_docling.cli import main
-from granite_docling.data.prepare import PrepareError, document_doctags, page_doctags, prepare_dataset
+from granite_docling.data.doctags import document_doctags, page_doctags
+from granite_docling.data.prepare import PrepareError, prepare_dataset
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "real_docs"
 STEMS = ("2305.03393v1-pg9", "amt_handbook_sample", "code_and_formula", "multi_page")

@@ -38,8 +38,9 @@ def test_a_trained_checkpoint_converts_a_page_inside_docling(tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from granite_docling.cli import main
+    from granite_docling.data.doctags import PAGE_PROMPT
     from granite_docling.evaluation.docling_pipeline import convert_with_docling
-    from granite_docling.evaluation.generate import PAGE_PROMPT, Prompt, generate
+    from granite_docling.evaluation.generate import Prompt, generate
 
     assert main(["sample-data", str(tmp_path / "data"), "--pages", "2", "--formulas", "2"]) == 0
     run_dir = tmp_path / "run"
