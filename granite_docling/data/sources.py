@@ -443,7 +443,8 @@ def check_split_folder(path: str | Path, split: str) -> None:
     if files and not any(split in f.relative_to(local).as_posix() for f in files):
         splits = sorted({f.relative_to(local).parts[0] for f in files if len(f.relative_to(local).parts) > 1})
         raise DatasetNotFoundError(
-            f"{local} has no {split!r} split (its splits: {', '.join(splits) or 'none'}); set dataset.<name>.split"
+            f"{local} has no {split!r} split (its splits: {', '.join(splits) or 'none'}); set dataset.<name>.split "
+            "(granite-docling validate: --split)"
         )
 
 
