@@ -296,7 +296,9 @@ class HubSource(Source):
         self.__init__(**state)
 
 
-GROUND_TRUTH, PAGE_IMAGES, DOCUMENT_ID = "GroundTruthDocument", "GroundTruthPageImages", "document_id"
+GROUND_TRUTH = "GroundTruthDocument"  # docling-eval's columns
+PAGE_IMAGES = "GroundTruthPageImages"
+DOCUMENT_ID = "document_id"
 PAGE_STRIDE = 1 << 16  # a docling_eval locator is row * PAGE_STRIDE + the page's position among the row's images
 
 
@@ -318,7 +320,10 @@ class DoclingEvalSource(Source):
     one sample per page image (``unit=page``) or per row (``unit=document``)."""
 
     def __init__(self, path: str | Path, name: str, options: ReadOptions, cache_dir: Path | None = None):
-        self.path, self.name, self.options, self.cache_dir = path, name, options, cache_dir
+        self.path = path
+        self.name = name
+        self.options = options
+        self.cache_dir = cache_dir
         check_split_folder(path, options.split)
         self._dataset, self._fingerprint = open_arrow_dataset(path, options.split, cache_dir)
         missing = {GROUND_TRUTH, PAGE_IMAGES} - set(self._dataset.column_names)
