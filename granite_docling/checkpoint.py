@@ -343,14 +343,32 @@ def check_resumed_shape(
         and saved_world
         and (saved_world, saved_batch, state.workers) != (world, global_batch, workers)
     ):
-        log.warning("resumed a streaming run on %d process(es) x %d workers with global batch %d (saved: %d x %d, "
-                    "%d): a stream's position is exact only on the same shape; each worker skips its share of %d "
-                    "micro-batches", world, workers, global_batch, saved_world, state.workers, saved_batch,
-                    state.samples_in_epoch)  # fmt: skip
+        log.warning(
+            "resumed a streaming run on %d process(es) x %d workers with global batch %d (saved: %d x %d, "
+            "%d): a stream's position is exact only on the same shape; each worker skips its share of %d "
+            "micro-batches",
+            world,
+            workers,
+            global_batch,
+            saved_world,
+            state.workers,
+            saved_batch,
+            state.samples_in_epoch,
+        )
     elif saved_batch and saved_batch != global_batch:
-        log.warning("the global batch changed from %d to %d samples (batch x accumulation x processes): continuing "
-                    "the same sample order from global sample %d of epoch %d, in steps of the new size",
-                    saved_batch, global_batch, state.samples_in_epoch, state.epoch)  # fmt: skip
+        log.warning(
+            "the global batch changed from %d to %d samples (batch x accumulation x processes): continuing "
+            "the same sample order from global sample %d of epoch %d, in steps of the new size",
+            saved_batch,
+            global_batch,
+            state.samples_in_epoch,
+            state.epoch,
+        )
     elif saved_world and saved_world != world:
-        log.info("resumed on %d process(es) instead of %d with the same global batch of %d: every step holds the "
-                 "same samples as before", world, saved_world, global_batch)  # fmt: skip
+        log.info(
+            "resumed on %d process(es) instead of %d with the same global batch of %d: every step holds the "
+            "same samples as before",
+            world,
+            saved_world,
+            global_batch,
+        )

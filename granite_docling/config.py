@@ -416,9 +416,11 @@ def check_paths(cfg: Config) -> None:
     resume = cfg.training.resume
     if resume not in (None, "auto") and Path(resume).is_dir():
         if not is_training_checkpoint(Path(resume)):
-            problems.append(f"training.resume={resume} holds no training state, so it is no training checkpoint: "
-                            f"give a checkpoints/checkpoint_* folder or 'auto' (to fine-tune a model folder, set "
-                            f"model.checkpoint={resume})")  # fmt: skip
+            problems.append(
+                f"training.resume={resume} holds no training state, so it is no training checkpoint: "
+                f"give a checkpoints/checkpoint_* folder or 'auto' (to fine-tune a model folder, set "
+                f"model.checkpoint={resume})"
+            )
         elif is_pickled_checkpoint(Path(resume)) and not cfg.training.trust_checkpoint:
             problems.append(pickled_state_message(Path(resume)))
     raise_problems(problems)

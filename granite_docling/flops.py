@@ -69,8 +69,16 @@ def batch_shape(batch: dict) -> list[tuple[int, int, int]]:
 
 
 # Dense bf16 peak of common training GPUs, FLOP/s (no sparsity), for the MFU estimate.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
-                   "L40S": 362e12, "A10G": 125e12, "L4": 121e12}  # fmt: skip
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+}
 
 
 def device_peak_flops(peak_tflops: float | None) -> float | None:

@@ -120,8 +120,11 @@ def apply_slurm_environment(environ: MutableMapping[str, str] = os.environ) -> d
         environ.setdefault(key, value)
     ntasks = int(environ.get("SLURM_NTASKS", "1"))
     if not derived and ntasks > 1 and "SLURM_PROCID" in environ and "SLURM_STEP_NUM_TASKS" not in environ:
-        log.warning("this SLURM job has %d tasks, but this process was not started by srun, so it runs as one "
-                    "process; start it with `srun python ...` to use them all", ntasks)  # fmt: skip
+        log.warning(
+            "this SLURM job has %d tasks, but this process was not started by srun, so it runs as one "
+            "process; start it with `srun python ...` to use them all",
+            ntasks,
+        )
     return derived
 
 

@@ -125,9 +125,12 @@ def load_model_and_processor(cfg: ModelConfig):
     counts = parameter_counts(model)
     log.info(
         "model %s from %s (%s weights): %.1fM parameters, %.1fM trainable",
-        cfg.name, model_source(cfg), "random" if cfg.random_init else "pretrained",
-        counts["total"] / 1e6, counts["trainable"] / 1e6,
-    )  # fmt: skip
+        cfg.name,
+        model_source(cfg),
+        "random" if cfg.random_init else "pretrained",
+        counts["total"] / 1e6,
+        counts["trainable"] / 1e6,
+    )
     return model, processor
 
 

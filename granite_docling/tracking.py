@@ -47,8 +47,15 @@ def tracker_kwargs(name: str, cfg: Config, run_dir: Path, run_id: str | None) ->
         return {"run_name": run_name, "logging_dir": str(run_dir)}
     if name == "wandb":
         mode = cfg.wandb.mode
-        return {"run_name": cfg.wandb.project, "name": run_name, "entity": cfg.wandb.entity, "mode": mode,
-                "dir": str(run_dir), "id": run_id, "resume": "allow"}  # fmt: skip
+        return {
+            "run_name": cfg.wandb.project,
+            "name": run_name,
+            "entity": cfg.wandb.entity,
+            "mode": mode,
+            "dir": str(run_dir),
+            "id": run_id,
+            "resume": "allow",
+        }
     if name == "mlflow":  # MLFLOW_TRACKING_URI picks the store (a server, or sqlite:///mlflow.db)
         return {"experiment_name": cfg.wandb.project, "run_name": run_name, "run_id": run_id}
     if name == "trackio":
@@ -137,8 +144,11 @@ class Tracker(NullTracker):
         if ids:
             ids_file.write_text(json.dumps(ids, indent=2) + "\n")
         if self.trackers:
-            log.info("reporting to %s%s", ", ".join(t.name for t in self.trackers),
-                     f" (continuing the runs of {ids_file})" if previous_ids else "")  # fmt: skip
+            log.info(
+                "reporting to %s%s",
+                ", ".join(t.name for t in self.trackers),
+                f" (continuing the runs of {ids_file})" if previous_ids else "",
+            )
 
     def log(self, metrics: dict, step: int) -> None:
         super().log(metrics, step)

@@ -83,8 +83,10 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("%s received: stopping after this step and writing a checkpoint "
-                    "(Ctrl-C again to abort without saving)", signal.Signals(signum).name)  # fmt: skip
+        log.warning(
+            "%s received: stopping after this step and writing a checkpoint (Ctrl-C again to abort without saving)",
+            signal.Signals(signum).name,
+        )
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -206,8 +208,14 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
     checkpoint_root = Path(t.save_dir) if t.save_dir else run_dir / "checkpoints"
     final_dir = checkpoint_root / "final_model" if t.save_dir else run_dir / "final_model"
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    log.info("run folder %s, %d process(es) on %s, mixed precision %s (%s)", run_dir, world, accelerator.device,
-             precision, precision_reason)  # fmt: skip
+    log.info(
+        "run folder %s, %d process(es) on %s, mixed precision %s (%s)",
+        run_dir,
+        world,
+        accelerator.device,
+        precision,
+        precision_reason,
+    )
 
     # ---- model, data, optimizer, schedule
     model, processor = load_model_and_processor(cfg.model)
@@ -252,9 +260,15 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
     if t.compile:
         loss_module = torch.compile(loss_module)
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
-    log.info("%d optimizer steps (%d per epoch; effective batch %d = %d x %d accumulation x %d processes)",
-             total_steps, steps_per_epoch, global_batch, t.batch_size, t.gradient_accumulation_steps,
-             world)  # fmt: skip
+    log.info(
+        "%d optimizer steps (%d per epoch; effective batch %d = %d x %d accumulation x %d processes)",
+        total_steps,
+        steps_per_epoch,
+        global_batch,
+        t.batch_size,
+        t.gradient_accumulation_steps,
+        world,
+    )
 
     # ---- resume
     state = LoopState()
@@ -270,8 +284,14 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
             accelerator.scaler.load_state_dict(saved["scaler"])
         state = loop_state(saved)
         set_rng_state(saved["rng"][min(rank, len(saved["rng"]) - 1)])
-        log.info("resumed from %s at step %d (epoch %d, %d %s into it)", resume_from, state.step, state.epoch,
-                 state.samples_in_epoch, train_steps.position_unit)  # fmt: skip
+        log.info(
+            "resumed from %s at step %d (epoch %d, %d %s into it)",
+            resume_from,
+            state.step,
+            state.epoch,
+            state.samples_in_epoch,
+            train_steps.position_unit,
+        )
         check_resumed_shape(state, global_batch, world, t.num_workers, train_steps.exact_on_any_shape)
     state.global_batch, state.processes, state.workers = global_batch, world, t.num_workers
 
@@ -376,14 +396,16 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
             state.skipped_steps += 1
             state.nonfinite_in_a_row += 1
-            log.warning("step %d: loss is %s, step skipped (%d in a row)", state.step, step_loss,
-                        state.nonfinite_in_a_row)  # fmt: skip
+            log.warning(
+                "step %d: loss is %s, step skipped (%d in a row)", state.step, step_loss, state.nonfinite_in_a_row
+            )
             if state.nonfinite_in_a_row >= t.max_nonfinite_steps:
                 log.error(
                     "%d non-finite losses in a row: stopping. Try: a 10x lower learning rate (training.lr_*), a "
                     "lower training.max_grad_norm, training.mixed_precision=bf16 instead of fp16, and "
-                    "`granite-docling validate` on the data to find corrupt samples.", state.nonfinite_in_a_row,
-                )  # fmt: skip
+                    "`granite-docling validate` on the data to find corrupt samples.",
+                    state.nonfinite_in_a_row,
+                )
                 exit_code = 1
                 break
             continue
@@ -403,9 +425,15 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
         if peak_flops:
             window_flops += sum(model_flops.sample(*shape, train_vision=train_vision) for shape in shapes)
         lrs = {f"train/lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
-        metrics = {"train/loss": step_loss, "train/avg_loss": state.loss_sum / state.loss_steps,
-                   "train/lr": optimizer.param_groups[0]["lr"], **lrs, "epoch": state.epoch,
-                   "train/supervised_tokens": global_tokens, "train/micro_batches": len(group)}  # fmt: skip
+        metrics = {
+            "train/loss": step_loss,
+            "train/avg_loss": state.loss_sum / state.loss_steps,
+            "train/lr": optimizer.param_groups[0]["lr"],
+            **lrs,
+            "epoch": state.epoch,
+            "train/supervised_tokens": global_tokens,
+            "train/micro_batches": len(group),
+        }
         metrics |= {f"train/loss/{name}": loss for name, loss in dataset_losses.items()}  # report.html draws them
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
@@ -413,21 +441,30 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
             seconds = time.time() - window_start
             elapsed = state.elapsed_seconds + time.time() - started
             samples_per_second = window_samples * world / seconds
-            metrics |= {"train/samples_per_second": samples_per_second,
-                        "train/tokens_per_second": window_tokens * world / seconds,
-                        "train/data_wait": window_wait / seconds}  # fmt: skip
+            metrics |= {
+                "train/samples_per_second": samples_per_second,
+                "train/tokens_per_second": window_tokens * world / seconds,
+                "train/data_wait": window_wait / seconds,
+            }
             if peak_flops:  # this process's model FLOPs per second over its device's peak
                 metrics["train/mfu"] = window_flops / seconds / peak_flops
             eta = (total_steps - state.step) * seconds / max(1, t.log_interval)
             log.info(
                 "step %d/%d  epoch %d  loss %.4f  avg %.4f  lr %s  %.2f samples/s  %.0f tokens/s  data wait %.0f%%%s  "
                 "elapsed %s  ETA %s",
-                state.step, total_steps, state.epoch, step_loss, metrics["train/avg_loss"],
-                "/".join(f"{g['lr']:.2e}" for g in optimizer.param_groups[::2]), samples_per_second,
-                metrics["train/tokens_per_second"], 100 * metrics["train/data_wait"],
+                state.step,
+                total_steps,
+                state.epoch,
+                step_loss,
+                metrics["train/avg_loss"],
+                "/".join(f"{g['lr']:.2e}" for g in optimizer.param_groups[::2]),
+                samples_per_second,
+                metrics["train/tokens_per_second"],
+                100 * metrics["train/data_wait"],
                 f"  MFU {100 * metrics['train/mfu']:.1f}%" if "train/mfu" in metrics else "",
-                _duration(elapsed), _duration(eta),
-            )  # fmt: skip
+                _duration(elapsed),
+                _duration(eta),
+            )
             window_start, window_samples, window_tokens, window_wait, window_flops = time.time(), 0, 0, 0.0, 0.0
         tracker.log(metrics, step=state.step)
 

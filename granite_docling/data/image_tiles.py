@@ -321,8 +321,9 @@ def batch_pixel_values(
         for row, (sample_images, sample_layouts, count) in enumerate(zip(images, layouts, counts, strict=True)):
             start = 0
             for pixels, layout in zip(sample_images, sample_layouts, strict=True):
-                write_tiles(pixel_values[row, start : start + layout.tiles], pixels.to(device, non_blocking=True),
-                            layout)  # fmt: skip
+                write_tiles(
+                    pixel_values[row, start : start + layout.tiles], pixels.to(device, non_blocking=True), layout
+                )
                 start += layout.tiles
             pixel_values[row, :count].mul_(scale).add_(shift)
             pixel_values[row, count:].zero_()

@@ -71,8 +71,11 @@ class SourceIndex:
 
     def _open(self) -> dict:
         if self._arrays is None:
-            arrays = {key: np.load(self.entry / f"{key}.npy", mmap_mode="r") for key in ("tokens", "tiles", "rows")
-                      if (self.entry / f"{key}.npy").is_file()}  # fmt: skip
+            arrays = {
+                key: np.load(self.entry / f"{key}.npy", mmap_mode="r")
+                for key in ("tokens", "tiles", "rows")
+                if (self.entry / f"{key}.npy").is_file()
+            }
             if (self.entry / "names.bin").is_file():
                 arrays["names"] = np.memmap(self.entry / "names.bin", dtype=np.uint8, mode="r") if self.size else b""
                 arrays["offsets"] = np.load(self.entry / "offsets.npy", mmap_mode="r")
@@ -104,8 +107,15 @@ class SourceIndex:
 def index_key(source: Source, processor, spec: ImageSpec) -> str:
     """The cache entry's name: the dataset version plus everything the lengths depend on."""
     tokenizer = processor.tokenizer
-    parts = (INDEX_VERSION, source.fingerprint(), source.options, tokenizer.name_or_path, len(tokenizer),
-             processor.image_seq_len, spec)  # fmt: skip
+    parts = (
+        INDEX_VERSION,
+        source.fingerprint(),
+        source.options,
+        tokenizer.name_or_path,
+        len(tokenizer),
+        processor.image_seq_len,
+        spec,
+    )
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 
@@ -119,8 +129,9 @@ def load_or_build(source: Source, processor, spec: ImageSpec, cache_root: Path, 
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            log.info("data index %s: rank %d waits while another process builds it (%s)", source.name, rank,
-                     lock.lock_file)  # fmt: skip
+            log.info(
+                "data index %s: rank %d waits while another process builds it (%s)", source.name, rank, lock.lock_file
+            )
             lock.acquire()
         try:
             if not _complete(entry):
@@ -132,8 +143,15 @@ def load_or_build(source: Source, processor, spec: ImageSpec, cache_root: Path, 
     index = _open(entry, source.name)
     meta = json.loads((entry / "meta.json").read_text())
     by = meta["built_by"]
-    log.info("data index %s: rank %d reused %s (%d records, built by rank %d on %s)", source.name, rank, entry,
-             index.size, by["rank"], by["host"])  # fmt: skip
+    log.info(
+        "data index %s: rank %d reused %s (%d records, built by rank %d on %s)",
+        source.name,
+        rank,
+        entry,
+        index.size,
+        by["rank"],
+        by["host"],
+    )
     return index
 
 
@@ -201,8 +219,14 @@ def _build(source: Source, processor, spec: ImageSpec, entry: Path, rank: int) -
     lengths = np.full((total, 2), -1, dtype=np.int64)
     problems: list[tuple[int, Problem]] = []
     good = 0
-    progress = tqdm(total=total, desc=f"indexing {source.name}", unit=" records", mininterval=2, leave=False,
-                    disable=total < MIN_PARALLEL)  # fmt: skip
+    progress = tqdm(
+        total=total,
+        desc=f"indexing {source.name}",
+        unit=" records",
+        mininterval=2,
+        leave=False,
+        disable=total < MIN_PARALLEL,
+    )
     if processes == 1:
         _init_worker(source, processor, spec)
         pool, results = None, map(_count_chunk, chunks)
@@ -230,12 +254,28 @@ def _build(source: Source, processor, spec: ImageSpec, entry: Path, rank: int) -
     _write(entry, source, positions, lengths[positions], problems, rank, time.time() - started, processes)
     if isinstance(source, FolderSource):
         source.forget_names()  # the index has them now; the training process keeps no list of names
-    log.info("data index %s: rank %d built %d records (%d bad) in %.1f s with %d processes -> %s", source.name, rank,
-             len(positions), len(problems), time.time() - started, processes, entry)  # fmt: skip
+    log.info(
+        "data index %s: rank %d built %d records (%d bad) in %.1f s with %d processes -> %s",
+        source.name,
+        rank,
+        len(positions),
+        len(problems),
+        time.time() - started,
+        processes,
+        entry,
+    )
 
 
-def _write(entry: Path, source: Source, positions: np.ndarray, lengths: np.ndarray, problems: list[Problem],
-           rank: int, seconds: float, processes: int) -> None:  # fmt: skip
+def _write(
+    entry: Path,
+    source: Source,
+    positions: np.ndarray,
+    lengths: np.ndarray,
+    problems: list[Problem],
+    rank: int,
+    seconds: float,
+    processes: int,
+) -> None:
     """Write the entry into a temporary folder, then flush and rename it into place (no reader sees half an entry,
     not even after a power cut)."""
     tmp = entry.parent / f".{entry.name}.tmp-{socket.gethostname()}-{os.getpid()}"
@@ -252,10 +292,16 @@ def _write(entry: Path, source: Source, positions: np.ndarray, lengths: np.ndarr
     else:
         np.save(tmp / "rows.npy", np.array([source.locator(int(i)) for i in positions], dtype=np.int64))
     (tmp / "problems.jsonl").write_text("".join(json.dumps(p.to_dict()) + "\n" for p in problems))
-    meta = {"version": INDEX_VERSION, "name": source.name, "records": len(positions), "bad": len(problems),
-            "seconds": round(seconds, 2), "processes": processes,
-            "built_by": {"rank": rank, "host": socket.gethostname(), "pid": os.getpid()},
-            "files": file_sizes(tmp)}  # fmt: skip
+    meta = {
+        "version": INDEX_VERSION,
+        "name": source.name,
+        "records": len(positions),
+        "bad": len(problems),
+        "seconds": round(seconds, 2),
+        "processes": processes,
+        "built_by": {"rank": rank, "host": socket.gethostname(), "pid": os.getpid()},
+        "files": file_sizes(tmp),
+    }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # last: an entry without it is not whole
     publish(tmp, entry)
 

@@ -93,8 +93,15 @@ class MemorySource(Source):
 class ConversationDataset(Dataset):
     """Samples from several sources; ``[i]`` is an encoded example dict, or a :class:`Problem` when it is bad."""
 
-    def __init__(self, parts: Sequence[Part], processor, image_longest_edge: dict[str, int | None],
-                 max_length: int | None = None, on_bad_sample: str = "skip", image_path: str = "stock"):  # fmt: skip
+    def __init__(
+        self,
+        parts: Sequence[Part],
+        processor,
+        image_longest_edge: dict[str, int | None],
+        max_length: int | None = None,
+        on_bad_sample: str = "skip",
+        image_path: str = "stock",
+    ):
         if image_path not in IMAGE_PATHS:
             raise ValueError(f"training.image_path={image_path!r} is not one of {', '.join(IMAGE_PATHS)}")
         self.parts = list(parts)
@@ -253,8 +260,15 @@ def build_data(cfg: Config, processor, rank: int = 0, world_size: int = 1) -> Da
         train, val = split_positions(len(index), t.val_ratio, t.seed, source.name)
         for positions in (train, val):
             dropped = too_long(index, positions, t.max_length)
-            problems += [Problem(source.name, source.record_id(index.locator(int(i))), "too_long",
-                                 f"{int(index.tokens[i])} > {t.max_length} tokens") for i in dropped]  # fmt: skip
+            problems += [
+                Problem(
+                    source.name,
+                    source.record_id(index.locator(int(i))),
+                    "too_long",
+                    f"{int(index.tokens[i])} > {t.max_length} tokens",
+                )
+                for i in dropped
+            ]
         if t.max_length is not None:
             train, val = (p[np.asarray(index.tokens)[p] <= t.max_length] for p in (train, val))
         scored = scored_validation(val, t.val_max_samples, t.seed, source.name)
@@ -267,13 +281,21 @@ def build_data(cfg: Config, processor, rank: int = 0, world_size: int = 1) -> Da
         raise DatasetNotFoundError(f"no training samples left: {summarise(problems) or 'every source is empty'}")
     edges = image_edges(cfg)
     warn_about_image_sizes(edges, processor)
-    make = partial(ConversationDataset, processor=processor, image_longest_edge=edges, max_length=t.max_length,
-                   on_bad_sample=t.on_bad_sample, image_path=t.image_path)  # fmt: skip
+    make = partial(
+        ConversationDataset,
+        processor=processor,
+        image_longest_edge=edges,
+        max_length=t.max_length,
+        on_bad_sample=t.on_bad_sample,
+        image_path=t.image_path,
+    )
     val_parts = [part for part in val_parts if len(part.positions)]
     lengths = None
     if t.length_grouping or t.batch_tokens:
-        lengths = tuple(np.concatenate([np.asarray(getattr(part.index, key))[part.positions] for part in train_parts])
-                        for key in ("tokens", "tiles"))  # fmt: skip
+        lengths = tuple(
+            np.concatenate([np.asarray(getattr(part.index, key))[part.positions] for part in train_parts])
+            for key in ("tokens", "tiles")
+        )
     if t.batch_tokens and (longer := int((lengths[0] > t.batch_tokens).sum())):
         longest = int(lengths[0].max())
         message = "%d training sample(s) are longer than training.batch_tokens=%d (the longest: %d tokens)"
@@ -291,8 +313,13 @@ def build_data(cfg: Config, processor, rank: int = 0, world_size: int = 1) -> Da
         group_by_length=t.length_grouping,
         batch_tokens=t.batch_tokens,
     )
-    return Data(train=make(train_parts), val=make(val_parts) if val_parts else None, train_sampler=sampler,
-                problems=problems, sizes=sizes)  # fmt: skip
+    return Data(
+        train=make(train_parts),
+        val=make(val_parts) if val_parts else None,
+        train_sampler=sampler,
+        problems=problems,
+        sizes=sizes,
+    )
 
 
 def warn_about_image_sizes(edges: dict[str, int | None], processor) -> None:
@@ -306,16 +333,24 @@ def warn_about_image_sizes(edges: dict[str, int | None], processor) -> None:
                 "dataset %s trains at a %d px long edge, but the saved processor resizes images to %d px "
                 "(model.image_longest_edge): inference with the saved model uses %d px unless it is told otherwise. "
                 "If your inference images are all like this source's, set model.image_longest_edge=%d instead.",
-                name, edge, saved, saved, edge,
-            )  # fmt: skip
+                name,
+                edge,
+                saved,
+                saved,
+                edge,
+            )
 
 
-def make_loader(dataset: Dataset, sampler: Sampler | Iterable[int] | None, batch_size: int, num_workers: int,
-                pad_id: int) -> DataLoader:  # fmt: skip
+def make_loader(
+    dataset: Dataset, sampler: Sampler | Iterable[int] | None, batch_size: int, num_workers: int, pad_id: int
+) -> DataLoader:
     """A DataLoader over ``dataset``: a :class:`GlobalBatchSampler` gives whole micro-batches, any other sampler
     (or index list) single indices batched by ``batch_size``; an iterable dataset batches itself."""
-    batching = {"batch_sampler": sampler} if isinstance(sampler, GlobalBatchSampler) else {
-        "batch_size": batch_size, "sampler": sampler}  # fmt: skip
+    batching = (
+        {"batch_sampler": sampler}
+        if isinstance(sampler, GlobalBatchSampler)
+        else {"batch_size": batch_size, "sampler": sampler}
+    )
     return DataLoader(
         dataset,
         **batching,

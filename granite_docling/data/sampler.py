@@ -81,8 +81,15 @@ def by_length(indices: np.ndarray, tokens: np.ndarray, tiles: np.ndarray) -> np.
     return indices[np.lexsort((tiles[indices], tokens[indices]))]
 
 
-def grouped_order(order: np.ndarray, tokens: np.ndarray, tiles: np.ndarray, seed: int, epoch: int,
-                  block: int = BLOCK, window: int = WINDOW) -> np.ndarray:  # fmt: skip
+def grouped_order(
+    order: np.ndarray,
+    tokens: np.ndarray,
+    tiles: np.ndarray,
+    seed: int,
+    epoch: int,
+    block: int = BLOCK,
+    window: int = WINDOW,
+) -> np.ndarray:
     """``order`` regrouped into blocks of ``block`` samples of similar length, in shuffled block order; the one
     short block an epoch may have comes last."""
     blocks = []
@@ -104,10 +111,19 @@ class GlobalBatchSampler(Sampler[list[int]]):
     micro-batches by padded tokens instead of ``batch_size`` samples (it needs ``lengths``).
     """
 
-    def __init__(self, sizes: Sequence[int], weights: Sequence[float | None], seed: int, batch_size: int,
-                 accumulation: int = 1, rank: int = 0, world_size: int = 1,
-                 lengths: tuple[np.ndarray, np.ndarray] | None = None, group_by_length: bool = True,
-                 batch_tokens: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        weights: Sequence[float | None],
+        seed: int,
+        batch_size: int,
+        accumulation: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        lengths: tuple[np.ndarray, np.ndarray] | None = None,
+        group_by_length: bool = True,
+        batch_tokens: int | None = None,
+    ):
         self.sizes, self.weights, self.seed = list(sizes), list(weights), seed
         self.batch_size, self.accumulation, self.rank, self.world_size = batch_size, accumulation, rank, world_size
         self.lengths = lengths

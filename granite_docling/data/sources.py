@@ -127,8 +127,9 @@ def files_fingerprint(files: Sequence[Path], root: Path) -> str:
     digest = hashlib.sha256()
     for file in files:
         stat = file.stat()
-        digest.update(f"{file.relative_to(root) if file != root else file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
-                      .encode())  # fmt: skip
+        digest.update(
+            f"{file.relative_to(root) if file != root else file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
+        )
     return digest.hexdigest()[:32]
 
 
@@ -274,8 +275,9 @@ class HubSource(Source):
     def sample_of(self, row: dict, locator: int) -> Sample:
         images = tuple(image_bytes(image) for image in row.get("images") or [])
         turns = parse_turns(row.get("texts"))
-        return limit(Sample(id=self.record_id(locator), dataset=self.name, images=images, turns=tuple(turns)),
-                     self.options)  # fmt: skip
+        return limit(
+            Sample(id=self.record_id(locator), dataset=self.name, images=images, turns=tuple(turns)), self.options
+        )
 
     def records(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Sample | Problem]]:
         """Read a record batch at a time: one Arrow slice per 64 rows, not one per row."""
@@ -500,8 +502,13 @@ def open_arrow_dataset(path: str | Path, split: str, cache_dir: Path | None):
         dataset = datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in files])
     else:
         processes = min(len(files), available_cpus())
-        dataset = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", cache_dir=cache,
-                                        num_proc=processes if processes > 1 else None)  # fmt: skip
+        dataset = datasets.load_dataset(
+            "parquet",
+            data_files=[str(f) for f in files],
+            split="train",
+            cache_dir=cache,
+            num_proc=processes if processes > 1 else None,
+        )
     return dataset, fingerprint
 
 
@@ -528,8 +535,9 @@ def detect_format(path: str | Path) -> str:
     )
 
 
-def open_source(path: str | Path, name: str, options: ReadOptions, fmt: str = "auto",
-                cache_dir: Path | None = None) -> Source:  # fmt: skip
+def open_source(
+    path: str | Path, name: str, options: ReadOptions, fmt: str = "auto", cache_dir: Path | None = None
+) -> Source:
     """The source behind ``path`` in its layout."""
     detected = detect_format(path) if fmt == "auto" else fmt
     if detected == "docling":
@@ -541,8 +549,9 @@ def open_source(path: str | Path, name: str, options: ReadOptions, fmt: str = "a
     return HubSource(path, name, options, cache_dir)
 
 
-def read_dataset(path: str | Path, name: str, options: ReadOptions, fmt: str = "auto",
-                 cache_dir: Path | None = None) -> tuple[list[Sample], list[Problem]]:  # fmt: skip
+def read_dataset(
+    path: str | Path, name: str, options: ReadOptions, fmt: str = "auto", cache_dir: Path | None = None
+) -> tuple[list[Sample], list[Problem]]:
     """All good samples of a small source in a list (after ``max_samples``), and the problems found on the way.
     Training never calls this: it reads through the index (:mod:`granite_docling.data.index`)."""
     source = open_source(path, name, options, fmt, cache_dir)

@@ -124,8 +124,9 @@ class StreamSource:
         return int(self.unit_rows.sum())
 
 
-def open_stream_source(name: str, path: str, options: ReadOptions, weight: float | None = None,
-                       shuffle_buffer: int = 1000) -> StreamSource:  # fmt: skip
+def open_stream_source(
+    name: str, path: str, options: ReadOptions, weight: float | None = None, shuffle_buffer: int = 1000
+) -> StreamSource:
     """List the files, read their footers, cut them into units (``max_samples`` rows at most)."""
     files = list_files(path, options.split)
     if not files or not all(f.endswith(".parquet") for f in files):
@@ -180,8 +181,9 @@ def parse_row(source: StreamSource, record_id: str, row: dict) -> Sample | Probl
     return limit(Sample(id=record_id, dataset=source.name, images=images, turns=turns), source.options)
 
 
-def slot_stream(source: StreamSource, units: np.ndarray, seed: int, epoch: int, slot: int,
-                skip: int = 0) -> Iterator[Sample | Problem]:  # fmt: skip
+def slot_stream(
+    source: StreamSource, units: np.ndarray, seed: int, epoch: int, slot: int, skip: int = 0
+) -> Iterator[Sample | Problem]:
     """The slot's rows of ``source`` from row ``skip`` on: units in order, rows shuffled in blocks."""
     rows = source.unit_rows[units]
     block = skip // source.shuffle_buffer
@@ -189,7 +191,8 @@ def slot_stream(source: StreamSource, units: np.ndarray, seed: int, epoch: int, 
     first = int(np.searchsorted(np.cumsum(rows), position, side="right"))  # whole units before it are skipped
     offset = position - int(rows[:first].sum())
     reading = itertools.chain.from_iterable(
-        unit_rows(source, source.units[u], offset if k == 0 else 0) for k, u in enumerate(units[first:]))  # fmt: skip
+        unit_rows(source, source.units[u], offset if k == 0 else 0) for k, u in enumerate(units[first:])
+    )
     while items := list(itertools.islice(reading, source.shuffle_buffer)):
         order = seeded_rng(seed, epoch, source.name, slot, block).permutation(len(items))
         yield from (items[i] for i in order[max(0, skip - position) :])
@@ -262,8 +265,16 @@ class StreamingDataset(IterableDataset):
     """This process's rows of every source, one encoded example (or Problem) per row. ``set_epoch(epoch,
     start_batches)`` before iterating: ``start_batches`` micro-batches of this process are already consumed."""
 
-    def __init__(self, sources: Sequence[StreamSource], encoder: ConversationDataset, seed: int, batch_size: int,
-                 num_workers: int, rank: int = 0, world_size: int = 1):  # fmt: skip
+    def __init__(
+        self,
+        sources: Sequence[StreamSource],
+        encoder: ConversationDataset,
+        seed: int,
+        batch_size: int,
+        num_workers: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.sources, self.encoder, self.seed, self.batch_size = list(sources), encoder, seed, batch_size
         self.workers, self.rank, self.world_size = max(1, num_workers), rank, world_size
         total = sum(source.rows for source in self.sources) or 1
@@ -279,8 +290,10 @@ class StreamingDataset(IterableDataset):
     def slot_rows(self, epoch: int) -> np.ndarray:
         """(sources, slots): rows of each source that each slot reads in ``epoch``."""
         units = self._units(epoch)
-        return np.array([[s.unit_rows[u].sum() for u in slots] for s, slots in zip(self.sources, units, strict=True)],
-                        dtype=np.int64)  # fmt: skip
+        return np.array(
+            [[s.unit_rows[u].sum() for u in slots] for s, slots in zip(self.sources, units, strict=True)],
+            dtype=np.int64,
+        )
 
     def worker_batches(self, epoch: int, rank: int | None = None) -> list[int]:
         """Micro-batches each logical worker of process ``rank`` (this one by default) gives in ``epoch``."""
@@ -297,8 +310,9 @@ class StreamingDataset(IterableDataset):
         units, left = self._units(epoch), self.slot_rows(epoch)[:, slot]
         draws = Draws(seeded_rng(self.seed, epoch, "mix", slot), self.shares, left)
         skipped = draws.skip(skip)
-        streams = [slot_stream(s, units[i][slot], self.seed, epoch, slot, int(skipped[i]))
-                   for i, s in enumerate(self.sources)]  # fmt: skip
+        streams = [
+            slot_stream(s, units[i][slot], self.seed, epoch, slot, int(skipped[i])) for i, s in enumerate(self.sources)
+        ]
         while (source := draws.next()) is not None:
             yield next(streams[source])
 
@@ -306,8 +320,10 @@ class StreamingDataset(IterableDataset):
         info = get_worker_info()
         if (info.num_workers if info else 1) != self.workers:
             given = info.num_workers if info else 0
-            raise ValueError(f"this StreamingDataset was built for {self.workers} DataLoader worker(s), not {given}: "
-                             "give it the loader's num_workers")  # fmt: skip
+            raise ValueError(
+                f"this StreamingDataset was built for {self.workers} DataLoader worker(s), not {given}: "
+                "give it the loader's num_workers"
+            )
         done, first = worker_progress(self.start_batches, self.worker_batches(self.epoch))
         worker = ((info.id if info else 0) + first) % self.workers  # the loader starts its round-robin at worker 0
         for item in self.rows(self.epoch, self.rank * self.workers + worker, done[worker] * self.batch_size):
@@ -329,10 +345,17 @@ def build_streaming_data(cfg: Config, processor, rank: int = 0, world_size: int 
     for key, config in cfg.dataset.items():
         if config.format == "docling":
             raise ConfigError(f"dataset {key}: streaming reads parquet in the hub layout, not a Docling folder")
-        source = open_stream_source(config.name or key, config.path, source_options(cfg, key), config.weight,
-                                    config.shuffle_buffer)  # fmt: skip
-        log.info("streaming %s (%s): %d files, %d row groups, %d rows", source.name, config.path, len(source.files),
-                 len(source.units), source.rows)  # fmt: skip
+        source = open_stream_source(
+            config.name or key, config.path, source_options(cfg, key), config.weight, config.shuffle_buffer
+        )
+        log.info(
+            "streaming %s (%s): %d files, %d row groups, %d rows",
+            source.name,
+            config.path,
+            len(source.files),
+            len(source.units),
+            source.rows,
+        )
         sources.append(source)
     log.info("streaming: no validation split (training.val_ratio is ignored) and no length grouping")
     encoder = ConversationDataset([], processor, image_edges(cfg), t.max_length, t.on_bad_sample, t.image_path)

@@ -221,9 +221,16 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         summary = write_sample_data(
-            args.out, args.pages, args.formulas, args.seed, args.split, args.scale, args.qa_turns, args.overwrite,
+            args.out,
+            args.pages,
+            args.formulas,
+            args.seed,
+            args.split,
+            args.scale,
+            args.qa_turns,
+            args.overwrite,
             args.easy_formulas,
-        )  # fmt: skip
+        )
     except PrepareError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -32,9 +32,21 @@ patient study group treatment dose effect response outcome trial clinical protoc
 water soil crop field yield seed plant harvest climate season region farm land irrigation nutrient storage
 """.split()
 SECTION_NAMES = (
-    "Introduction", "Background", "Related Work", "Methods", "Experimental Setup", "Results", "Discussion",
-    "Evaluation", "Implementation", "Limitations", "Conclusion", "Overview", "Maintenance", "Safety Notes",
-)  # fmt: skip
+    "Introduction",
+    "Background",
+    "Related Work",
+    "Methods",
+    "Experimental Setup",
+    "Results",
+    "Discussion",
+    "Evaluation",
+    "Implementation",
+    "Limitations",
+    "Conclusion",
+    "Overview",
+    "Maintenance",
+    "Safety Notes",
+)
 GREEK = r"\alpha \beta \gamma \delta \epsilon \theta \lambda \mu \sigma \phi \omega \pi \rho \tau".split()
 GREEK += r"\Gamma \Delta \Omega \Phi".split()
 LETTERS = "abcdefghknmpqrstuvwxyzABCDEFGHKLMNPQRSTUVWXYZ"

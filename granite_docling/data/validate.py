@@ -88,8 +88,12 @@ def format_report(report: dict) -> str:
         files = [p["file"] for p in report["problems"] if p["reason"] == reason]
         shown = ", ".join(files[:5]) + (f", ... ({len(files) - 5} more)" if len(files) > 5 else "")
         lines.append(f"  {n} x {reason}: {REASONS.get(reason, '')}\n      {shown}")
-    for key, label in (("turns_per_sample", "turns / sample"), ("images_per_sample", "images / sample"),
-                       ("tokens", "tokens / sample"), ("tiles_per_sample", "tiles / sample")):  # fmt: skip
+    for key, label in (
+        ("turns_per_sample", "turns / sample"),
+        ("images_per_sample", "images / sample"),
+        ("tokens", "tokens / sample"),
+        ("tiles_per_sample", "tiles / sample"),
+    ):
         stats = report[key]
         if stats:
             lines.append(f"  {label:16s} " + "  ".join(f"{k} {v:g}" for k, v in stats.items()))

@@ -35,8 +35,17 @@ from granite_docling.evaluation.metrics import score_sample, summarize
 
 log = logging.getLogger(__name__)
 
-GEN_METRICS = ("edit_distance", "f1", "bleu", "meteor", "exact_match", "teds", "map", "doctags_valid",
-               "stopped_with_eos")  # fmt: skip
+GEN_METRICS = (
+    "edit_distance",
+    "f1",
+    "bleu",
+    "meteor",
+    "exact_match",
+    "teds",
+    "map",
+    "doctags_valid",
+    "stopped_with_eos",
+)
 """The metrics :func:`evaluate_generation` reports, as ``gen/<name>`` means."""
 
 
@@ -138,15 +147,21 @@ def _generate_batch(model, processor, items, image_longest_edge: int | None) -> 
     has_images = any(images)
     if has_images and not all(images):
         raise ValueError("a batch mixes prompts with and without images; generate them in separate calls")
-    inputs = processor(text=texts, images=images if has_images else None, padding=True, return_tensors="pt",
-                       **kwargs)  # fmt: skip
+    inputs = processor(text=texts, images=images if has_images else None, padding=True, return_tensors="pt", **kwargs)
     inputs = {k: v.to(parameter.device) for k, v in inputs.items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(parameter.dtype)
     with torch.inference_mode():
         # generation_config.json of granite-docling sets use_cache=false (a training setting): pass it explicitly.
-        output = model.generate(**inputs, max_new_tokens=max(budget for _, _, budget in items), do_sample=False,
-                                num_beams=1, use_cache=True, eos_token_id=eos_id, pad_token_id=eos_id)  # fmt: skip
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max(budget for _, _, budget in items),
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            eos_token_id=eos_id,
+            pad_token_id=eos_id,
+        )
     new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()  # (B, new)
     answers = []
     for row, (_, _, budget) in zip(new_tokens, items, strict=True):
@@ -170,8 +185,10 @@ def answer_budget(reference_tokens: int, max_new_tokens: int, factor: float | No
 def reference_budgets(processor, references: Sequence[str], max_new_tokens: int, factor: float | None) -> list[int]:
     """:func:`answer_budget` of each reference answer (its tokens plus the closing eos)."""
     tokenizer = processor.tokenizer
-    return [answer_budget(len(tokenizer.encode(r, add_special_tokens=False)) + 1, max_new_tokens, factor)
-            for r in references]  # fmt: skip
+    return [
+        answer_budget(len(tokenizer.encode(r, add_special_tokens=False)) + 1, max_new_tokens, factor)
+        for r in references
+    ]
 
 
 def load_image(image: Image.Image | ImageRef) -> Image.Image:
@@ -202,8 +219,15 @@ def evaluate_generation(
         group = [sample for sample in samples if sample.dataset == dataset]
         references = [sample.turns[0].assistant for sample in group]
         budgets = reference_budgets(processor, references, max_new_tokens, reference_length_factor)
-        answers = generate(model, processor, [first_turn_prompt(s) for s in group], budgets, batch_size,
-                           image_longest_edge=edges.get(dataset), progress=False)  # fmt: skip
+        answers = generate(
+            model,
+            processor,
+            [first_turn_prompt(s) for s in group],
+            budgets,
+            batch_size,
+            image_longest_edge=edges.get(dataset),
+            progress=False,
+        )
         for reference, answer in zip(references, answers, strict=True):
             if answer.error is not None:
                 continue

@@ -44,8 +44,17 @@ PAGE = "report.html"
 FILES_DIR = "report_files"
 HEADLINE = ("edit_distance", "f1", "doctags_parses", "stopped_with_eos")
 SAMPLE_SCORES = ("edit_distance", "f1", "bleu", "teds", "map", "exact_match", "doctags_valid", "stopped_with_eos")
-LINKED_FILES = ("report.md", "metrics.json", "scores.jsonl", "predictions.jsonl", "metrics.png", "comparison.md",
-                "comparison.json", "comparison.png", "pages")  # fmt: skip
+LINKED_FILES = (
+    "report.md",
+    "metrics.json",
+    "scores.jsonl",
+    "predictions.jsonl",
+    "metrics.png",
+    "comparison.md",
+    "comparison.json",
+    "comparison.png",
+    "pages",
+)
 _WORD = re.compile(r"(<[^<>\s]+>|[^\s<]+|<)(\s*)")  # a DocTags tag or a word, and the whitespace after it
 _LOC = re.compile(r"<loc_\d+>")
 _FORMULA_ANSWER = re.compile(r"^\s*(?:<formula>)?(?:<loc_\d+>)*(.*?)</formula>\s*$", re.DOTALL)  # a formula crop answer
@@ -75,20 +84,36 @@ ins{background:#d7f5dc;color:#0b5a1c;text-decoration:none}details{margin-top:.4e
 def write_report_page(after: Outputs, before: Outputs | None = None) -> Path:
     """Write ``after.folder/report.html``; ``before`` is the compare_to evaluation, shown as before -> after."""
     run = training_run_folder(after.checkpoint)
-    parts = [_header(after, before), _headline(after.metrics, before.metrics if before else None),
-             "<h2>Metrics</h2>", metrics_html(after.metrics, before.metrics if before else None)]  # fmt: skip
+    parts = [
+        _header(after, before),
+        _headline(after.metrics, before.metrics if before else None),
+        "<h2>Metrics</h2>",
+        metrics_html(after.metrics, before.metrics if before else None),
+    ]
     parts.append(_loss_section(run, after.checkpoint))
     previous = {(r.dataset, r.id): (r, s) for r, s in zip(before.records, before.scores, strict=True)} if before else {}
     parts.append(f"<h2>Samples ({len(after.examples)} of {len(after.records)})</h2>")
     for index, images in after.examples.items():
         record = after.records[index]
-        parts.append(sample_html(after.folder, record, after.scores[index], images, previous.get(
-            (record.dataset, record.id)), before.folder if before else None))  # fmt: skip
-    parts.append("<p class=meta>Differences: <del>reference words the prediction lacks</del> "
-                 "<ins>words the prediction adds</ins>; ↑ higher is better, ↓ lower is better.</p>")  # fmt: skip
+        parts.append(
+            sample_html(
+                after.folder,
+                record,
+                after.scores[index],
+                images,
+                previous.get((record.dataset, record.id)),
+                before.folder if before else None,
+            )
+        )
+    parts.append(
+        "<p class=meta>Differences: <del>reference words the prediction lacks</del> "
+        "<ins>words the prediction adds</ins>; ↑ higher is better, ↓ lower is better.</p>"
+    )
     title = html.escape(after.title)
-    page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>Evaluation: {title}</title>"
-            f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>\n")  # fmt: skip
+    page = (
+        f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>Evaluation: {title}</title>"
+        f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>\n"
+    )
     path = after.folder / PAGE
     path.write_text(page, encoding="utf-8")
     return path
@@ -139,14 +164,24 @@ def metrics_html(after: Mapping[str, Any], before: Mapping[str, Any] | None = No
             rows.append(f"<tr><td>{name} {_arrow(name)}</td>{cells}</tr>")
     else:
         comparison = compare_metrics(groups, metric_groups(before))
-        head = ("<tr><th rowspan=2>metric</th>" + "".join(f"<th colspan=3>{html.escape(g)}</th>" for g in comparison)
-                + "</tr><tr>" + "<th>before</th><th>after</th><th>Δ</th>" * len(comparison) + "</tr>")  # fmt: skip
-        rows = ["<tr><td>samples</td>" + "".join(f"<td>{c['n']['before']}</td><td>{c['n']['after']}</td><td></td>"
-                                                  for c in comparison.values()) + "</tr>"]  # fmt: skip
+        head = (
+            "<tr><th rowspan=2>metric</th>"
+            + "".join(f"<th colspan=3>{html.escape(g)}</th>" for g in comparison)
+            + "</tr><tr>"
+            + "<th>before</th><th>after</th><th>Δ</th>" * len(comparison)
+            + "</tr>"
+        )
+        rows = [
+            "<tr><td>samples</td>"
+            + "".join(f"<td>{c['n']['before']}</td><td>{c['n']['after']}</td><td></td>" for c in comparison.values())
+            + "</tr>"
+        ]
         for name in names:
-            cells = "".join(f"<td>{_value(c[name]['before'])}</td><td>{_value(c[name]['after'])}</td>"
-                            f"<td>{_delta(c[name]['delta'], c[name]['better'])}</td>"
-                            for c in comparison.values())  # fmt: skip
+            cells = "".join(
+                f"<td>{_value(c[name]['before'])}</td><td>{_value(c[name]['after'])}</td>"
+                f"<td>{_delta(c[name]['delta'], c[name]['better'])}</td>"
+                for c in comparison.values()
+            )
             rows.append(f"<tr><td>{name} {_arrow(name)}</td>{cells}</tr>")
     return f"<table class=metrics id=metrics>{head}{''.join(rows)}</table>"
 
@@ -161,20 +196,25 @@ def _headline(after: Mapping[str, Any], before: Mapping[str, Any] | None) -> str
         if before is not None:
             row = compare_metrics({"g": after[OVERALL_KEY]}, {"g": before[OVERALL_KEY]})["g"][name]
             change = f"<div>before {_value(row['before'])} &nbsp;{_delta(row['delta'], row['better'])}</div>"
-        cards.append(f"<div class=card><div class=name>{name} {_arrow(name)}</div>"
-                     f"<div class=value>{value:.3f}</div>{change}</div>")  # fmt: skip
+        cards.append(
+            f"<div class=card><div class=name>{name} {_arrow(name)}</div>"
+            f"<div class=value>{value:.3f}</div>{change}</div>"
+        )
     return f"<div class=cards>{''.join(cards)}</div>"
 
 
 def _header(after: Outputs, before: Outputs | None) -> str:
     short = "/".join(Path(after.title).parts[-2:]) or after.title  # run/final_model, not final_model
-    lines = [f"<h1>Evaluation: {html.escape(short)}</h1>",
-             f"<p class=meta>evaluated <code>{html.escape(after.title)}</code> on {after.metrics[OVERALL_KEY]['n']} "
-             "sample(s)"]  # fmt: skip
+    lines = [
+        f"<h1>Evaluation: {html.escape(short)}</h1>",
+        f"<p class=meta>evaluated <code>{html.escape(after.title)}</code> on {after.metrics[OVERALL_KEY]['n']} "
+        "sample(s)",
+    ]
     if before is not None:
         link = os.path.relpath(before.folder / PAGE, after.folder)
-        lines.append(f"; before = <code>{html.escape(before.title)}</code> (<a href='{html.escape(link)}'>its "
-                     "report</a>)")  # fmt: skip
+        lines.append(
+            f"; before = <code>{html.escape(before.title)}</code> (<a href='{html.escape(link)}'>its report</a>)"
+        )
     links = [f"<a href='{name}'>{name}</a>" for name in LINKED_FILES if (after.folder / name).exists()]
     lines.append(f".<br>Files: {' · '.join(links)}</p>")
     return "".join(lines)
@@ -186,9 +226,11 @@ def _header(after: Outputs, before: Outputs | None) -> str:
 
 def _loss_section(run: Path | None, checkpoint: str | None) -> str:
     if run is None:
-        return ("<h2>Training loss</h2><p class=meta>No training run found for this checkpoint (the curve shows "
-                "for <code>&lt;run&gt;/final_model</code> and <code>&lt;run&gt;/checkpoints/checkpoint_*</code> "
-                "next to the run's metrics.jsonl).</p>")  # fmt: skip
+        return (
+            "<h2>Training loss</h2><p class=meta>No training run found for this checkpoint (the curve shows "
+            "for <code>&lt;run&gt;/final_model</code> and <code>&lt;run&gt;/checkpoints/checkpoint_*</code> "
+            "next to the run's metrics.jsonl).</p>"
+        )
     from granite_docling.tracking import read_metrics
 
     rows = read_metrics(run / "metrics.jsonl")
@@ -197,13 +239,17 @@ def _loss_section(run: Path | None, checkpoint: str | None) -> str:
         return f"<h2>Training loss</h2><p class=meta>{html.escape(str(run))}/metrics.jsonl has no train/loss.</p>"
     train = [row["train/loss"] for row in rows if "train/loss" in row]
     val = [row["val/loss"] for row in rows if "val/loss" in row]
-    summary = (f"{len(train)} steps; train loss {train[0]:.3f} at the first step, "
-               f"{ema(train, ema_weight(len(train)))[-1]:.3f} at the end (EMA)")  # fmt: skip
+    summary = (
+        f"{len(train)} steps; train loss {train[0]:.3f} at the first step, "
+        f"{ema(train, ema_weight(len(train)))[-1]:.3f} at the end (EMA)"
+    )
     if val:
         summary += f"; validation loss {val[-1]:.3f} at the end"
     keys = "".join(f"<span><i style='background:{colour}'></i>{label}</span>" for colour, label in legend)
-    return (f"<h2>Training loss</h2><p class=meta>From <code>{html.escape(str(run / 'metrics.jsonl'))}</code>: "
-            f"{summary}.</p>{svg}<div class=legend>{keys}</div>")  # fmt: skip
+    return (
+        f"<h2>Training loss</h2><p class=meta>From <code>{html.escape(str(run / 'metrics.jsonl'))}</code>: "
+        f"{summary}.</p>{svg}<div class=legend>{keys}</div>"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -322,9 +368,11 @@ def _diff_block(reference: str, prediction: str, label: str, open_: bool, limit:
     if max(len(_WORD.findall(ref_text)), len(_WORD.findall(pred_text))) > limit:
         what += f" (the first {limit})"
     what = html.escape(what)
-    return (f"<details{' open' if open_ else ''}><summary>{label}: {what}, {counts['same']} in both, "
-            f"<del>{counts['missing']} missing</del>, <ins>{counts['extra']} added</ins></summary>"
-            f"<pre class=diff>{marked or '(both empty)'}</pre></details>")  # fmt: skip
+    return (
+        f"<details{' open' if open_ else ''}><summary>{label}: {what}, {counts['same']} in both, "
+        f"<del>{counts['missing']} missing</del>, <ins>{counts['extra']} added</ins></summary>"
+        f"<pre class=diff>{marked or '(both empty)'}</pre></details>"
+    )
 
 
 def sample_html(
@@ -340,13 +388,20 @@ def sample_html(
     title = f"{html.escape(record.dataset)} / {html.escape(record.id)}"
     source = f"{html.escape(record.source)}; " if record.source else ""
     line = _scores_line(scores, before[1] if before else None)
-    shown = "".join(f"<img loading=lazy src='{html.escape(path)}' width={w} height={h} alt='page {k}'>"
-                    for k, (path, w, h) in enumerate(images, start=1)) or "<p class=meta>(no image)</p>"  # fmt: skip
-    parts = [f"<div class=sample><h3>{title} <span class=scores>({source}{stop}; {line})</span></h3>",
-             f"<div class=cols><div><h4>page image</h4>{shown}</div>",
-             f"<div><h4>reference</h4>{_rendered(folder, record, 'reference')}</div>",
-             f"<div><h4>prediction</h4>{_rendered(folder, record, 'prediction')}</div></div>",
-             _diff_block(record.reference, record.prediction, "Reference → prediction", open_=True)]  # fmt: skip
+    shown = (
+        "".join(
+            f"<img loading=lazy src='{html.escape(path)}' width={w} height={h} alt='page {k}'>"
+            for k, (path, w, h) in enumerate(images, start=1)
+        )
+        or "<p class=meta>(no image)</p>"
+    )
+    parts = [
+        f"<div class=sample><h3>{title} <span class=scores>({source}{stop}; {line})</span></h3>",
+        f"<div class=cols><div><h4>page image</h4>{shown}</div>",
+        f"<div><h4>reference</h4>{_rendered(folder, record, 'reference')}</div>",
+        f"<div><h4>prediction</h4>{_rendered(folder, record, 'prediction')}</div></div>",
+        _diff_block(record.reference, record.prediction, "Reference → prediction", open_=True),
+    ]
     if before is not None:
         label = "Reference → before (compare_to)"
         if before_folder is not None:

@@ -79,12 +79,18 @@ def coco_map(
             "categories": [{"id": index} for index in category.values()],
             # Ids from 1: COCOeval records a match by the ground truth's id, and 0 means "unmatched".
             "annotations": [
-                {"id": i, "image_id": 1, "category_id": category[box.label], "bbox": _xywh(box),
-                 "area": _area(box), "iscrowd": 0}
+                {
+                    "id": i,
+                    "image_id": 1,
+                    "category_id": category[box.label],
+                    "bbox": _xywh(box),
+                    "area": _area(box),
+                    "iscrowd": 0,
+                }
                 for i, box in enumerate(reference, 1)
             ],
         }
-    )  # fmt: skip
+    )
     detections = ground_truth.loadRes(
         [
             {"image_id": 1, "category_id": category[box.label], "bbox": _xywh(box), "score": float(score)}

@@ -112,8 +112,9 @@ def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
 
 
 def _log_ticks(low: float, high: float) -> list[float]:
-    ticks = [m * 10.0**k for k in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
-             for m in (1, 2, 5)]  # fmt: skip
+    ticks = [
+        m * 10.0**k for k in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1) for m in (1, 2, 5)
+    ]
     return [t for t in ticks if low <= t <= high]
 
 
@@ -170,27 +171,37 @@ def loss_curve_svg(
         v = math.log10(value) if logarithmic else value
         return top + (y_high - v) / (y_high - y_low) * plot_h
 
-    parts = [f'<svg class="loss" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
-             'xmlns="http://www.w3.org/2000/svg" role="img" aria-label="training loss curve">',
-             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" stroke="#ccc"/>']  # fmt: skip
+    parts = [
+        f'<svg class="loss" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+        'xmlns="http://www.w3.org/2000/svg" role="img" aria-label="training loss curve">',
+        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" stroke="#ccc"/>',
+    ]
     y_ticks = _log_ticks(10**y_low, 10**y_high) if logarithmic else _nice_ticks(y_low, y_high)
     if logarithmic and len(y_ticks) < 2:
         y_ticks = [10**v for v in _nice_ticks(y_low, y_high, 3)]
     for tick in y_ticks:
         y = y_of(tick)
-        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>'
-                     f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{_label(tick)}</text>')  # fmt: skip
+        parts.append(
+            f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>'
+            f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{_label(tick)}</text>'
+        )
     for tick in _nice_ticks(x_low, x_high):
         x = x_of(tick)
-        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" stroke="#eee"/>'
-                     f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle">{tick:g}</text>')  # fmt: skip
-    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 4}" text-anchor="middle">optimizer step</text>'
-                 f'<text transform="translate(12 {top + plot_h / 2}) rotate(-90)" text-anchor="middle">'
-                 f"loss{' (log scale)' if logarithmic else ''}</text>")  # fmt: skip
+        parts.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" stroke="#eee"/>'
+            f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle">{tick:g}</text>'
+        )
+    parts.append(
+        f'<text x="{left + plot_w / 2}" y="{height - 4}" text-anchor="middle">optimizer step</text>'
+        f'<text transform="translate(12 {top + plot_h / 2}) rotate(-90)" text-anchor="middle">'
+        f"loss{' (log scale)' if logarithmic else ''}</text>"
+    )
     if mark_step is not None and x_low <= mark_step <= x_high:
         x = x_of(mark_step)
-        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" stroke="#555" '
-                     f'stroke-dasharray="4 3"><title>evaluated: step {mark_step}</title></line>')  # fmt: skip
+        parts.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" stroke="#555" '
+            f'stroke-dasharray="4 3"><title>evaluated: step {mark_step}</title></line>'
+        )
     for colour, points, style in lines:
         stride = max(1, len(points) // 1500)  # a long run's polyline stays a few tens of KB
         shown = points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])

@@ -37,8 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="pages per generate call")
     parser.add_argument("--max-new-tokens", type=int, default=8192, help="answer budget per page, in tokens")
     parser.add_argument("--scale", type=float, default=2.0, help="PDF render scale (pixels per point)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                        help="weight dtype (bfloat16 on a GPU is faster)")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="weight dtype (bfloat16 on a GPU is faster)",
+    )
     parser.add_argument("--device", default=None, help="torch device; default: cuda when available, else cpu")
 
 
@@ -83,14 +87,23 @@ def output_stems(files: list[Path]) -> list[str]:
     return stems
 
 
-def predict(checkpoint: str, files: list[Path], out: Path, batch_size: int = 4, max_new_tokens: int = 8192,
-            scale: float = 2.0, dtype: str = "float32", device: str | None = None) -> dict[Path, Path]:  # fmt: skip
+def predict(
+    checkpoint: str,
+    files: list[Path],
+    out: Path,
+    batch_size: int = 4,
+    max_new_tokens: int = 8192,
+    scale: float = 2.0,
+    dtype: str = "float32",
+    device: str | None = None,
+) -> dict[Path, Path]:
     """Convert every file; returns {input file: its output folder}."""
     from granite_docling.config import ModelConfig
     from granite_docling.model import load_model_and_processor
 
-    model, processor = load_model_and_processor(ModelConfig(name=Path(checkpoint).name, checkpoint=checkpoint,
-                                                            dtype=dtype))  # fmt: skip
+    model, processor = load_model_and_processor(
+        ModelConfig(name=Path(checkpoint).name, checkpoint=checkpoint, dtype=dtype)
+    )
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     written = {}
     for path, stem in zip(files, output_stems(files), strict=True):
@@ -126,8 +139,9 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    written = predict(args.checkpoint, files, args.out, args.batch_size, args.max_new_tokens, args.scale,
-                      args.dtype, args.device)  # fmt: skip
+    written = predict(
+        args.checkpoint, files, args.out, args.batch_size, args.max_new_tokens, args.scale, args.dtype, args.device
+    )
     for path, folder in written.items():
         print(f"{path} -> {folder}/ ({folder.name}.md, {folder.name}.html, {folder.name}.doctags, page_NNN.*)")
     return 0

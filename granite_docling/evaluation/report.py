@@ -69,11 +69,17 @@ class Record:
         if missing:
             raise ValueError(f"a predictions line lacks {sorted(missing)}: is this a predictions.jsonl?")
         return cls(
-            id=str(data["id"]), dataset=str(data["dataset"]), source=data.get("source"),
-            prompt=data.get("prompt", ""), prediction=data["prediction"], reference=data["reference"],
-            stopped=data.get("stopped"), images=list(data.get("images") or []),
-            new_tokens=data.get("new_tokens"), max_new_tokens=data.get("max_new_tokens"),
-        )  # fmt: skip
+            id=str(data["id"]),
+            dataset=str(data["dataset"]),
+            source=data.get("source"),
+            prompt=data.get("prompt", ""),
+            prediction=data["prediction"],
+            reference=data["reference"],
+            stopped=data.get("stopped"),
+            images=list(data.get("images") or []),
+            new_tokens=data.get("new_tokens"),
+            max_new_tokens=data.get("max_new_tokens"),
+        )
 
 
 def read_predictions(path: Path) -> list[Record]:
@@ -155,9 +161,13 @@ def write_outputs(
     folder.mkdir(parents=True, exist_ok=True)
     scores = score_records(records)
     metrics = aggregate_metrics(group_scores(records, scores))
-    files = {"predictions": folder / "predictions.jsonl", "scores": folder / "scores.jsonl",
-             "metrics": folder / "metrics.json", "report": folder / "report.md",
-             "plot": folder / "metrics.png"}  # fmt: skip
+    files = {
+        "predictions": folder / "predictions.jsonl",
+        "scores": folder / "scores.jsonl",
+        "metrics": folder / "metrics.json",
+        "report": folder / "report.md",
+        "plot": folder / "metrics.png",
+    }
     write_predictions(files["predictions"], records)
     with files["scores"].open("w", encoding="utf-8") as f:
         for record, score in zip(records, scores, strict=True):
@@ -182,11 +192,21 @@ def write_outputs(
         if n:
             files["pages"] = pages
     shutil.rmtree(folder / FILES_DIR, ignore_errors=True)  # the images of an earlier page in this folder
-    examples = {i: write_thumbnails(folder, f"{i:04d}_{safe_name(r.id)}", images_of(r))
-                for i, r in pick_examples(records, num_examples)}  # fmt: skip
-    outputs = Outputs(folder=folder, metrics=metrics, files=files, samples={(r.dataset, r.id) for r in records},
-                      title=title, checkpoint=checkpoint, records=list(records), scores=scores,
-                      examples=examples)  # fmt: skip
+    examples = {
+        i: write_thumbnails(folder, f"{i:04d}_{safe_name(r.id)}", images_of(r))
+        for i, r in pick_examples(records, num_examples)
+    }
+    outputs = Outputs(
+        folder=folder,
+        metrics=metrics,
+        files=files,
+        samples={(r.dataset, r.id) for r in records},
+        title=title,
+        checkpoint=checkpoint,
+        records=list(records),
+        scores=scores,
+        examples=examples,
+    )
     files["page"] = write_report_page(outputs)
     return outputs
 
@@ -240,8 +260,11 @@ def _format(value: float | None) -> str:
 def metrics_table(metrics: Mapping[str, Any], statistic: str = "mean") -> str:
     """A Markdown table: one row per metric, one column per group (overall first)."""
     groups = list(metrics)
-    lines = ["| metric | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|",
-             "| samples | " + " | ".join(str(metrics[g]["n"]) for g in groups) + " |"]  # fmt: skip
+    lines = [
+        "| metric | " + " | ".join(groups) + " |",
+        "|---" * (len(groups) + 1) + "|",
+        "| samples | " + " | ".join(str(metrics[g]["n"]) for g in groups) + " |",
+    ]
     for name in TABLE_METRICS:
         if any(name in metrics[g] for g in groups):
             cells = [_format(metrics[g].get(name, {}).get(statistic)) for g in groups]
@@ -252,8 +275,13 @@ def metrics_table(metrics: Mapping[str, Any], statistic: str = "mean") -> str:
 
 def metrics_report(metrics: Mapping[str, Any], title: str) -> str:
     """report.md: means, medians, and means per source within each dataset."""
-    parts = [f"# Evaluation: {title}\n", "## Means\n", metrics_table(metrics, "mean"),
-             "\n## Medians\n", metrics_table(metrics, "median")]  # fmt: skip
+    parts = [
+        f"# Evaluation: {title}\n",
+        "## Means\n",
+        metrics_table(metrics, "mean"),
+        "\n## Medians\n",
+        metrics_table(metrics, "median"),
+    ]
     for dataset, block in metrics.items():
         if dataset != OVERALL_KEY and len(block.get("sources", {})) > 1:
             parts += [f"\n## {dataset}: means per source\n", metrics_table(block["sources"], "mean")]
@@ -284,8 +312,11 @@ def comparison_report(comparison: Mapping[str, Any], after_name: str, before_nam
     """comparison.md: one table per group, before | after | delta."""
     parts = [f"# Comparison\n\nafter = `{after_name}`, before = `{before_name}`; delta = after - before.\n"]
     for group, rows in comparison.items():
-        parts += [f"\n## {group} (n = {rows['n']['after']})\n\n", "| metric | before | after | delta | |\n",
-                  "|---|---|---|---|---|\n"]  # fmt: skip
+        parts += [
+            f"\n## {group} (n = {rows['n']['after']})\n\n",
+            "| metric | before | after | delta | |\n",
+            "|---|---|---|---|---|\n",
+        ]
         for name in TABLE_METRICS:
             row = rows[name]
             if row["before"] is None and row["after"] is None:

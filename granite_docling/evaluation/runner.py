@@ -78,8 +78,11 @@ class EvaluationResult:
         return "\n".join(lines)
 
 
-HEADLINE = (("edit_distance", "edit distance", "{:.3f}"), ("doctags_parses", "DocTags that parse", "{:.0%}"),
-            ("stopped_with_eos", "stopped with eos", "{:.0%}"))  # fmt: skip
+HEADLINE = (
+    ("edit_distance", "edit distance", "{:.3f}"),
+    ("doctags_parses", "DocTags that parse", "{:.0%}"),
+    ("stopped_with_eos", "stopped with eos", "{:.0%}"),
+)
 """(metric, label, format) of the before -> after lines that end a comparison's summary."""
 
 
@@ -126,8 +129,14 @@ def evaluation_samples(cfg: EvaluateConfig) -> dict[str, list[Sample]]:
                 chosen[name].append(source.read(index.locator(int(position))))
             except RecordError as error:  # changed since it was indexed
                 log.warning("%s: record %s skipped: %s", name, index.locator(int(position)), error)
-        log.info("%s: %d sample(s) to evaluate (split=%s, val_ratio=%s, seed=%d)", name, len(chosen[name]),
-                 e.split, val_ratio, seed)  # fmt: skip
+        log.info(
+            "%s: %d sample(s) to evaluate (split=%s, val_ratio=%s, seed=%d)",
+            name,
+            len(chosen[name]),
+            e.split,
+            val_ratio,
+            seed,
+        )
     return chosen
 
 
@@ -197,13 +206,20 @@ def generate_records(
             if answer.error is not None:
                 log.warning("%s/%s skipped: %s", name, sample.id, answer.error)
                 continue
-            records.append(Record(
-                id=sample.id, dataset=name, source=sample.source,
-                prompt=prompt_text(processor, sample.turns[0].user, len(sample.images)),
-                prediction=answer.text, reference=references[index], stopped=answer.stopped,
-                images=[str(ref) if isinstance(ref, Path) else "" for ref in sample.images],
-                new_tokens=answer.new_tokens, max_new_tokens=budgets[index],
-            ))  # fmt: skip
+            records.append(
+                Record(
+                    id=sample.id,
+                    dataset=name,
+                    source=sample.source,
+                    prompt=prompt_text(processor, sample.turns[0].user, len(sample.images)),
+                    prediction=answer.text,
+                    reference=references[index],
+                    stopped=answer.stopped,
+                    images=[str(ref) if isinstance(ref, Path) else "" for ref in sample.images],
+                    new_tokens=answer.new_tokens,
+                    max_new_tokens=budgets[index],
+                )
+            )
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -267,20 +283,29 @@ def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> EvaluationResult | Non
     if len(results) == 2:
         after, before = results
         if after.samples != before.samples:
-            log.warning("the two evaluations cover different samples (%d in common of %d and %d): the deltas mix "
-                        "model and data differences", len(after.samples & before.samples), len(after.samples),
-                        len(before.samples))  # fmt: skip
+            log.warning(
+                "the two evaluations cover different samples (%d in common of %d and %d): the deltas mix "
+                "model and data differences",
+                len(after.samples & before.samples),
+                len(after.samples),
+                len(before.samples),
+            )
         comparison = compare_metrics(after.metrics, before.metrics)
         result.compared = before
         result.comparison_text = comparison_report(comparison, after_name=sides[0][0], before_name=sides[1][0])
-        files = {"json": run_dir / "comparison.json", "report": run_dir / "comparison.md",
-                 "plot": run_dir / "comparison.png"}  # fmt: skip
+        files = {
+            "json": run_dir / "comparison.json",
+            "report": run_dir / "comparison.md",
+            "plot": run_dir / "comparison.png",
+        }
         import json
 
         files["json"].write_text(json.dumps(comparison, indent=2) + "\n")
         files["report"].write_text(result.comparison_text)
-        plot_metrics({f"before: {Path(sides[1][0]).name}": before.metrics,
-                      f"after: {Path(sides[0][0]).name}": after.metrics}, files["plot"])  # fmt: skip
+        plot_metrics(
+            {f"before: {Path(sides[1][0]).name}": before.metrics, f"after: {Path(sides[0][0]).name}": after.metrics},
+            files["plot"],
+        )
         result.comparison_files = files
         after.files["page"] = write_report_page(after, before)  # report.html again, now with before -> after
     return result
