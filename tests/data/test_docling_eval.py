@@ -138,6 +138,7 @@ def test_the_index_holds_each_page_once_in_parallel_chunks_and_is_reused(tmp_pat
     assert "reused" in caplog.text
 
 
+@pytest.mark.slow  # make test-slow (and make test-docling, on a dataset docling-eval wrote): keeps make test short
 def test_train_py_trains_on_a_docling_eval_dataset(tmp_path):
     from conftest import run_script
 
