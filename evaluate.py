@@ -13,8 +13,11 @@ report.html, pages/); the last lines printed say where. conf/evaluate.yaml lists
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from granite_docling.evaluation.config import check_eval_paths, register_eval_configs, validate_eval
-from granite_docling.launch import apply_slurm_environment, exit_on_user_error, register_resolvers, user_errors
+from granite_docling.errors import exit_on_user_error, user_errors
+from granite_docling.evaluation.config import register_eval_configs, validate_eval
+from granite_docling.launch import register_resolvers
+from granite_docling.preflight import check_eval_paths
+from granite_docling.slurm import apply_slurm_environment
 
 register_eval_configs()
 register_resolvers()

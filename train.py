@@ -16,14 +16,12 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from granite_docling.config import check_paths, register_configs, validate
-from granite_docling.launch import (
-    apply_slurm_environment,
-    exit_on_user_error,
-    register_resolvers,
-    translate_legacy_argv,
-    user_errors,
-)
+from granite_docling.config import register_configs, validate
+from granite_docling.errors import exit_on_user_error, user_errors
+from granite_docling.launch import register_resolvers
+from granite_docling.legacy_config import translate_legacy_argv
+from granite_docling.preflight import check_paths
+from granite_docling.slurm import apply_slurm_environment
 
 register_configs()
 register_resolvers()

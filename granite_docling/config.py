@@ -1,5 +1,6 @@
-"""The experiment schema: typed dataclasses registered in Hydra's ConfigStore, cross-field validation,
-and the loader that maps the older ``get_config()`` Python files onto the same schema.
+"""The experiment schema: typed dataclasses registered in Hydra's ConfigStore, and their cross-field validation
+(the older ``get_config()`` files are mapped onto it by :mod:`granite_docling.legacy_config`; the paths a config
+names are checked by :mod:`granite_docling.preflight`).
 
 Hydra composes ``conf/config.yaml`` on top of :class:`Config`, so a misspelt key or a wrong type fails at
 composition, naming the key, before any data or model is touched::
@@ -15,14 +16,11 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-
-from granite_docling.checkpoint_files import is_pickled_checkpoint, is_training_checkpoint, pickled_state_message
 
 HUB_ID = "ibm-granite/granite-docling-258M"
 
@@ -348,148 +346,7 @@ def raise_problems(problems: list[str]) -> None:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
-def looks_like_hub_id(value: str) -> bool:
-    """True for a 'name' or 'org/name' that is not a path here: from_pretrained and load_dataset look it up on the
-    hub. '/data', './x', 'a/b/c' are local paths."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if Path(value).exists():
-        return False
-    try:
-        validate_repo_id(value)
-    except HFValidationError:
-        return False
-    return True
-
-
-MODEL_HINT = f"give a model folder with config.json (e.g. outputs/<run>/final_model) or a hub id such as {HUB_ID}"
-
-
-def model_folder_problem(key: str, value: str | None) -> str | None:
-    """What is wrong with a model given as a local folder; None for a hub id and for a folder with config.json."""
-    if value is None or looks_like_hub_id(value):
-        return None
-    if not Path(value).exists():
-        return f"{key}={value}: no such folder; {MODEL_HINT}"
-    if not (Path(value) / "config.json").is_file():
-        return f"{key}={value} is not a model folder (no config.json); {MODEL_HINT}"
-    return None
-
-
-def dataset_path_problems(datasets: Dict[str, DatasetConfig]) -> list[str]:
-    """What is wrong with the local paths of ``datasets``: missing, not a dataset in a known layout, or a Docling
-    folder without the split. Hub ids are left to the download."""
-    from granite_docling.data.sources import DatasetNotFoundError, detect_format
-
-    problems = []
-    for key, source in datasets.items():
-        if not source.path:
-            continue  # validate says so
-        given, path = f"dataset.{key}.path={source.path}", Path(source.path)
-        hint = f"pass dataset.{key}.path=<folder of anns/ JSON + images, or parquet files> or a hub id such as org/name"
-        if not path.exists():
-            if not looks_like_hub_id(source.path):
-                problems.append(f"{given}: no such file or folder; {hint}")
-            continue
-        try:
-            layout = detect_format(path) if source.format == "auto" else source.format
-        except DatasetNotFoundError:
-            problems.append(f"{given} holds no dataset (no anns/<split>/*.json, no parquet or Arrow files); {hint}")
-            continue
-        annotations = path / "anns" / source.split
-        if layout == "docling" and not (annotations.is_dir() and any(annotations.glob("*.json"))):
-            anns = path / "anns"
-            splits = sorted(p.name for p in anns.iterdir() if p.is_dir() and p != annotations) if anns.is_dir() else []
-            fix = f"set dataset.{key}.split to one of {', '.join(splits)}" if splits else hint
-            problems.append(f"{given} has no anns/{source.split}/*.json; {fix}")
-    return problems
-
-
-def check_paths(cfg: Config) -> None:
-    """Check the paths the config names, before anything is loaded: every local dataset path, model.checkpoint
-    and training.resume must exist and hold what they should. Apart from :func:`validate`, so that configs
-    naming other machines' paths still compose and validate."""
-    problems = dataset_path_problems(cfg.dataset)
-    checkpoint_problem = model_folder_problem("model.checkpoint", cfg.model.checkpoint)
-    if checkpoint_problem:
-        problems.append(checkpoint_problem)
-    resume = cfg.training.resume
-    if resume not in (None, "auto") and Path(resume).is_dir():
-        if not is_training_checkpoint(Path(resume)):
-            problems.append(
-                f"training.resume={resume} holds no training state, so it is no training checkpoint: "
-                f"give a checkpoints/checkpoint_* folder or 'auto' (to fine-tune a model folder, set "
-                f"model.checkpoint={resume})"
-            )
-        elif is_pickled_checkpoint(Path(resume)) and not cfg.training.trust_checkpoint:
-            problems.append(pickled_state_message(Path(resume)))
-    raise_problems(problems)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Legacy Python configs: ``get_config()`` returning {'model', 'datasets', 'training', 'wandb'}.
-
-LEGACY_SECTIONS = {"model": ModelConfig, "datasets": DatasetConfig, "training": TrainingConfig, "wandb": WandbConfig}
-
-
-def _field_names(schema: type) -> list[str]:
-    return [f.name for f in fields(schema)]
-
-
-def _unknown_key_error(where: str, key: str, known: list[str]) -> str:
+def did_you_mean(key: str, known: list[str]) -> str:
+    """`` (did you mean 'lr_connector'?)`` for the known name closest to a misspelt ``key``; '' when none is close."""
     close = difflib.get_close_matches(key, known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(known)})"
-    return f"{where}: unknown key {key!r}{hint}"
-
-
-def _dataset_key(name: str, taken: set[str]) -> str:
-    """A legacy dataset's display name as a config key: 'DoclingMatix test' -> 'DoclingMatix_test', unique."""
-    key = re.sub(r"\W", "_", name).strip("_") or "dataset"
-    base, n = key, 2
-    while key in taken:
-        key, n = f"{base}_{n}", n + 1
-    return key
-
-
-def load_legacy_config(path: str | Path) -> dict[str, Any]:
-    """Run a legacy config file's ``get_config()`` and map the dict onto :class:`Config`'s layout.
-
-    Unknown keys at any level raise :class:`ConfigError` with a "did you mean"; types are checked later
-    by Hydra when the result is merged onto the schema.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
-    spec = importlib.util.spec_from_file_location(f"legacy_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "get_config", None)):
-        raise ConfigError(f"--config {path}: the file defines no get_config() function")
-    legacy = module.get_config()
-    if not isinstance(legacy, dict):
-        raise ConfigError(f"--config {path}: get_config() must return a dict, got {type(legacy).__name__}")
-
-    problems = [
-        _unknown_key_error(str(path), key, list(LEGACY_SECTIONS)) for key in legacy if key not in LEGACY_SECTIONS
-    ]
-    mapped: dict[str, Any] = {}
-    for section in ("model", "training", "wandb"):
-        values = legacy.get(section) or {}
-        known = _field_names(LEGACY_SECTIONS[section])
-        problems += [_unknown_key_error(f"{path}: '{section}'", k, known) for k in values if k not in known]
-        if values:
-            mapped[section] = dict(values)
-
-    datasets: dict[str, Any] = {}
-    known = _field_names(DatasetConfig)
-    for i, entry in enumerate(legacy.get("datasets") or []):
-        if not isinstance(entry, dict):
-            problems.append(f"{path}: datasets[{i}] must be a dict with at least 'path'")
-            continue
-        problems += [_unknown_key_error(f"{path}: datasets[{i}]", k, known) for k in entry if k not in known]
-        name = str(entry.get("name") or Path(str(entry.get("path", f"dataset{i}"))).name)
-        datasets[_dataset_key(name, set(datasets))] = {**entry, "name": name}
-    if problems:
-        raise ConfigError("invalid legacy config:\n  - " + "\n  - ".join(problems))
-    mapped["dataset"] = datasets
-    return mapped
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -7,7 +7,8 @@ import textwrap
 import pytest
 from conftest import REPO, compose_config, run_script
 
-from granite_docling.config import ConfigError, DatasetConfig, load_legacy_config, validate
+from granite_docling.config import ConfigError, DatasetConfig, validate
+from granite_docling.legacy_config import load_legacy_config
 
 
 def test_cli_composes_two_datasets_and_an_override():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import compose_config, run_script
 
-from granite_docling.config import check_paths
+from granite_docling.preflight import check_paths
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from fixture_data import good_dataset
 from omegaconf import OmegaConf
 from test_elastic_resume import losses
 
-from granite_docling import launch
+from granite_docling import launch, legacy_config, slurm
 
 STAMP_SCRIPT = """
 import os, time
@@ -38,8 +38,15 @@ def test_all_torchrun_processes_agree_on_one_run_folder(tmp_path):
     assert stamps["rank0"] == stamps["rank1"]
 
 
-def test_single_process_stamp_is_a_date_and_time(monkeypatch):
-    monkeypatch.setattr(launch, "_stamp", None)
+@pytest.fixture
+def fresh_stamp():
+    """run_stamp asked anew (it is asked once per process), and forgotten after the test."""
+    launch.run_stamp.cache_clear()
+    yield
+    launch.run_stamp.cache_clear()
+
+
+def test_single_process_stamp_is_a_date_and_time(monkeypatch, fresh_stamp):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     date, clock = launch.run_stamp().split("/")
     assert len(date) == 10 and len(clock) == 8
@@ -55,11 +62,11 @@ def test_rank_suffix_keeps_log_files_apart(monkeypatch):
 
 def test_argv_without_legacy_flags_is_untouched():
     argv = ["dataset=[sample]", "training.seed=3", "-m"]
-    assert launch.translate_legacy_argv(argv) == argv
+    assert legacy_config.translate_legacy_argv(argv) == argv
 
 
 def test_legacy_argv_becomes_a_generated_primary_config(tmp_path):
-    argv = launch.translate_legacy_argv(
+    argv = legacy_config.translate_legacy_argv(
         ["--config", str(REPO / "conf/legacy/granite_docling_test.py"), "--resume", str(tmp_path), "training.seed=1"]
     )
     assert argv[0] == "--config-dir" and argv[2:4] == ["--config-name", "legacy_config"]
@@ -70,7 +77,7 @@ def test_legacy_argv_becomes_a_generated_primary_config(tmp_path):
 
 def test_resume_flag_without_legacy_config_says_what_to_use():
     with pytest.raises(SystemExit, match="training.resume"):
-        launch.translate_legacy_argv(["--resume", "ckpt"])
+        legacy_config.translate_legacy_argv(["--resume", "ckpt"])
 
 
 def test_hydra_settings_put_runs_under_outputs():
@@ -97,15 +104,15 @@ def srun_task(rank: int, job: int = 123456, tasks: int = 2, **more: str) -> dict
      ("rack[2-3]n[5,7]", "rack2n5"), ("gpu[007,001-004]", "gpu007"), ("127.0.0.1", "127.0.0.1")],
 )  # fmt: skip
 def test_first_host_of_a_slurm_host_list(nodelist, host):
-    assert launch.first_host(nodelist) == host
+    assert slurm.first_host(nodelist) == host
 
 
 def test_tasks_per_node_expands_repeats():
-    assert launch.tasks_per_node("2(x3),1") == [2, 2, 2, 1]
-    assert launch.tasks_per_node("4") == [4]
-    assert launch.tasks_per_node("") == []
+    assert slurm.tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert slurm.tasks_per_node("4") == [4]
+    assert slurm.tasks_per_node("") == []
     with pytest.raises(ValueError, match="tasks-per-node"):
-        launch.tasks_per_node("4x2")
+        slurm.tasks_per_node("4x2")
 
 
 def test_srun_task_on_the_second_node_gets_torchrun_variables():
@@ -115,17 +122,17 @@ def test_srun_task_on_the_second_node_gets_torchrun_variables():
             "SLURM_STEP_ID": "2"}  # fmt: skip
     expected = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
                 "MASTER_ADDR": "gpu003", "MASTER_PORT": "29194"}  # fmt: skip  # 15000 + (7 x 123456 + 2) % 17000
-    assert launch.slurm_environment(task) == expected
-    first = launch.slurm_environment({**task, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"})
+    assert slurm.slurm_environment(task) == expected
+    first = slurm.slurm_environment({**task, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"})
     assert (first["MASTER_ADDR"], first["MASTER_PORT"]) == ("gpu003", "29194")  # every task agrees
-    other_step = launch.slurm_environment({**task, "SLURM_STEP_ID": "3"})
+    other_step = slurm.slurm_environment({**task, "SLURM_STEP_ID": "3"})
     assert other_step["MASTER_PORT"] == "29195"
 
 
 def test_uneven_layout_and_explicit_master_address_and_port():
     task = srun_task(3, tasks=4, SLURM_NODEID="1", SLURM_LOCALID="0", SLURM_STEP_TASKS_PER_NODE="3,1",
                      MASTER_ADDR="10.0.0.1", MASTER_PORT="4000")  # fmt: skip
-    env = launch.slurm_environment(task)
+    env = slurm.slurm_environment(task)
     assert env["LOCAL_WORLD_SIZE"] == "1" and env["MASTER_ADDR"] == "10.0.0.1" and env["MASTER_PORT"] == "4000"
 
 
@@ -141,43 +148,47 @@ def test_uneven_layout_and_explicit_master_address_and_port():
     ids=["torchrun", "batch-script", "salloc", "one-task-step", "no-slurm"],
 )
 def test_one_process_slurm_jobs_and_other_launchers_get_nothing(environ):
-    assert launch.slurm_environment(environ) == {}
+    assert slurm.slurm_environment(environ) == {}
 
 
 def test_apply_keeps_what_is_set_and_warns_about_a_batch_script_without_srun(caplog):
     environ = {**srun_task(1), "MASTER_PORT": "4000"}
-    derived = launch.apply_slurm_environment(environ)
+    derived = slurm.apply_slurm_environment(environ)
     assert environ["RANK"] == "1" and environ["WORLD_SIZE"] == "2" and environ["MASTER_ADDR"] == "localhost"
     assert environ["MASTER_PORT"] == derived["MASTER_PORT"] == "4000"
-    assert launch.apply_slurm_environment(environ) == {}  # a second call changes nothing
+    assert slurm.apply_slurm_environment(environ) == {}  # a second call changes nothing
 
     batch = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "7"}
-    with caplog.at_level(logging.WARNING, logger="granite_docling.launch"):
-        assert launch.apply_slurm_environment(batch) == {}
+    with caplog.at_level(logging.WARNING, logger="granite_docling.slurm"):
+        assert slurm.apply_slurm_environment(batch) == {}
     assert "RANK" not in batch and "WORLD_SIZE" not in batch
     assert "8 tasks" in caplog.text and "srun" in caplog.text
 
 
-def test_srun_tasks_stamp_the_run_folder_with_the_job_step(monkeypatch):
+def test_srun_tasks_stamp_the_run_folder_with_the_job_step(monkeypatch, fresh_stamp):
     for key in ("RANK", "WORLD_SIZE", "TORCHELASTIC_USE_AGENT_STORE"):
         monkeypatch.delenv(key, raising=False)
     for key, value in srun_task(1, job=4242, SLURM_STEP_ID="3").items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(launch, "_stamp", None)
     assert launch.run_stamp() == "slurm-4242.3"
     assert launch.rank_suffix() == "_rank1"  # before apply_slurm_environment too (submitit's log files)
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # one task: the clock, as without SLURM
-    monkeypatch.setattr(launch, "_stamp", None)
+    launch.run_stamp.cache_clear()
     assert launch.run_stamp().count("/") == 1 and not launch.run_stamp().startswith("slurm")
 
 
-def test_a_sweep_job_launched_elsewhere_keeps_the_submitters_stamp(monkeypatch):
+def test_a_sweep_job_launched_elsewhere_keeps_the_submitters_stamp(monkeypatch, fresh_stamp):
     """Hydra's submitit launcher pickles the composed config; each job composes its own and copies the cache."""
     launch.register_resolvers()
-    monkeypatch.setattr(launch, "_stamp", "2030-01-02/03-04-05")
+    for key in ("RANK", "WORLD_SIZE", "TORCHELASTIC_USE_AGENT_STORE", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(launch.time, "strftime", lambda _: "2030-01-02/03-04-05")
     submitted = OmegaConf.create({"dir": "outputs/multirun/${run_stamp:}"})
     assert submitted.dir == "outputs/multirun/2030-01-02/03-04-05"
-    monkeypatch.setattr(launch, "_stamp", "slurm-99.0")  # what the job would name it by itself
+    launch.run_stamp.cache_clear()
+    for key, value in srun_task(0, job=99).items():  # the job, by itself, would name it slurm-99.0
+        monkeypatch.setenv(key, value)
+    assert launch.run_stamp() == "slurm-99.0"
     job = OmegaConf.create({"dir": "outputs/multirun/${run_stamp:}"})
     OmegaConf.copy_cache(from_config=pickle.loads(pickle.dumps(submitted)), to_config=job)
     assert job.dir == "outputs/multirun/2030-01-02/03-04-05"
@@ -188,7 +199,7 @@ def job_with_a_free_port() -> int:
     for job in random.sample(range(10**6), 50):
         with socket.socket() as probe:
             try:
-                probe.bind(("127.0.0.1", int(launch.slurm_environment(srun_task(0, job))["MASTER_PORT"])))
+                probe.bind(("127.0.0.1", int(slurm.slurm_environment(srun_task(0, job))["MASTER_PORT"])))
             except OSError:
                 continue
             return job

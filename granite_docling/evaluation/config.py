@@ -30,14 +30,7 @@ from granite_docling.checkpoint_files import (
     is_pickled_checkpoint,
     read_manifest,
 )
-from granite_docling.config import (
-    DTYPES,
-    DatasetConfig,
-    TrainingConfig,
-    dataset_path_problems,
-    model_folder_problem,
-    raise_problems,
-)
+from granite_docling.config import DTYPES, DatasetConfig, TrainingConfig, raise_problems
 
 log = logging.getLogger(__name__)
 
@@ -136,22 +129,6 @@ def validate_eval(cfg: EvaluateConfig) -> None:
 def needs_data(cfg: EvaluateConfig) -> bool:
     """Whether a model generates answers (so samples are read), rather than only saved predictions being scored."""
     return cfg.checkpoint is not None or (cfg.compare_to is not None and not is_predictions_file(cfg.compare_to))
-
-
-def check_eval_paths(cfg: EvaluateConfig) -> None:
-    """Check, before any data is read, that the models, predictions files and datasets named exist where they are
-    local paths (a hub id is checked when it is downloaded)."""
-    problems = []
-    for key in ("checkpoint", "compare_to"):
-        value = getattr(cfg, key)
-        if value is not None and value.endswith(".jsonl"):
-            if not Path(value).is_file():
-                problems.append(f"{key}={value}: no such file (give a predictions.jsonl, or a model folder)")
-        elif (problem := model_folder_problem(key, value)) is not None:
-            problems.append(problem)
-    if needs_data(cfg):
-        problems += dataset_path_problems(cfg.dataset)
-    raise_problems(problems)
 
 
 def training_split_settings(checkpoint: str | None, cfg: EvalConfig, trust_pickle: bool = False) -> tuple[float, int]:

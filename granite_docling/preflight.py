@@ -1,0 +1,108 @@
+"""Pre-flight: the paths a config names are checked before anything is loaded, with one line per problem.
+
+``train.py`` calls :func:`check_paths` and ``evaluate.py`` :func:`check_eval_paths` after validating the config
+and before importing torch, the model or the data: a mistyped folder fails in a second, not after the model has
+loaded. Apart from ``validate``, so that configs naming other machines' paths still compose and validate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+from granite_docling.checkpoint_files import is_pickled_checkpoint, is_training_checkpoint, pickled_state_message
+from granite_docling.config import HUB_ID, Config, DatasetConfig, raise_problems
+from granite_docling.data.sources import DatasetNotFoundError, detect_format
+from granite_docling.evaluation.config import EvaluateConfig, needs_data
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """True for a 'name' or 'org/name' that is not a path here: from_pretrained and load_dataset look it up on the
+    hub. '/data', './x', 'a/b/c' are local paths."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(value).exists():
+        return False
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+MODEL_HINT = f"give a model folder with config.json (e.g. outputs/<run>/final_model) or a hub id such as {HUB_ID}"
+
+
+def model_folder_problem(key: str, value: str | None) -> str | None:
+    """What is wrong with a model given as a local folder; None for a hub id and for a folder with config.json."""
+    if value is None or looks_like_hub_id(value):
+        return None
+    if not Path(value).exists():
+        return f"{key}={value}: no such folder; {MODEL_HINT}"
+    if not (Path(value) / "config.json").is_file():
+        return f"{key}={value} is not a model folder (no config.json); {MODEL_HINT}"
+    return None
+
+
+def dataset_path_problems(datasets: Dict[str, DatasetConfig]) -> list[str]:
+    """What is wrong with the local paths of ``datasets``: missing, not a dataset in a known layout, or a Docling
+    folder without the split. Hub ids are left to the download."""
+    problems = []
+    for key, source in datasets.items():
+        if not source.path:
+            continue  # validate says so
+        given, path = f"dataset.{key}.path={source.path}", Path(source.path)
+        hint = f"pass dataset.{key}.path=<folder of anns/ JSON + images, or parquet files> or a hub id such as org/name"
+        if not path.exists():
+            if not looks_like_hub_id(source.path):
+                problems.append(f"{given}: no such file or folder; {hint}")
+            continue
+        try:
+            layout = detect_format(path) if source.format == "auto" else source.format
+        except DatasetNotFoundError:
+            problems.append(f"{given} holds no dataset (no anns/<split>/*.json, no parquet or Arrow files); {hint}")
+            continue
+        annotations = path / "anns" / source.split
+        if layout == "docling" and not (annotations.is_dir() and any(annotations.glob("*.json"))):
+            anns = path / "anns"
+            splits = sorted(p.name for p in anns.iterdir() if p.is_dir() and p != annotations) if anns.is_dir() else []
+            fix = f"set dataset.{key}.split to one of {', '.join(splits)}" if splits else hint
+            problems.append(f"{given} has no anns/{source.split}/*.json; {fix}")
+    return problems
+
+
+def check_paths(cfg: Config) -> None:
+    """Check the paths the config names, before anything is loaded: every local dataset path, model.checkpoint
+    and training.resume must exist and hold what they should. Apart from :func:`validate`, so that configs
+    naming other machines' paths still compose and validate."""
+    problems = dataset_path_problems(cfg.dataset)
+    checkpoint_problem = model_folder_problem("model.checkpoint", cfg.model.checkpoint)
+    if checkpoint_problem:
+        problems.append(checkpoint_problem)
+    resume = cfg.training.resume
+    if resume not in (None, "auto") and Path(resume).is_dir():
+        if not is_training_checkpoint(Path(resume)):
+            problems.append(
+                f"training.resume={resume} holds no training state, so it is no training checkpoint: "
+                f"give a checkpoints/checkpoint_* folder or 'auto' (to fine-tune a model folder, set "
+                f"model.checkpoint={resume})"
+            )
+        elif is_pickled_checkpoint(Path(resume)) and not cfg.training.trust_checkpoint:
+            problems.append(pickled_state_message(Path(resume)))
+    raise_problems(problems)
+
+
+def check_eval_paths(cfg: EvaluateConfig) -> None:
+    """Check, before any data is read, that the models, predictions files and datasets named exist where they are
+    local paths (a hub id is checked when it is downloaded)."""
+    problems = []
+    for key in ("checkpoint", "compare_to"):
+        value = getattr(cfg, key)
+        if value is not None and value.endswith(".jsonl"):
+            if not Path(value).is_file():
+                problems.append(f"{key}={value}: no such file (give a predictions.jsonl, or a model folder)")
+        elif (problem := model_folder_problem(key, value)) is not None:
+            problems.append(problem)
+    if needs_data(cfg):
+        problems += dataset_path_problems(cfg.dataset)
+    raise_problems(problems)
