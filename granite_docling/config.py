@@ -216,24 +216,22 @@ def tracker_problems(report_to: List[str]) -> list[str]:
 
 def validate(cfg: Config) -> None:
     """Check everything that spans fields; raise one :class:`ConfigError` listing every problem."""
-    problems: list[str] = []
-    model, training = cfg.model, cfg.training
+    problems = model_problems(cfg.model, cfg.training.mixed_precision)
+    problems += dataset_problems(cfg.dataset, cfg.training.batch_tokens)
+    problems += training_problems(cfg.training)
+    problems += choice_problem("wandb.mode", cfg.wandb.mode, ("online", "offline", "disabled"))
+    problems += choice_problem("optimizer.name", cfg.optimizer.name, ("adamw",))
+    raise_problems(problems)
 
-    def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-        if value not in choices:
-            problems.append(f"{key}={value!r} is not one of {', '.join(choices)}")
 
-    check_choice("model.dtype", model.dtype, DTYPES)
-    check_choice("model.attn_implementation", model.attn_implementation, ATTN_IMPLEMENTATIONS)
-    check_choice("training.mixed_precision", training.mixed_precision, MIXED_PRECISION)
-    check_choice("training.on_bad_sample", training.on_bad_sample, BAD_SAMPLE_POLICIES)
-    check_choice("training.image_path", training.image_path, ("fast", "stock"))
-    check_choice("wandb.mode", cfg.wandb.mode, ("online", "offline", "disabled"))
-    check_choice("optimizer.name", cfg.optimizer.name, ("adamw",))
-    problems += tracker_problems(training.report_to)
-    if training.objective == "val/loss" and training.val_ratio == 0:
-        problems.append("training.objective=val/loss needs a validation split: set training.val_ratio > 0")
+def choice_problem(key: str, value: str, choices: tuple[str, ...]) -> list[str]:
+    """[the problem] when ``value`` is not one of ``choices``, else []."""
+    return [] if value in choices else [f"{key}={value!r} is not one of {', '.join(choices)}"]
 
+
+def model_problems(model: ModelConfig, mixed_precision: str) -> list[str]:
+    problems = choice_problem("model.dtype", model.dtype, DTYPES)
+    problems += choice_problem("model.attn_implementation", model.attn_implementation, ATTN_IMPLEMENTATIONS)
     if model.checkpoint is None and not model.random_init:
         problems.append(
             "model.checkpoint=null means the vendored files, which hold no weights: "
@@ -241,9 +239,9 @@ def validate(cfg: Config) -> None:
         )
     if model.attn_implementation.startswith("flash_attention") and importlib.util.find_spec("flash_attn") is None:
         problems.append(f"model.attn_implementation={model.attn_implementation} needs flash-attn installed; use sdpa")
-    if model.dtype == "float16" or (model.dtype == "bfloat16" and training.mixed_precision == "fp16"):
+    if model.dtype == "float16" or (model.dtype == "bfloat16" and mixed_precision == "fp16"):
         problems.append(
-            f"model.dtype={model.dtype} with training.mixed_precision={training.mixed_precision} cannot train "
+            f"model.dtype={model.dtype} with training.mixed_precision={mixed_precision} cannot train "
             "stably: keep model.dtype=float32 and set training.mixed_precision=bf16 or fp16"
         )
     frozen = {c for c in COMPONENTS if getattr(model, f"freeze_{c}")}
@@ -254,7 +252,6 @@ def validate(cfg: Config) -> None:
         problems.append(f"model.lora.components has {unknown}; choose from {', '.join(COMPONENTS)}")
     if model.lora.enabled and model.lora.rank < 1:
         problems.append("model.lora.rank must be at least 1")
-
     arch = model.architecture
     overridden = [f.name for f in fields(arch) if getattr(arch, f.name) is not None]
     if overridden and not model.random_init:
@@ -264,18 +261,22 @@ def validate(cfg: Config) -> None:
         )
     if arch.tile_size is not None and arch.patch_size is not None and arch.tile_size % arch.patch_size:
         problems.append("model.architecture.tile_size must be a multiple of patch_size")
+    return problems
 
-    if not cfg.dataset:
-        problems.append(
+
+def dataset_problems(datasets: Dict[str, DatasetConfig], batch_tokens: Optional[int]) -> list[str]:
+    if not datasets:
+        return [
             "no dataset selected: pass dataset=[name,...] (see conf/dataset/), "
             "or dataset=[folder] dataset.folder.path=PATH"
-        )
-    for key, source in cfg.dataset.items():
+        ]
+    problems = []
+    for key, source in datasets.items():
         prefix = f"dataset.{key}"
         if not source.path:
             problems.append(f"{prefix}.path is not set: pass {prefix}.path=/path/to/data")
-        check_choice(f"{prefix}.format", source.format, DATASET_FORMATS)
-        check_choice(f"{prefix}.unit", source.unit, DATASET_UNITS)
+        problems += choice_problem(f"{prefix}.format", source.format, DATASET_FORMATS)
+        problems += choice_problem(f"{prefix}.unit", source.unit, DATASET_UNITS)
         if source.streaming and source.format == "docling_eval":
             problems.append(f"{prefix}: docling-eval datasets are indexed, not streamed; drop {prefix}.streaming=true")
         for name in ("max_turns", "max_samples", "max_images_per_sample", "image_longest_edge"):
@@ -286,32 +287,44 @@ def validate(cfg: Config) -> None:
             problems.append(f"{prefix}.weight={source.weight} must be positive")
         if source.shuffle_buffer < 1:
             problems.append(f"{prefix}.shuffle_buffer={source.shuffle_buffer} must be at least 1")
-    streamed = sorted(key for key, source in cfg.dataset.items() if source.streaming)
-    if streamed and len(streamed) < len(cfg.dataset):
+    streamed = sorted(key for key, source in datasets.items() if source.streaming)
+    if streamed and len(streamed) < len(datasets):
         problems.append(
-            f"dataset.{streamed[0]}.streaming=true but {', '.join(sorted(set(cfg.dataset) - set(streamed)))} "
+            f"dataset.{streamed[0]}.streaming=true but {', '.join(sorted(set(datasets) - set(streamed)))} "
             "is not streamed: stream all sources or none"
         )
-    if streamed and training.batch_tokens is not None:
+    if streamed and batch_tokens is not None:
         problems.append(
             "training.batch_tokens needs indexed data: a stream's sample lengths are not known before it is read "
             "(set it to null, or index the data: dataset.<name>.streaming=false)"
         )
+    return problems
 
+
+POSITIVE_OR_NULL = (
+    "max_steps",
+    "save_steps",
+    "val_steps",
+    "gen_eval_steps",
+    "max_length",
+    "max_checkpoints",
+    "max_samples_per_dataset",
+    "val_max_samples",
+    "batch_tokens",
+)  # training fields that are at least 1, or null
+
+
+def training_problems(training: TrainingConfig) -> list[str]:
+    problems = choice_problem("training.mixed_precision", training.mixed_precision, MIXED_PRECISION)
+    problems += choice_problem("training.on_bad_sample", training.on_bad_sample, BAD_SAMPLE_POLICIES)
+    problems += choice_problem("training.image_path", training.image_path, ("fast", "stock"))
+    problems += tracker_problems(training.report_to)
+    if training.objective == "val/loss" and training.val_ratio == 0:
+        problems.append("training.objective=val/loss needs a validation split: set training.val_ratio > 0")
     for name in ("batch_size", "gradient_accumulation_steps", "num_epochs", "log_interval", "val_interval"):
         if getattr(training, name) < 1:
             problems.append(f"training.{name}={getattr(training, name)} must be at least 1")
-    for name in (
-        "max_steps",
-        "save_steps",
-        "val_steps",
-        "gen_eval_steps",
-        "max_length",
-        "max_checkpoints",
-        "max_samples_per_dataset",
-        "val_max_samples",
-        "batch_tokens",
-    ):
+    for name in POSITIVE_OR_NULL:
         value = getattr(training, name)
         if value is not None and value < 1:
             problems.append(f"training.{name}={value} must be at least 1 (or null)")
@@ -334,8 +347,7 @@ def validate(cfg: Config) -> None:
         problems.append("training.max_nonfinite_steps and training.loss_chunk_size must be at least 1")
     if training.resume not in (None, "auto") and not Path(training.resume).is_dir():
         problems.append(f"training.resume={training.resume!r} is not a folder: give a checkpoint folder or 'auto'")
-
-    raise_problems(problems)
+    return problems
 
 
 def raise_problems(problems: list[str]) -> None:
