@@ -34,8 +34,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from granite_docling.data.examples import collate_skipping_problems  # noqa: E402
 from granite_docling.data.image_tiles import batch_pixel_values  # noqa: E402
-from granite_docling.data.loading import ConversationDataset, collate_skipping_problems, make_loader  # noqa: E402
+from granite_docling.data.indexed import ConversationDataset  # noqa: E402
+from granite_docling.data.loading import make_loader  # noqa: E402
 from granite_docling.data.sources import ReadOptions, read_dataset  # noqa: E402
 
 REAL_DOCS = REPO / "tests" / "fixtures" / "real_docs"
@@ -115,7 +117,7 @@ def measure(data: Path, repeats: int, max_samples: int | None) -> dict:
     stock = ConversationDataset.from_samples({data.name: samples}, processor, {}, image_path="stock")
     fast = ConversationDataset.from_samples({data.name: samples}, processor, {}, image_path="fast")
     pad_id = processor.tokenizer.pad_token_id
-    spec = fast.image_spec(data.name)
+    spec = fast.encoder.image_spec(data.name)
     result = compare(stock, fast, pad_id, spec)
 
     pages = sum(len(sample.images) for sample in samples)

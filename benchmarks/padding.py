@@ -26,8 +26,9 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from granite_docling.data.image_tiles import ImageSpec  # noqa: E402
+from granite_docling.data.indexed import ConversationDataset  # noqa: E402
 from granite_docling.data.lengths import LengthCounter, padding_fraction  # noqa: E402
-from granite_docling.data.loading import ConversationDataset, make_loader  # noqa: E402
+from granite_docling.data.loading import make_loader  # noqa: E402
 from granite_docling.data.sampler import GlobalBatchSampler  # noqa: E402
 from granite_docling.data.sources import ReadOptions, read_dataset  # noqa: E402
 

@@ -43,6 +43,7 @@ def profile(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
     from granite_docling.data.loading import build_data, make_loader
+    from granite_docling.data.policy import DataPolicy
     from granite_docling.data.prepare import prepare_dataset
     from granite_docling.launch import compose_config
     from granite_docling.loss import TokenLoss
@@ -59,7 +60,7 @@ def profile(args: argparse.Namespace, work: Path) -> dict:
     )
     torch.manual_seed(0)
     model, processor = load_model_and_processor(cfg.model)
-    data = build_data(cfg, processor)
+    data = build_data(cfg.dataset, processor, DataPolicy.from_training(cfg.training))
     loader = make_loader(data.train, range(len(data.train)), 1, 0, processor.tokenizer.pad_token_id)
     t = cfg.training
     groups = parameter_groups(model, {"vision": t.lr_vision, "text": t.lr_text, "connector": t.lr_connector}, 0.01)

@@ -72,10 +72,11 @@ def compose(args: argparse.Namespace, paths: dict[str, Path], run_dir: Path, *ex
 def passes(cfg) -> dict:
     """Forward / backward passes of one epoch from the sampler, overall and per dataset, and the largest one."""
     from granite_docling.data.loading import build_data
+    from granite_docling.data.policy import DataPolicy
     from granite_docling.model import load_model_config, load_processor
 
     processor = load_processor(cfg.model, load_model_config(cfg.model))
-    data = build_data(cfg, processor)
+    data = build_data(cfg.dataset, processor, DataPolicy.from_training(cfg.training))
     sampler, tokens = data.train_sampler, data.train_sampler.lengths[0]
     names = [name for name, size in zip(data.train.source_names, data.train.sizes, strict=True) for _ in range(size)]
     sampler.set_epoch(0)

@@ -50,7 +50,9 @@ from granite_docling.checkpoint_files import CheckpointSaveError, latest_checkpo
 from granite_docling.config import Config
 from granite_docling.data.encoding import IGNORE_INDEX
 from granite_docling.data.image_tiles import batch_pixel_values
-from granite_docling.data.loading import append_problems, build_data, listed_problems, make_loader, summarise
+from granite_docling.data.loading import build_data, make_loader
+from granite_docling.data.policy import DataPolicy
+from granite_docling.data.problems import append_problems, listed_problems, summarise
 from granite_docling.data.steps import training_steps
 from granite_docling.flops import ModelFlops, batch_shape, device_peak_flops, vision_trains
 from granite_docling.loss import TokenLoss
@@ -227,7 +229,7 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora)
     pad_id = processor.tokenizer.pad_token_id
-    data = build_data(cfg, processor, rank, world)
+    data = build_data(cfg.dataset, processor, DataPolicy.from_training(t), rank, world)
     mixed_datasets = list(data.sizes) if len(data.sizes) > 1 else []  # a mix: each dataset's loss is logged
     bad_samples_file = run_dir / "bad_samples.jsonl"  # the main process lists every bad sample once
     listed = listed_problems(bad_samples_file)
@@ -349,7 +351,7 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
                     samples,
                     t.gen_eval_max_new_tokens,
                     t.batch_size,
-                    data.val.image_longest_edge,
+                    data.image_edges,
                 )
             tracker.log(scores, step=state.step)
             log.info("step %d: " + "  ".join(f"{k} %.3f" for k in scores), state.step, *scores.values())

@@ -37,6 +37,14 @@ def compose_config(*overrides: str) -> Config:
     return OmegaConf.to_object(cfg)
 
 
+def data_of(cfg: Config, processor, rank: int = 0, world_size: int = 1):
+    """build_data for a composed config, as train.py calls it."""
+    from granite_docling.data.loading import build_data
+    from granite_docling.data.policy import DataPolicy
+
+    return build_data(cfg.dataset, processor, DataPolicy.from_training(cfg.training), rank, world_size)
+
+
 def run_script(*args: str, cwd: Path = REPO, timeout: float = 120, env: dict | None = None):
     """Run a repository script (train.py, evaluate.py, ...) in a fresh interpreter; return the completed process."""
     return subprocess.run(

@@ -122,6 +122,13 @@ def image_bytes(image: Any) -> bytes:
     return image
 
 
+def hub_sample(row: dict, record_id: str, dataset: str, options: ReadOptions) -> Sample:
+    """A row of the hub layout (``images``, ``texts``) as a Sample; raises :class:`RecordError` when it is bad."""
+    images = tuple(image_bytes(image) for image in row.get("images") or [])
+    turns = tuple(parse_turns(row.get("texts")))
+    return limit(Sample(id=record_id, dataset=dataset, images=images, turns=turns), options)
+
+
 def files_fingerprint(files: Sequence[Path], root: Path) -> str:
     """A digest of (name, size, modification time) of every file: any change, addition or removal shows."""
     digest = hashlib.sha256()
@@ -270,14 +277,7 @@ class HubSource(Source):
 
     def read(self, locator: str | int) -> Sample:
         (row,) = self._table.fast_slice(int(locator), 1).select(["images", "texts"]).to_pylist()
-        return self.sample_of(row, int(locator))
-
-    def sample_of(self, row: dict, locator: int) -> Sample:
-        images = tuple(image_bytes(image) for image in row.get("images") or [])
-        turns = parse_turns(row.get("texts"))
-        return limit(
-            Sample(id=self.record_id(locator), dataset=self.name, images=images, turns=tuple(turns)), self.options
-        )
+        return hub_sample(row, self.record_id(locator), self.name, self.options)
 
     def records(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Sample | Problem]]:
         """Read a record batch at a time: one Arrow slice per 64 rows, not one per row."""
@@ -287,7 +287,7 @@ class HubSource(Source):
             for offset, row in enumerate(rows.to_pylist()):
                 i = batch_start + offset
                 try:
-                    yield i, self.sample_of(row, i)
+                    yield i, hub_sample(row, self.record_id(i), self.name, self.options)
                 except RecordError as error:
                     yield i, Problem(self.name, self.record_id(i), error.reason, error.detail)
 

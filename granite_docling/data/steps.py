@@ -17,7 +17,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 
-from granite_docling.data.loading import Data, make_loader
+from granite_docling.data.loading import make_loader
+from granite_docling.data.policy import Data
 
 Step = tuple[list[dict], int]  # this process's micro-batches of one step, and the position after it
 

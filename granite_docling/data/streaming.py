@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -40,18 +40,17 @@ import numpy as np
 import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
-from granite_docling.config import Config, ConfigError
-from granite_docling.data.loading import ConversationDataset, Data, image_edges, source_options
-from granite_docling.data.sample import BadSampleError, Problem, Sample
+from granite_docling.config import ConfigError, DatasetConfig
+from granite_docling.data.examples import ExampleEncoder
+from granite_docling.data.policy import Data, DataPolicy, read_options, source_name
+from granite_docling.data.sample import Problem, Sample
 from granite_docling.data.sources import (
     DatasetNotFoundError,
     ReadOptions,
     RecordError,
     available_cpus,
     hub_files,
-    image_bytes,
-    limit,
-    parse_turns,
+    hub_sample,
 )
 from granite_docling.data.split import seeded_rng
 
@@ -165,20 +164,14 @@ def unit_rows(source: StreamSource, unit: Unit, skip: int) -> Iterator[Sample | 
         for batch in pq.ParquetFile(f).iter_batches(batch_size=64, row_groups=[unit.group], columns=COLUMNS):
             low, high = max(skip, start), min(start + batch.num_rows, unit.rows)
             for row, values in enumerate(batch.slice(low - start, max(0, high - low)).to_pylist(), low):
-                yield parse_row(source, f"{Path(file).name}#{unit.first + row}", values)
+                record_id = f"{Path(file).name}#{unit.first + row}"
+                try:
+                    yield hub_sample(values, record_id, source.name, source.options)
+                except RecordError as error:
+                    yield Problem(source.name, record_id, error.reason, error.detail)
             start += batch.num_rows
             if start >= unit.rows:
                 return
-
-
-def parse_row(source: StreamSource, record_id: str, row: dict) -> Sample | Problem:
-    """A hub-layout row as a Sample, like :meth:`HubSource.sample_of`; a Problem when it is bad."""
-    try:
-        images = tuple(image_bytes(image) for image in row.get("images") or [])
-        turns = tuple(parse_turns(row.get("texts")))
-    except RecordError as error:
-        return Problem(source.name, record_id, error.reason, error.detail)
-    return limit(Sample(id=record_id, dataset=source.name, images=images, turns=turns), source.options)
 
 
 def slot_stream(
@@ -268,7 +261,7 @@ class StreamingDataset(IterableDataset):
     def __init__(
         self,
         sources: Sequence[StreamSource],
-        encoder: ConversationDataset,
+        encoder: ExampleEncoder,
         seed: int,
         batch_size: int,
         num_workers: int,
@@ -327,26 +320,23 @@ class StreamingDataset(IterableDataset):
         done, first = worker_progress(self.start_batches, self.worker_batches(self.epoch))
         worker = ((info.id if info else 0) + first) % self.workers  # the loader starts its round-robin at worker 0
         for item in self.rows(self.epoch, self.rank * self.workers + worker, done[worker] * self.batch_size):
-            if isinstance(item, Problem):
-                if self.encoder.on_bad_sample == "error":
-                    raise BadSampleError(item)
-                yield item
-            else:
-                yield self.encoder.example(item)
+            yield self.encoder.bad(item) if isinstance(item, Problem) else self.encoder(item)
 
 
-def build_streaming_data(cfg: Config, processor, rank: int = 0, world_size: int = 1) -> Data:
+def build_streaming_data(
+    datasets: Mapping[str, DatasetConfig], encoder: ExampleEncoder, policy: DataPolicy, rank: int, world_size: int
+) -> Data:
     """:class:`Data` whose ``train`` is a :class:`StreamingDataset` over every (streaming) source."""
-    t = cfg.training
-    if not all(source.streaming for source in cfg.dataset.values()):
-        listed = ", ".join(f"{key}={source.streaming}" for key, source in cfg.dataset.items())
+    if not all(source.streaming for source in datasets.values()):
+        listed = ", ".join(f"{key}={source.streaming}" for key, source in datasets.items())
         raise ConfigError(f"dataset.<name>.streaming must be true for every source or for none ({listed})")
     sources = []
-    for key, config in cfg.dataset.items():
+    for key, config in datasets.items():
         if config.format == "docling":
             raise ConfigError(f"dataset {key}: streaming reads parquet in the hub layout, not a Docling folder")
+        options = read_options(config, policy.max_samples_per_dataset)
         source = open_stream_source(
-            config.name or key, config.path, source_options(cfg, key), config.weight, config.shuffle_buffer
+            source_name(key, config), config.path, options, config.weight, config.shuffle_buffer
         )
         log.info(
             "streaming %s (%s): %d files, %d row groups, %d rows",
@@ -358,6 +348,11 @@ def build_streaming_data(cfg: Config, processor, rank: int = 0, world_size: int 
         )
         sources.append(source)
     log.info("streaming: no validation split (training.val_ratio is ignored) and no length grouping")
-    encoder = ConversationDataset([], processor, image_edges(cfg), t.max_length, t.on_bad_sample, t.image_path)
-    train = StreamingDataset(sources, encoder, t.seed, t.batch_size, t.num_workers, rank, world_size)
-    return Data(train=train, val=None, train_sampler=None, problems=[], sizes={s.name: (s.rows, 0) for s in sources})
+    train = StreamingDataset(sources, encoder, policy.seed, policy.batch_size, policy.num_workers, rank, world_size)
+    return Data(
+        train=train,
+        val=None,
+        train_sampler=None,
+        image_edges=encoder.image_longest_edge,
+        sizes={source.name: (source.rows, 0) for source in sources},
+    )

@@ -21,8 +21,11 @@ from pathlib import Path
 
 import torch
 
-from granite_docling.config import Config, ConfigError, ModelConfig, TrainingConfig
-from granite_docling.data.loading import indexed_sources, summarise
+from granite_docling.config import ConfigError, ModelConfig
+from granite_docling.data.index import cache_root
+from granite_docling.data.indexed import indexed_sources
+from granite_docling.data.policy import image_edges
+from granite_docling.data.problems import summarise
 from granite_docling.data.sample import Sample
 from granite_docling.data.sources import RecordError
 from granite_docling.data.split import split_positions
@@ -102,14 +105,13 @@ def evaluation_samples(cfg: EvaluateConfig) -> dict[str, list[Sample]]:
     """The samples to evaluate, per dataset display name (see the module docstring)."""
     e = cfg.eval
     val_ratio, seed = training_split_settings(cfg.checkpoint or cfg.compare_to, e, cfg.trust_checkpoint)
-    config = Config(dataset=cfg.dataset, training=TrainingConfig(val_ratio=val_ratio, seed=seed))
     from transformers import AutoProcessor
 
     from granite_docling.model import ASSETS_DIR
 
     processor = AutoProcessor.from_pretrained(ASSETS_DIR)  # the records and their order; lengths are not used
     chosen = {}
-    for source, index in indexed_sources(config, processor):
+    for source, index in indexed_sources(cfg.dataset, processor, cache_root(None)):
         name = source.name
         if index.problems:
             log.warning("%s: %s", name, summarise(index.problems))
@@ -245,7 +247,7 @@ def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> EvaluationResult | Non
 
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         samples = evaluation_samples(cfg)
-        edges = {source.name or key: source.image_longest_edge for key, source in cfg.dataset.items()}
+        edges = image_edges(cfg.dataset)
         image_refs = {(s.dataset, s.id): s.images for group in samples.values() for s in group}
     is_main = accelerator is None or accelerator.is_main_process
 

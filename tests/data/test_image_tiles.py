@@ -13,7 +13,7 @@ import numpy as np
 import pypdfium2 as pdfium
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, data_of
 from PIL import Image
 from transformers import AutoProcessor
 
@@ -209,7 +209,7 @@ def test_fast_batches_through_worker_processes_give_the_stock_loss(tmp_path):
     tiling on the device: the tiny model's loss equals the stock path's (solid-colour pages resize exactly)."""
     from fixture_data import good_dataset
 
-    from granite_docling.data.loading import build_data, make_loader
+    from granite_docling.data.loading import make_loader
     from granite_docling.loss import TokenLoss
     from granite_docling.model import load_model_and_processor
     from granite_docling.train_loop import model_inputs
@@ -222,7 +222,7 @@ def test_fast_batches_through_worker_processes_give_the_stock_loss(tmp_path):
     loss_module = TokenLoss(model).eval()
     losses = {}
     for image_path in ("fast", "stock"):
-        data = build_data(compose_config(*overrides, f"training.image_path={image_path}"), processor)
+        data = data_of(compose_config(*overrides, f"training.image_path={image_path}"), processor)
         data.train_sampler.set_epoch(0)
         loader = make_loader(data.train, data.train_sampler, 4, num_workers=1, pad_id=processor.tokenizer.pad_token_id)
         (batch,) = list(loader)

@@ -6,10 +6,11 @@ import json
 
 import numpy as np
 import pytest
-from conftest import compose_config
+from conftest import compose_config, data_of
 from fixture_data import BAD_FILES, dataset_with_bad_samples, good_dataset
 
-from granite_docling.data.loading import append_problems, build_data, listed_problems, make_loader, summarise
+from granite_docling.data.loading import make_loader
+from granite_docling.data.problems import append_problems, listed_problems, summarise
 from granite_docling.data.sample import BadSampleError, Problem
 from granite_docling.data.sampler import epoch_order, mixture_counts
 from granite_docling.data.split import scored_validation, split_positions, split_validation
@@ -50,7 +51,7 @@ def test_bad_records_are_found_while_indexing_or_in_the_workers(tmp_path, tiny_p
     good_dataset(tmp_path / "other", 6)
     cfg = compose_config("model=tiny", "dataset=[sample,folder]", f"dataset.folder.path={root}",
                          f"dataset.sample.path={tmp_path / 'other'}", "training.val_ratio=0.2")  # fmt: skip
-    data = build_data(cfg, tiny_processor)
+    data = data_of(cfg, tiny_processor)
     assert data.sizes == {"sample": (5, 1), "folder": (6, 1)}  # 4 good + 3 undecodable images
     assert {p.reason for p in data.problems} == {"invalid_json", "bad_schema", "empty_answer", "missing_image",
                                                  "path_outside_root"}  # fmt: skip
@@ -66,7 +67,7 @@ def test_bad_records_are_found_while_indexing_or_in_the_workers(tmp_path, tiny_p
 def test_a_record_broken_after_indexing_is_a_problem_in_the_worker(tmp_path, tiny_processor):
     root = good_dataset(tmp_path / "data", 4)
     cfg = compose_config("model=tiny", "dataset=[folder]", f"dataset.folder.path={root}", "training.val_ratio=0")
-    data = build_data(cfg, tiny_processor)
+    data = data_of(cfg, tiny_processor)
     (root / "anns" / "train" / "001.json").write_text("{ not json")  # after the index was built
     items = [data.train[i] for i in range(len(data.train))]
     problems = [item for item in items if isinstance(item, Problem)]
@@ -79,18 +80,18 @@ def test_on_bad_sample_error_stops_at_the_first_naming_it(tmp_path, tiny_process
         "model=tiny", "dataset=[folder]", f"dataset.folder.path={root}", "training.on_bad_sample=error"
     )
     with pytest.raises(BadSampleError, match=r"anns/train/b_\w+\.json: \w+"):
-        build_data(cfg, tiny_processor)
+        data_of(cfg, tiny_processor)
 
 
 def test_max_length_drops_and_counts_long_samples_before_training(tmp_path, tiny_processor):
     root = good_dataset(tmp_path, 4)
     base = ["model=tiny", "dataset=[folder]", f"dataset.folder.path={root}", "training.val_ratio=0"]
-    lengths = sorted(build_data(compose_config(*base), tiny_processor).train_sampler.lengths[0].tolist())
-    data = build_data(compose_config(*base, f"training.max_length={lengths[1]}"), tiny_processor)
+    lengths = sorted(data_of(compose_config(*base), tiny_processor).train_sampler.lengths[0].tolist())
+    data = data_of(compose_config(*base, f"training.max_length={lengths[1]}"), tiny_processor)
     assert len(data.train) == sum(n <= lengths[1] for n in lengths)
     assert [p.reason for p in data.problems] == ["too_long"] * (4 - len(data.train))
     with pytest.raises(ValueError, match="no training samples left: 4 bad sample"):
-        build_data(compose_config(*base, "training.max_length=10"), tiny_processor)
+        data_of(compose_config(*base, "training.max_length=10"), tiny_processor)
 
 
 def test_problem_log_lists_each_sample_once(tmp_path):
@@ -133,9 +134,9 @@ def test_the_capped_validation_is_the_same_on_every_process_and_never_trained_on
     root = good_dataset(tmp_path / "data", 20)
     overrides = ["model=tiny", "dataset=[folder]", f"dataset.folder.path={root}", "training.val_ratio=0.5",
                  "training.val_max_samples=3"]  # fmt: skip
-    with caplog.at_level("INFO", logger="granite_docling.data.loading"):
-        one = build_data(compose_config(*overrides), tiny_processor)
-    two = [build_data(compose_config(*overrides), tiny_processor, rank, 2) for rank in range(2)]
+    with caplog.at_level("INFO", logger="granite_docling.data"):
+        one = data_of(compose_config(*overrides), tiny_processor)
+    two = [data_of(compose_config(*overrides), tiny_processor, rank, 2) for rank in range(2)]
     assert "10 train, 10 validation samples (a validation scores 3 of the 10 held out)" in caplog.text
     for data in (one, *two):
         assert len(data.val) == 3 and len(data.train) == 10

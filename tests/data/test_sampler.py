@@ -8,11 +8,10 @@ from collections import Counter
 
 import numpy as np
 import torch
-from conftest import compose_config
+from conftest import compose_config, data_of
 from fixture_data import good_dataset
 
 from granite_docling.data.lengths import padding_fraction
-from granite_docling.data.loading import build_data
 from granite_docling.data.sampler import GlobalBatchSampler, epoch_order, grouped_order, pack_by_tokens
 
 
@@ -144,11 +143,11 @@ def test_grouped_order_puts_similar_lengths_into_blocks():
 def test_build_data_groups_by_default_and_the_switch_restores_plain_batches(tmp_path, tiny_processor):
     path = good_dataset(tmp_path / "data", 12)
     overrides = ["model=tiny", "dataset=[folder]", f"dataset.folder.path={path}", "training.batch_size=4"]
-    grouped = build_data(compose_config(*overrides), tiny_processor)
-    assert grouped.train_sampler.lengths is not None and grouped.train.image_path == "fast"
-    plain = build_data(compose_config(*overrides, "training.length_grouping=false", "training.image_path=stock"),
+    grouped = data_of(compose_config(*overrides), tiny_processor)
+    assert grouped.train_sampler.lengths is not None and grouped.train.encoder.image_path == "fast"
+    plain = data_of(compose_config(*overrides, "training.length_grouping=false", "training.image_path=stock"),
                        tiny_processor)  # fmt: skip
-    assert plain.train_sampler.lengths is None and plain.train.image_path == "stock"
+    assert plain.train_sampler.lengths is None and plain.train.encoder.image_path == "stock"
     grouped.train_sampler.set_epoch(0)
     plain.train_sampler.set_epoch(0)
     assert sorted(i for b in grouped.train_sampler for i in b) == sorted(i for b in plain.train_sampler for i in b)

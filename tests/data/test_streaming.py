@@ -8,10 +8,11 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import compose_config
+from conftest import compose_config, data_of
 from PIL import Image
 
-from granite_docling.data.loading import ConversationDataset, build_data, make_loader
+from granite_docling.data.examples import ExampleEncoder
+from granite_docling.data.loading import make_loader
 from granite_docling.data.sample import Problem
 from granite_docling.data.sources import ReadOptions
 from granite_docling.data.split import seeded_rng
@@ -45,7 +46,7 @@ def streaming(folders, processor, *, num_workers=0, batch_size=2, rank=0, world_
               weights=None) -> StreamingDataset:  # fmt: skip
     sources = [open_stream_source(f"s{i}", str(folder), ReadOptions(), (weights or {}).get(i), buffer)
                for i, folder in enumerate(folders)]  # fmt: skip
-    encoder = ConversationDataset([], processor, {})
+    encoder = ExampleEncoder(processor, {})
     return StreamingDataset(sources, encoder, seed, batch_size, num_workers, rank, world_size)
 
 
@@ -141,7 +142,7 @@ def test_files_on_any_fsspec_filesystem_read_like_local_ones(tmp_path, tiny_proc
     remote = open_stream_source("r", "memory://datasets/org/name", ReadOptions(), None, 4)
     local = open_stream_source("r", str(folder), ReadOptions(), None, 4)
     assert remote.units == local.units
-    encoder = ConversationDataset([], tiny_processor, {})
+    encoder = ExampleEncoder(tiny_processor, {})
     assert [s.id for s in StreamingDataset([remote], encoder, 3, 2, 0).rows(0, 0)] == [
         s.id for s in StreamingDataset([local], encoder, 3, 2, 0).rows(0, 0)
     ]
@@ -162,9 +163,9 @@ def test_build_data_streams_when_asked_and_refuses_a_mixture(tmp_path, tiny_proc
     folder = write_shards(tmp_path / "d")
     overrides = ["model=tiny", f"dataset.folder.path={folder}", "dataset.folder.streaming=true",
                  "training.num_workers=0", "training.batch_size=2"]  # fmt: skip
-    data = build_data(compose_config("dataset=[folder]", *overrides), tiny_processor)
+    data = data_of(compose_config("dataset=[folder]", *overrides), tiny_processor)
     assert data.streaming and data.val is None and data.sizes == {"folder": (21, 0)}
     assert isinstance(data.train, StreamingDataset)
     assert sorted(item["id"] for item in data.train) == sorted(all_ids())
     with pytest.raises(ValueError, match="every source or for none"):
-        build_data(compose_config("dataset=[folder,sample]", *overrides), tiny_processor)
+        data_of(compose_config("dataset=[folder,sample]", *overrides), tiny_processor)

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO, compose_config, run_script
+from conftest import REPO, compose_config, data_of, run_script
 from eval_helpers import save_tiny_checkpoint, write_eval_data
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from granite_docling.config import ConfigError
-from granite_docling.data.loading import build_data
 from granite_docling.evaluation.config import (
     EvalConfig,
     EvaluateConfig,
@@ -194,7 +193,7 @@ def test_the_val_split_is_the_one_training_held_out(checkpoints, eval_data, tmp_
     assert training_split_settings(cfg.checkpoint, EvalConfig(val_ratio=0.25, seed=1)) == (0.25, 1)
 
     held_out = [s.id for s in evaluation_samples(cfg)["sample"]]
-    training = build_data(compose_config("model=tiny", "dataset=[sample]", f"dataset.sample.path={eval_data}",
+    training = data_of(compose_config("model=tiny", "dataset=[sample]", f"dataset.sample.path={eval_data}",
                                          "training.val_ratio=0.5", "training.seed=7"), tiny_processor)  # fmt: skip
     assert held_out == [s.id for s in training.val.samples(100)] and len(held_out) == 2
 
