@@ -187,37 +187,3 @@ def read_metrics(path: Path) -> list[dict]:
     if not Path(path).is_file():
         return []
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
-    """train/loss (and its EMA), each train/loss/<source> (EMA) and val/loss against optimizer steps, as a PNG."""
-    from granite_docling.evaluation.loss_curve import SOURCE_PREFIX, ema, ema_weight, loss_series
-
-    series = loss_series(read_metrics(metrics_path))
-    train = series.get("train/loss")
-    if not train:
-        return None
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib.pyplot as plt
-
-    def smoothed(points: list[tuple[int, float]]) -> tuple[list[int], list[float]]:
-        return [s for s, _ in points], ema([v for _, v in points], ema_weight(len(points)))
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    ax.plot(*zip(*train, strict=True), lw=0.8, alpha=0.4, label="train loss")
-    span = round(1 / (1 - ema_weight(len(train))))  # the EMA, not the mean since step 0, which lags far behind
-    ax.plot(*smoothed(train), lw=1.8, color="C0", label=f"train loss, EMA over ~{span} steps")
-    for key in sorted(k for k in series if k.startswith(SOURCE_PREFIX)):
-        ax.plot(*smoothed(series[key]), lw=1.2, label=f"{key.removeprefix(SOURCE_PREFIX)} (EMA)")
-    val = series.get("val/loss")
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", lw=1.5, label="validation loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats per supervised token)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_path)
-    plt.close(fig)
-    return Path(out_path)

@@ -54,11 +54,12 @@ from granite_docling.data.loading import build_data, make_loader
 from granite_docling.data.policy import DataPolicy
 from granite_docling.data.problems import append_problems, listed_problems, summarise
 from granite_docling.data.steps import training_steps
+from granite_docling.evaluation.loss_curve import draw_loss_curve
 from granite_docling.flops import ModelFlops, batch_shape, device_peak_flops, vision_trains
 from granite_docling.loss import TokenLoss
 from granite_docling.model import apply_lora, load_model_and_processor, parameter_groups
 from granite_docling.precision import device_precision
-from granite_docling.tracking import NullTracker, Tracker, plot_loss_curve
+from granite_docling.tracking import NullTracker, Tracker, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -510,7 +511,7 @@ def _finish(cfg, accelerator, loss_module, processor, final_dir, run_dir, state,
         log.error("%s; the last checkpoint in %s is intact", failure, final_dir.parent)
         return 1
     if accelerator.is_main_process:
-        plot = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+        plot = draw_loss_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss_curve.png")
         bad_files = sorted(run_dir.glob("bad_samples*.jsonl"))
         n_bad = sum(len(f.read_text().splitlines()) for f in bad_files)
         log.info("training done: %d steps, final model in %s", state.step, final_dir)

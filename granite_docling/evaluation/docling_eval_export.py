@@ -36,7 +36,7 @@ from PIL import Image
 
 from granite_docling.evaluation.doctags import is_page_answer
 from granite_docling.evaluation.export import pages_to_document, split_pages
-from granite_docling.evaluation.report import Record
+from granite_docling.evaluation.records import Record
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
     report.html      the headline metrics (before -> after when evaluate.py ran with compare_to), the metric
                      table per dataset and source, the training loss of the run the checkpoint came from
-                     (loss_curve.py), and a few samples side by side: page image | reference rendered |
+                     (drawn by loss_curve.py), and a few samples side by side: page image | reference rendered |
                      prediction rendered, followed by a word diff of the two
     report_files/    the page images it shows, as WebP thumbnails (~50 KB a page), loaded lazily
 
@@ -11,8 +11,8 @@ left in ``pages/``, in lazy iframes, or the export inline (``srcdoc``) where the
 the text metrics score, the Markdown export of a page conversion (the raw text of other answers), word by word
 with difflib: ``<del>`` marks reference words the prediction lacks, ``<ins>`` words it adds.
 
-write_outputs writes the page for every evaluation folder; with ``compare_to`` the runner writes the main
-folder's page again with the before side (:func:`write_report_page` ``(after, before)``).
+The runner writes the page once for every evaluation folder, the main folder's with the compare_to side as
+before (:func:`write_report_page` ``(after, before)``).
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from PIL import Image
 
 from granite_docling.evaluation.doctags import is_page_answer
 from granite_docling.evaluation.export import pages_to_document, split_pages
-from granite_docling.evaluation.loss_curve import checkpoint_step, ema, ema_weight, loss_curve_svg, training_run_folder
+from granite_docling.evaluation.loss_curve import checkpoint_step, draw_loss_curve, ema, ema_weight, training_run_folder
 from granite_docling.evaluation.metrics import OVERALL_KEY, SOURCES_KEY
-from granite_docling.evaluation.report import (
+from granite_docling.evaluation.records import (
+    HEADLINE,
     LOWER_IS_BETTER,
     TABLE_METRICS,
     Outputs,
@@ -39,10 +40,11 @@ from granite_docling.evaluation.report import (
     compare_metrics,
     safe_name,
 )
+from granite_docling.tracking import read_metrics
 
 PAGE = "report.html"
 FILES_DIR = "report_files"
-HEADLINE = ("edit_distance", "f1", "doctags_parses", "stopped_with_eos")
+LOSS_CURVE = "loss_curve.svg"  # in FILES_DIR
 SAMPLE_SCORES = ("edit_distance", "f1", "bleu", "teds", "map", "exact_match", "doctags_valid", "stopped_with_eos")
 LINKED_FILES = (
     "report.md",
@@ -68,8 +70,7 @@ table.metrics{border-collapse:collapse;font-variant-numeric:tabular-nums}
 .metrics td,.metrics th{border:1px solid #ddd;padding:3px 8px;text-align:right}.metrics th{background:#f6f6f6}
 .metrics td:first-child,.metrics th:first-child{text-align:left}
 .better{color:#17702b}.worse{color:#b3261e}.delta{font-size:.85em}
-.legend span{display:inline-block;margin-right:1.2em}.legend i{display:inline-block;width:1.2em;height:.3em;
-vertical-align:middle;margin-right:.3em}svg.loss{max-width:100%;height:auto;font-size:11px;fill:#444}
+img.loss{max-width:100%;height:auto}
 .sample{border:1px solid #ddd;border-radius:6px;margin:1em 0;padding:.6em}.sample h3{margin:0 0 .4em;
 font-size:1em}.sample .scores{color:#555;font-weight:normal;font-size:.9em}
 .cols{display:grid;grid-template-columns:repeat(3,minmax(0,1fr));gap:.8em}.cols h4{margin:0 0 .3em;
@@ -90,7 +91,7 @@ def write_report_page(after: Outputs, before: Outputs | None = None) -> Path:
         "<h2>Metrics</h2>",
         metrics_html(after.metrics, before.metrics if before else None),
     ]
-    parts.append(_loss_section(run, after.checkpoint))
+    parts.append(_loss_section(after.folder, run, after.checkpoint))
     previous = {(r.dataset, r.id): (r, s) for r, s in zip(before.records, before.scores, strict=True)} if before else {}
     parts.append(f"<h2>Samples ({len(after.examples)} of {len(after.records)})</h2>")
     for index, images in after.examples.items():
@@ -188,7 +189,7 @@ def metrics_html(after: Mapping[str, Any], before: Mapping[str, Any] | None = No
 
 def _headline(after: Mapping[str, Any], before: Mapping[str, Any] | None) -> str:
     cards = []
-    for name in HEADLINE:
+    for name, _, _ in HEADLINE:
         value = after[OVERALL_KEY].get(name, {}).get("mean")
         if value is None:
             continue
@@ -224,18 +225,17 @@ def _header(after: Outputs, before: Outputs | None) -> str:
 # Loss curve
 
 
-def _loss_section(run: Path | None, checkpoint: str | None) -> str:
+def _loss_section(folder: Path, run: Path | None, checkpoint: str | None) -> str:
     if run is None:
         return (
             "<h2>Training loss</h2><p class=meta>No training run found for this checkpoint (the curve shows "
             "for <code>&lt;run&gt;/final_model</code> and <code>&lt;run&gt;/checkpoints/checkpoint_*</code> "
             "next to the run's metrics.jsonl).</p>"
         )
-    from granite_docling.tracking import read_metrics
-
     rows = read_metrics(run / "metrics.jsonl")
-    svg, legend = loss_curve_svg(rows, checkpoint_step(checkpoint))
-    if not svg:
+    (folder / FILES_DIR).mkdir(parents=True, exist_ok=True)
+    curve = draw_loss_curve(rows, folder / FILES_DIR / LOSS_CURVE, checkpoint_step(checkpoint))
+    if curve is None:
         return f"<h2>Training loss</h2><p class=meta>{html.escape(str(run))}/metrics.jsonl has no train/loss.</p>"
     train = [row["train/loss"] for row in rows if "train/loss" in row]
     val = [row["val/loss"] for row in rows if "val/loss" in row]
@@ -245,10 +245,9 @@ def _loss_section(run: Path | None, checkpoint: str | None) -> str:
     )
     if val:
         summary += f"; validation loss {val[-1]:.3f} at the end"
-    keys = "".join(f"<span><i style='background:{colour}'></i>{label}</span>" for colour, label in legend)
     return (
         f"<h2>Training loss</h2><p class=meta>From <code>{html.escape(str(run / 'metrics.jsonl'))}</code>: "
-        f"{summary}.</p>{svg}<div class=legend>{keys}</div>"
+        f"{summary}.</p><img class=loss src='{FILES_DIR}/{LOSS_CURVE}' alt='training loss curve'>"
     )
 
 

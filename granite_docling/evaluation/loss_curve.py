@@ -1,7 +1,8 @@
-"""The training loss of the run a checkpoint came from, smoothed, as inline SVG for report.html.
+"""The loss curve of a training run, drawn in one place with matplotlib: loss_curve.png at the end of training,
+and the curve report.html shows of the run a checkpoint came from.
 
     run = training_run_folder("outputs/demo/final_model")     # outputs/demo (it holds metrics.jsonl)
-    svg, legend = loss_curve_svg(read_metrics(run / "metrics.jsonl"))
+    draw_loss_curve(read_metrics(run / "metrics.jsonl"), Path("loss.svg"), mark_step=checkpoint_step(...))
 
 The raw ``train/loss`` zig-zags when length-grouped batches alternate between long pages and short crops, so
 the curve to read is its exponential moving average (:func:`ema`, bias-corrected as TensorBoard's smoothing is),
@@ -11,9 +12,9 @@ over a span that grows with the run (:func:`ema_weight`). ``val/loss`` is drawn 
 
 from __future__ import annotations
 
-import html
 import logging
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 
 SOURCE_PREFIX = "train/loss/"  # train/loss/<source>: the loss of one source's samples in a step
 _STEP_CHECKPOINT = re.compile(r"^checkpoint_step_(\d+)$")
-_COLOURS = ("#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 
 
 def ema(values: Sequence[float], weight: float) -> list[float]:
@@ -100,119 +100,40 @@ def loss_series(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[int, 
     return series
 
 
-def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """Round values (1, 2 or 5 x 10^k apart) between low and high."""
-    if high <= low:
-        return [low]
-    raw = (high - low) / count
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
-    first = math.ceil(low / step) * step
-    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
-
-
-def _log_ticks(low: float, high: float) -> list[float]:
-    ticks = [
-        m * 10.0**k for k in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1) for m in (1, 2, 5)
-    ]
-    return [t for t in ticks if low <= t <= high]
-
-
-def _label(value: float) -> str:
-    return f"{value:g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.0e}"
-
-
-def loss_curve_svg(
-    rows: Sequence[Mapping[str, Any]], mark_step: int | None = None, width: int = 960, height: int = 300
-) -> tuple[str, list[tuple[str, str]]]:
-    """(an ``<svg>`` of the loss curves, the legend as [(colour, label)]); ("", []) when no train/loss was logged.
-
-    ``mark_step`` draws a dashed vertical line there (the evaluated step checkpoint).
-    """
+def draw_loss_curve(rows: Sequence[Mapping[str, Any]], path: Path, mark_step: int | None = None) -> Path | None:
+    """Draw train/loss (every step, and its EMA), each train/loss/<source> (EMA) and val/loss against optimizer
+    steps into ``path``, a PNG or an SVG by its suffix; None when no train/loss was logged. ``mark_step``: a dashed
+    line there (the evaluated checkpoint). The y axis is logarithmic when the losses span more than 2x."""
     series = loss_series(rows)
-    train = series.get("train/loss", [])
+    train = series.get("train/loss")
     if not train:
-        return "", []
-    weight = ema_weight(len(train))
-    span = round(1 / (1 - weight))
-    lines: list[tuple[str, list[tuple[int, float]], str]] = [  # (colour, points, style)
-        ("#9ecae1", train, "raw"),
-        ("#1f77b4", list(zip([s for s, _ in train], ema([v for _, v in train], weight), strict=True)), "main"),
-    ]
-    legend = [("#9ecae1", "train loss (every step)"), ("#1f77b4", f"train loss, EMA over ~{span} steps")]
-    sources = sorted(k for k in series if k.startswith(SOURCE_PREFIX))
-    for colour, key in zip(_COLOURS, sources, strict=False):
-        points = series[key]
-        smoothed = ema([v for _, v in points], ema_weight(len(points)))
-        lines.append((colour, list(zip([s for s, _ in points], smoothed, strict=True)), "source"))
-        legend.append((colour, f"{key.removeprefix(SOURCE_PREFIX)} (EMA)"))
-    val = series.get("val/loss", [])
-    if val:
-        lines.append(("#ff7f0e", val, "points"))
-        legend.append(("#ff7f0e", "validation loss"))
+        return None
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib
+    import matplotlib.pyplot as plt
 
-    every = [p for _, points, _ in lines for p in points]
-    x_low, x_high = min(s for s, _ in every), max(s for s, _ in every)
-    x_high = x_high if x_high > x_low else x_low + 1
-    y_low, y_high = min(v for _, v in every), max(v for _, v in every)
-    logarithmic = y_low > 0 and y_high / y_low > 2
-    if logarithmic:
-        y_low, y_high = math.log10(y_low) - 0.02, math.log10(y_high) + 0.02
-    else:
-        pad = (y_high - y_low) * 0.05 or 0.5
-        y_low, y_high = y_low - pad, y_high + pad
-    left, right, top, bottom = 56, 12, 10, 36
-    plot_w, plot_h = width - left - right, height - top - bottom
+    def smoothed(points: list[tuple[int, float]]) -> tuple[list[int], list[float]]:
+        return [s for s, _ in points], ema([v for _, v in points], ema_weight(len(points)))
 
-    def x_of(step: float) -> float:
-        return left + (step - x_low) / (x_high - x_low) * plot_w
-
-    def y_of(value: float) -> float:
-        v = math.log10(value) if logarithmic else value
-        return top + (y_high - v) / (y_high - y_low) * plot_h
-
-    parts = [
-        f'<svg class="loss" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
-        'xmlns="http://www.w3.org/2000/svg" role="img" aria-label="training loss curve">',
-        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" stroke="#ccc"/>',
-    ]
-    y_ticks = _log_ticks(10**y_low, 10**y_high) if logarithmic else _nice_ticks(y_low, y_high)
-    if logarithmic and len(y_ticks) < 2:
-        y_ticks = [10**v for v in _nice_ticks(y_low, y_high, 3)]
-    for tick in y_ticks:
-        y = y_of(tick)
-        parts.append(
-            f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>'
-            f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{_label(tick)}</text>'
-        )
-    for tick in _nice_ticks(x_low, x_high):
-        x = x_of(tick)
-        parts.append(
-            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" stroke="#eee"/>'
-            f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle">{tick:g}</text>'
-        )
-    parts.append(
-        f'<text x="{left + plot_w / 2}" y="{height - 4}" text-anchor="middle">optimizer step</text>'
-        f'<text transform="translate(12 {top + plot_h / 2}) rotate(-90)" text-anchor="middle">'
-        f"loss{' (log scale)' if logarithmic else ''}</text>"
-    )
-    if mark_step is not None and x_low <= mark_step <= x_high:
-        x = x_of(mark_step)
-        parts.append(
-            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" stroke="#555" '
-            f'stroke-dasharray="4 3"><title>evaluated: step {mark_step}</title></line>'
-        )
-    for colour, points, style in lines:
-        stride = max(1, len(points) // 1500)  # a long run's polyline stays a few tens of KB
-        shown = points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
-        coordinates = " ".join(f"{x_of(s):.1f},{y_of(v):.1f}" for s, v in shown)
-        stroke = {"raw": 1, "main": 2.2, "source": 1.6, "points": 1}[style]
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="{stroke}" points="{coordinates}"/>')
-        if style == "points":
-            parts += [
-                f'<circle cx="{x_of(step):.1f}" cy="{y_of(value):.1f}" r="3.5" fill="{colour}">'
-                f"<title>step {step}: validation loss {value:.4f}</title></circle>"
-                for step, value in points
-            ]
-    parts.append("</svg>")
-    return "".join(parts), [(colour, html.escape(label)) for colour, label in legend]
+    span = round(1 / (1 - ema_weight(len(train))))  # the EMA, not the mean since step 0, which lags far behind
+    values = [v for points in series.values() for _, v in points]
+    logarithmic = min(values) > 0 and max(values) / min(values) > 2
+    with matplotlib.rc_context({"svg.fonttype": "none", "font.size": 9}):  # SVG text stays text
+        fig, ax = plt.subplots(figsize=(9.6, 3.4), dpi=120)
+        ax.plot(*zip(*train, strict=True), lw=0.8, color="#9ecae1", label="train loss (every step)")
+        ax.plot(*smoothed(train), lw=1.8, color="#1f77b4", label=f"train loss, EMA over ~{span} steps")
+        for key in sorted(k for k in series if k.startswith(SOURCE_PREFIX)):
+            ax.plot(*smoothed(series[key]), lw=1.2, label=f"{key.removeprefix(SOURCE_PREFIX)} (EMA)")
+        if "val/loss" in series:
+            ax.plot(*zip(*series["val/loss"], strict=True), "o-", lw=1.2, color="#ff7f0e", label="validation loss")
+        if mark_step is not None:
+            ax.axvline(mark_step, ls="--", lw=1, color="#555", label=f"evaluated: step {mark_step}")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss per supervised token" + (" (log scale)" if logarithmic else ""))
+        ax.set_yscale("log" if logarithmic else "linear")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+    return Path(path)

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,74 +30,19 @@ from granite_docling.data.images import ImageError, decode_image
 from granite_docling.data.sample import ImageRef
 from granite_docling.evaluation.doctags import is_page_answer
 from granite_docling.evaluation.export import export_answer
-from granite_docling.evaluation.metrics import (
-    EXTRA_METRICS,
-    OVERALL_KEY,
-    REPORTED_METRICS,
-    Scores,
-    aggregate_metrics,
-    score_sample,
+from granite_docling.evaluation.html_report import FILES_DIR, write_thumbnails
+from granite_docling.evaluation.metrics import OVERALL_KEY, REPORTED_METRICS, Scores, aggregate_metrics, score_sample
+from granite_docling.evaluation.records import (
+    LOWER_IS_BETTER,
+    TABLE_METRICS,
+    UNKNOWN_SOURCE,
+    Outputs,
+    Record,
+    safe_name,
+    write_predictions,
 )
 
 log = logging.getLogger(__name__)
-
-LOWER_IS_BETTER = frozenset({"edit_distance"})
-TABLE_METRICS = (*REPORTED_METRICS, *EXTRA_METRICS)
-UNKNOWN_SOURCE = "unknown"
-
-
-@dataclass
-class Record:
-    """One evaluated sample: a line of predictions.jsonl."""
-
-    id: str
-    dataset: str
-    source: str | None
-    prompt: str  # the chat-template prompt, with one <image> placeholder per image
-    prediction: str  # the answer up to eos, special tokens kept
-    reference: str
-    stopped: bool | None  # generation ended with eos before max_new_tokens; None = read eos from the prediction
-    images: list[str] = field(default_factory=list)  # image files; '' for images stored inline (parquet bytes)
-    new_tokens: int | None = None  # tokens generated, eos included
-    max_new_tokens: int | None = None  # the budget this answer had (see eval.reference_length_factor)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Record:
-        missing = {"id", "dataset", "prediction", "reference"} - set(data)
-        if missing:
-            raise ValueError(f"a predictions line lacks {sorted(missing)}: is this a predictions.jsonl?")
-        return cls(
-            id=str(data["id"]),
-            dataset=str(data["dataset"]),
-            source=data.get("source"),
-            prompt=data.get("prompt", ""),
-            prediction=data["prediction"],
-            reference=data["reference"],
-            stopped=data.get("stopped"),
-            images=list(data.get("images") or []),
-            new_tokens=data.get("new_tokens"),
-            max_new_tokens=data.get("max_new_tokens"),
-        )
-
-
-def read_predictions(path: Path) -> list[Record]:
-    records = []
-    with Path(path).open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    records.append(Record.from_dict(json.loads(line)))
-                except (json.JSONDecodeError, ValueError) as error:
-                    raise ValueError(f"{path}:{number}: {error}") from error
-    if not records:
-        raise ValueError(f"{path} holds no predictions")
-    return records
-
-
-def write_predictions(path: Path, records: Sequence[Record]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
 
 
 def score_records(records: Sequence[Record]) -> list[Scores | None]:
@@ -126,21 +69,6 @@ def group_scores(records: Sequence[Record], scores: Sequence[Scores | None]) -> 
 # The run folder
 
 
-@dataclass
-class Outputs:
-    """Where one evaluation's files are."""
-
-    folder: Path
-    metrics: dict[str, Any]
-    files: dict[str, Path] = field(default_factory=dict)
-    samples: set[tuple[str, str]] = field(default_factory=set)  # (dataset, id) of every record
-    title: str = ""
-    checkpoint: str | None = None  # what was evaluated: a model folder, hub id or predictions file
-    records: list[Record] = field(default_factory=list)
-    scores: list[Scores | None] = field(default_factory=list)
-    examples: dict[int, list[tuple[str, int, int]]] = field(default_factory=dict)  # shown record -> its images
-
-
 def write_outputs(
     folder: Path,
     records: Sequence[Record],
@@ -154,10 +82,9 @@ def write_outputs(
 
     ``image_refs`` maps (dataset, id) to the sample's images (paths or bytes); without it the image files named
     in the records are used where they exist. ``checkpoint`` (what was evaluated) leads report.html to the
-    training run's loss curve.
+    training run's loss curve; the page itself is written by :func:`html_report.write_report_page` once every
+    side of the evaluation is known.
     """
-    from granite_docling.evaluation.html_report import FILES_DIR, write_report_page, write_thumbnails
-
     folder.mkdir(parents=True, exist_ok=True)
     scores = score_records(records)
     metrics = aggregate_metrics(group_scores(records, scores))
@@ -207,7 +134,6 @@ def write_outputs(
         scores=scores,
         examples=examples,
     )
-    files["page"] = write_report_page(outputs)
     return outputs
 
 
@@ -228,11 +154,6 @@ def _try_decode(ref: ImageRef) -> Image.Image | None:
     except ImageError as error:
         log.debug("image not shown: %s", error)
         return None
-
-
-def safe_name(name: str) -> str:
-    """A file-system-safe folder name for a dataset or sample id ('anns/train/x.json' -> 'anns_train_x')."""
-    return re.sub(r"[^\w.-]+", "_", name.removesuffix(".json")).strip("._") or "sample"
 
 
 def pick_examples(records: Sequence[Record], n: int) -> list[tuple[int, Record]]:
@@ -287,25 +208,6 @@ def metrics_report(metrics: Mapping[str, Any], title: str) -> str:
             parts += [f"\n## {dataset}: means per source\n", metrics_table(block["sources"], "mean")]
     parts.append("\n↑ higher is better, ↓ lower is better; – = the metric applies to no sample of the group.\n")
     return "".join(parts)
-
-
-def compare_metrics(after: Mapping[str, Any], before: Mapping[str, Any]) -> dict[str, Any]:
-    """``{group: {metric: {"before", "after", "delta", "better"}}}`` for the groups both evaluations have.
-
-    ``delta = after - before`` of the means; ``better`` is True when the change is an improvement (for
-    edit_distance, a decrease), None when either side is missing or nothing changed.
-    """
-    comparison: dict[str, Any] = {}
-    for group in (g for g in after if g in before):
-        rows: dict[str, Any] = {"n": {"before": before[group]["n"], "after": after[group]["n"]}}
-        for name in TABLE_METRICS:
-            a = after[group].get(name, {}).get("mean")
-            b = before[group].get(name, {}).get("mean")
-            delta = None if a is None or b is None else a - b
-            better = None if not delta else (delta < 0) == (name in LOWER_IS_BETTER)
-            rows[name] = {"before": b, "after": a, "delta": delta, "better": better}
-        comparison[group] = rows
-    return comparison
 
 
 def comparison_report(comparison: Mapping[str, Any], after_name: str, before_name: str) -> str:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,15 +35,18 @@ from granite_docling.evaluation.docling_eval_export import write_docling_eval_da
 from granite_docling.evaluation.generate import first_turn_prompt, generate, prompt_text, reference_budgets
 from granite_docling.evaluation.html_report import write_report_page
 from granite_docling.evaluation.metrics import OVERALL_KEY
-from granite_docling.evaluation.report import (
+from granite_docling.evaluation.records import (
+    HEADLINE,
     LOWER_IS_BETTER,
     Outputs,
     Record,
     compare_metrics,
+    read_predictions,
+)
+from granite_docling.evaluation.report import (
     comparison_report,
     metrics_table,
     plot_metrics,
-    read_predictions,
     record_images,
     write_outputs,
 )
@@ -79,14 +83,6 @@ class EvaluationResult:
         if self.compared is not None:  # the headline last, where a terminal leaves the eye
             lines += headline(self.outputs.metrics[OVERALL_KEY], self.compared.metrics[OVERALL_KEY])
         return "\n".join(lines)
-
-
-HEADLINE = (
-    ("edit_distance", "edit distance", "{:.3f}"),
-    ("doctags_parses", "DocTags that parse", "{:.0%}"),
-    ("stopped_with_eos", "stopped with eos", "{:.0%}"),
-)
-"""(metric, label, format) of the before -> after lines that end a comparison's summary."""
 
 
 def headline(after: dict, before: dict) -> list[str]:
@@ -251,7 +247,7 @@ def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> EvaluationResult | Non
         image_refs = {(s.dataset, s.id): s.images for group in samples.values() for s in group}
     is_main = accelerator is None or accelerator.is_main_process
 
-    results: list[Outputs] = []
+    results = []
     for target, folder in sides:
         if is_predictions_file(target):
             records = read_predictions(Path(target)) if is_main else []
@@ -259,23 +255,7 @@ def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> EvaluationResult | Non
         else:
             records = generate_records(target, samples, edges, e, accelerator)
         if is_main:
-            log.info("scoring %d answers of %s", len(records), target)
-            outputs = write_outputs(
-                folder,
-                records,
-                title=str(target),
-                num_examples=e.num_examples,
-                page_exports=e.page_exports,
-                image_refs=image_refs,
-                checkpoint=str(target),
-            )
-            if e.docling_eval_export:
-                images = functools.partial(record_images, image_refs=image_refs)
-                exported = write_docling_eval_dataset(folder / DOCLING_EVAL_DIR, records, images)
-                if exported is not None:
-                    outputs.files["docling_eval"] = exported
-                    log.info("docling-eval dataset of the page predictions: %s", exported)
-            results.append(outputs)
+            results.append(score_side(target, folder, records, e, image_refs))
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if not is_main:
@@ -283,31 +263,56 @@ def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> EvaluationResult | Non
 
     result = EvaluationResult(outputs=results[0])
     if len(results) == 2:
-        after, before = results
-        if after.samples != before.samples:
-            log.warning(
-                "the two evaluations cover different samples (%d in common of %d and %d): the deltas mix "
-                "model and data differences",
-                len(after.samples & before.samples),
-                len(after.samples),
-                len(before.samples),
-            )
-        comparison = compare_metrics(after.metrics, before.metrics)
-        result.compared = before
-        result.comparison_text = comparison_report(comparison, after_name=sides[0][0], before_name=sides[1][0])
-        files = {
-            "json": run_dir / "comparison.json",
-            "report": run_dir / "comparison.md",
-            "plot": run_dir / "comparison.png",
-        }
-        import json
-
-        files["json"].write_text(json.dumps(comparison, indent=2) + "\n")
-        files["report"].write_text(result.comparison_text)
-        plot_metrics(
-            {f"before: {Path(sides[1][0]).name}": before.metrics, f"after: {Path(sides[0][0]).name}": after.metrics},
-            files["plot"],
-        )
-        result.comparison_files = files
-        after.files["page"] = write_report_page(after, before)  # report.html again, now with before -> after
+        result.compared = results[1]
+        result.comparison_text, result.comparison_files = write_comparison(results[0], results[1], run_dir)
+    for outputs in results:  # report.html once per folder, the main one with the compare_to side as before
+        outputs.files["page"] = write_report_page(outputs, result.compared if outputs is results[0] else None)
     return result
+
+
+def score_side(target: str, folder: Path, records: list[Record], e: EvalConfig, image_refs: dict) -> Outputs:
+    """Score one side's records and write its files into ``folder`` (and its docling-eval dataset, if asked)."""
+    log.info("scoring %d answers of %s", len(records), target)
+    outputs = write_outputs(
+        folder,
+        records,
+        title=str(target),
+        num_examples=e.num_examples,
+        page_exports=e.page_exports,
+        image_refs=image_refs,
+        checkpoint=str(target),
+    )
+    if e.docling_eval_export:
+        images = functools.partial(record_images, image_refs=image_refs)
+        exported = write_docling_eval_dataset(folder / DOCLING_EVAL_DIR, records, images)
+        if exported is not None:
+            outputs.files["docling_eval"] = exported
+            log.info("docling-eval dataset of the page predictions: %s", exported)
+    return outputs
+
+
+def write_comparison(after: Outputs, before: Outputs, run_dir: Path) -> tuple[str, dict[str, Path]]:
+    """comparison.json / .md / .png in ``run_dir``: the deltas of ``after`` (the checkpoint) over ``before``
+    (compare_to). Returns (the comparison's text, its files)."""
+    if after.samples != before.samples:
+        log.warning(
+            "the two evaluations cover different samples (%d in common of %d and %d): the deltas mix "
+            "model and data differences",
+            len(after.samples & before.samples),
+            len(after.samples),
+            len(before.samples),
+        )
+    comparison = compare_metrics(after.metrics, before.metrics)
+    text = comparison_report(comparison, after_name=after.title, before_name=before.title)
+    files = {
+        "json": run_dir / "comparison.json",
+        "report": run_dir / "comparison.md",
+        "plot": run_dir / "comparison.png",
+    }
+    files["json"].write_text(json.dumps(comparison, indent=2) + "\n")
+    files["report"].write_text(text)
+    plot_metrics(
+        {f"before: {Path(before.title).name}": before.metrics, f"after: {Path(after.title).name}": after.metrics},
+        files["plot"],
+    )
+    return text, files

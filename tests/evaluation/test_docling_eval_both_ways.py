@@ -155,7 +155,8 @@ def test_docling_eval_scores_our_export_as_we_do(ground_truth, tmp_path, monkeyp
 
     from granite_docling.data.sources import ReadOptions, read_dataset
     from granite_docling.evaluation.docling_eval_export import write_docling_eval_dataset
-    from granite_docling.evaluation.report import Record, score_records
+    from granite_docling.evaluation.records import Record
+    from granite_docling.evaluation.report import score_records
 
     samples, _ = read_dataset(ground_truth, "real", ReadOptions(split="test"))
     rng = random.Random(0)

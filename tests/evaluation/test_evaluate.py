@@ -20,7 +20,7 @@ from granite_docling.evaluation.config import (
     validate_eval,
 )
 from granite_docling.evaluation.metrics import REPORTED_METRICS
-from granite_docling.evaluation.report import Record, read_predictions, write_predictions
+from granite_docling.evaluation.records import Record, read_predictions, write_predictions
 from granite_docling.evaluation.runner import evaluate, evaluation_samples, headline
 
 register_eval_configs()

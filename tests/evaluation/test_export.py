@@ -7,7 +7,8 @@ from pathlib import Path
 from PIL import Image
 
 from granite_docling.evaluation.export import export_answer, pages_to_document, split_pages
-from granite_docling.evaluation.report import Record, compare_metrics, metrics_table, pick_examples
+from granite_docling.evaluation.records import Record, compare_metrics
+from granite_docling.evaluation.report import metrics_table, pick_examples
 
 TWO_PAGES = (
     "<doctag><title><loc_50><loc_40><loc_450><loc_60>First</title>"

@@ -17,14 +17,13 @@ from granite_docling.data.sources import ReadOptions, read_dataset
 from granite_docling.evaluation.html_report import formula_mathml, metrics_html, word_diff
 from granite_docling.evaluation.loss_curve import (
     checkpoint_step,
+    draw_loss_curve,
     ema,
     ema_weight,
-    loss_curve_svg,
     loss_series,
     training_run_folder,
 )
-from granite_docling.evaluation.report import Record, write_predictions
-from granite_docling.tracking import plot_loss_curve
+from granite_docling.evaluation.records import Record, write_predictions
 
 
 def test_ema_on_literal_numbers():
@@ -89,19 +88,16 @@ def fake_training_metrics(path: Path, steps: int = 90) -> None:
                 f.write(json.dumps({"step": step, "val/loss": 0.9 * loss, "epoch": 0}) + "\n")
 
 
-def test_the_loss_curve_svg(tmp_path):
+def test_the_loss_curve(tmp_path):
     fake_training_metrics(tmp_path / "metrics.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sorted(loss_series(rows)) == ["train/loss", "train/loss/formulas", "train/loss/pages", "val/loss"]
-    svg, legend = loss_curve_svg(rows, mark_step=60)
-    assert svg.startswith("<svg") and svg.endswith("</svg>")
-    assert svg.count("<polyline") == 5  # raw, EMA, two sources, validation
-    assert svg.count("<circle") == 3 and "evaluated: step 60" in svg and "(log scale)" in svg
-    labels = [label for _, label in legend]
-    assert labels[:2] == ["train loss (every step)", "train loss, EMA over ~10 steps"]
-    assert "pages (EMA)" in labels and labels[-1] == "validation loss"
-    assert loss_curve_svg([{"step": 1, "val/loss": 1.0}]) == ("", [])
-    assert plot_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    svg = draw_loss_curve(rows, tmp_path / "loss.svg", mark_step=60).read_text()
+    labels = ["train loss (every step)", "train loss, EMA over ~10 steps", "pages (EMA)", "formulas (EMA)",
+              "validation loss", "evaluated: step 60", "(log scale)"]  # fmt: skip
+    assert all(label in svg for label in labels)  # the legend and axis, as text
+    assert draw_loss_curve([{"step": 1, "val/loss": 1.0}], tmp_path / "none.svg") is None
+    assert draw_loss_curve(rows, tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_the_metric_table_shows_before_and_after():
@@ -178,7 +174,8 @@ def test_report_page_of_a_comparison_with_a_training_run(evaluation):
     assert "data:image" not in page and len(page.encode()) < 150_000  # images are files, not base64
     assert "<th>before</th><th>after</th><th>Δ</th>" in page and 'class="delta better"' in page
     assert "stopped_with_eos" in page and "doctags_parses" in page  # the headline cards
-    assert '<svg class="loss"' in page and str(run / "metrics.jsonl") in page and "pages (EMA)" in page
+    assert "<img class=loss src='report_files/loss_curve.svg'" in page and str(run / "metrics.jsonl") in page
+    assert "pages (EMA)" in (folder / "report_files" / "loss_curve.svg").read_text()
 
     assert page.count("<div class=sample>") == 4  # every sample (fewer than eval.num_examples)
     assert page.count("<del>") > 4 and page.count("<ins>") > 4 and "Reference → before (compare_to)" in page

@@ -1,0 +1,120 @@
+"""What one evaluation is, in memory and on disk: its records (predictions.jsonl), where its files are
+(:class:`Outputs`), and the constants that :mod:`report` and :mod:`html_report` both read.
+
+    records = read_predictions(Path("outputs/eval/predictions.jsonl"))
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from granite_docling.evaluation.metrics import EXTRA_METRICS, REPORTED_METRICS, Scores
+
+LOWER_IS_BETTER = frozenset({"edit_distance"})
+TABLE_METRICS = (*REPORTED_METRICS, *EXTRA_METRICS)
+UNKNOWN_SOURCE = "unknown"
+HEADLINE = (
+    ("edit_distance", "edit distance", "{:.3f}"),
+    ("f1", "F1", "{:.3f}"),
+    ("doctags_parses", "DocTags that parse", "{:.0%}"),
+    ("stopped_with_eos", "stopped with eos", "{:.0%}"),
+)
+"""(metric, label, format) of the headline: report.html's cards and the before -> after lines of a comparison."""
+
+
+@dataclass
+class Record:
+    """One evaluated sample: a line of predictions.jsonl."""
+
+    id: str
+    dataset: str
+    source: str | None
+    prompt: str  # the chat-template prompt, with one <image> placeholder per image
+    prediction: str  # the answer up to eos, special tokens kept
+    reference: str
+    stopped: bool | None  # generation ended with eos before max_new_tokens; None = read eos from the prediction
+    images: list[str] = field(default_factory=list)  # image files; '' for images stored inline (parquet bytes)
+    new_tokens: int | None = None  # tokens generated, eos included
+    max_new_tokens: int | None = None  # the budget this answer had (see eval.reference_length_factor)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Record:
+        missing = {"id", "dataset", "prediction", "reference"} - set(data)
+        if missing:
+            raise ValueError(f"a predictions line lacks {sorted(missing)}: is this a predictions.jsonl?")
+        return cls(
+            id=str(data["id"]),
+            dataset=str(data["dataset"]),
+            source=data.get("source"),
+            prompt=data.get("prompt", ""),
+            prediction=data["prediction"],
+            reference=data["reference"],
+            stopped=data.get("stopped"),
+            images=list(data.get("images") or []),
+            new_tokens=data.get("new_tokens"),
+            max_new_tokens=data.get("max_new_tokens"),
+        )
+
+
+def read_predictions(path: Path) -> list[Record]:
+    records = []
+    with Path(path).open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    records.append(Record.from_dict(json.loads(line)))
+                except (json.JSONDecodeError, ValueError) as error:
+                    raise ValueError(f"{path}:{number}: {error}") from error
+    if not records:
+        raise ValueError(f"{path} holds no predictions")
+    return records
+
+
+def write_predictions(path: Path, records: Sequence[Record]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
+
+
+@dataclass
+class Outputs:
+    """Where one evaluation's files are."""
+
+    folder: Path
+    metrics: dict[str, Any]
+    files: dict[str, Path] = field(default_factory=dict)
+    samples: set[tuple[str, str]] = field(default_factory=set)  # (dataset, id) of every record
+    title: str = ""
+    checkpoint: str | None = None  # what was evaluated: a model folder, hub id or predictions file
+    records: list[Record] = field(default_factory=list)
+    scores: list[Scores | None] = field(default_factory=list)
+    examples: dict[int, list[tuple[str, int, int]]] = field(default_factory=dict)  # shown record -> its images
+
+
+def safe_name(name: str) -> str:
+    """A file-system-safe folder name for a dataset or sample id ('anns/train/x.json' -> 'anns_train_x')."""
+    return re.sub(r"[^\w.-]+", "_", name.removesuffix(".json")).strip("._") or "sample"
+
+
+def compare_metrics(after: Mapping[str, Any], before: Mapping[str, Any]) -> dict[str, Any]:
+    """``{group: {metric: {"before", "after", "delta", "better"}}}`` for the groups both evaluations have.
+
+    ``delta = after - before`` of the means; ``better`` is True when the change is an improvement (for
+    edit_distance, a decrease), None when either side is missing or nothing changed.
+    """
+    comparison: dict[str, Any] = {}
+    for group in (g for g in after if g in before):
+        rows: dict[str, Any] = {"n": {"before": before[group]["n"], "after": after[group]["n"]}}
+        for name in TABLE_METRICS:
+            a = after[group].get(name, {}).get("mean")
+            b = before[group].get(name, {}).get("mean")
+            delta = None if a is None or b is None else a - b
+            better = None if not delta else (delta < 0) == (name in LOWER_IS_BETTER)
+            rows[name] = {"before": b, "after": a, "delta": delta, "better": better}
+        comparison[group] = rows
+    return comparison
