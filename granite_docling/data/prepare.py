@@ -41,11 +41,10 @@ from docling_core.types.doc import ContentLayer, DocItem, DoclingDocument
 from PIL import Image
 
 from granite_docling.data.doctags import PAGE_PROMPT, document_doctags, page_doctags
+from granite_docling.data.pages import IMAGE_SUFFIXES, PAGE_SUFFIXES, is_page_file, is_pdf, page_files, render_pages
 
 logger = logging.getLogger(__name__)
 
-PDF_SUFFIXES = frozenset({".pdf"})
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
 UNITS = ("page", "document")
 # Page aspect ratios (width / height) of the rendered input and of the JSON may differ by this much before we warn:
 # <loc_N> tokens are normalised by the JSON's page size, so a different page shape puts every box off.
@@ -65,16 +64,12 @@ class SourceDocument:
 
     @property
     def is_pdf(self) -> bool:
-        return self.path.suffix.lower() in PDF_SUFFIXES
+        return is_pdf(self.path)
 
     @property
     def sample_stem(self) -> str:
         # File names become sample ids; keep them portable.
         return re.sub(r"[^A-Za-z0-9._-]+", "_", self.path.stem)
-
-
-def _is_page_source(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in PDF_SUFFIXES | IMAGE_SUFFIXES
 
 
 def _collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[SourceDocument], list[str]]:
@@ -85,15 +80,15 @@ def _collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[SourceDocument],
         path = Path(raw)
         found: list[Path] = []
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if _is_page_source(p))
+            found = page_files(path)
             if not found:
                 problems.append(f"{path}: folder holds no PDF or page image ({', '.join(sorted(IMAGE_SUFFIXES))})")
         elif not path.exists():
             problems.append(f"{path}: no such file or folder")
         elif path.suffix.lower() == ".json":
             problems.append(f"{path}: pass the PDF or page image, not its JSON; the JSON is found by its stem")
-        elif not _is_page_source(path):
-            problems.append(f"{path}: not a PDF or page image ({', '.join(sorted(PDF_SUFFIXES | IMAGE_SUFFIXES))})")
+        elif not is_page_file(path):
+            problems.append(f"{path}: not a PDF or page image ({', '.join(sorted(PAGE_SUFFIXES))})")
         else:
             found = [path]
         for page_source in found:
@@ -170,20 +165,6 @@ def check_document(source: SourceDocument, doc: DoclingDocument) -> list[str]:
         f"describes {len(page_numbers)} (page numbers {page_numbers[:10]}{'...' if len(page_numbers) > 10 else ''}); "
         "convert the whole file with docling again, or pair it with the JSON made from it"
     ]
-
-
-def render_pages(source: SourceDocument, scale: float) -> list[Image.Image]:
-    """The pages as RGB images: PDF pages rendered at ``scale`` (1.0 = 72 dpi), an image file as it is."""
-    if not source.is_pdf:
-        with Image.open(source.path) as image:
-            return [image.convert("RGB")]
-    import pypdfium2 as pdfium
-
-    pdf = pdfium.PdfDocument(source.path)
-    try:
-        return [pdf[i].render(scale=scale).to_pil().convert("RGB") for i in range(len(pdf))]
-    finally:
-        pdf.close()
 
 
 def _warn_on_missing_provenance(source: SourceDocument, doc: DoclingDocument) -> None:
@@ -294,7 +275,7 @@ def prepare_dataset(
     for index, source in enumerate(sources, start=1):
         # Loaded again rather than kept from the check: a corpus of large documents need not fit in memory.
         doc = load_docling_document(source.json_path)
-        images = render_pages(source, scale)
+        images = render_pages(source.path, scale)
         _warn_on_page_shape(source, doc, images)
         _warn_on_missing_provenance(source, doc)
         stem = source.sample_stem

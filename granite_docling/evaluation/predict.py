@@ -21,13 +21,11 @@ import torch
 from PIL import Image
 
 from granite_docling.data.doctags import PAGE_PROMPT
+from granite_docling.data.pages import IMAGE_SUFFIXES, is_page_file, page_files, render_pages
 from granite_docling.evaluation.export import pages_to_document, write_document_files
 from granite_docling.evaluation.generate import Prompt, generate
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
-PDF_SUFFIX = ".pdf"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,9 +49,9 @@ def input_files(inputs: list[Path]) -> list[Path]:
     files = []
     for path in inputs:
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES | {PDF_SUFFIX})
+            files += page_files(path)
         elif path.is_file():
-            if path.suffix.lower() not in IMAGE_SUFFIXES | {PDF_SUFFIX}:
+            if not is_page_file(path):
                 raise ValueError(f"{path}: not a PDF or an image ({', '.join(sorted(IMAGE_SUFFIXES))})")
             files.append(path)
         else:
@@ -61,20 +59,6 @@ def input_files(inputs: list[Path]) -> list[Path]:
     if not files:
         raise ValueError(f"no PDFs or images in {', '.join(map(str, inputs))}")
     return files
-
-
-def render_pages(path: Path, scale: float = 2.0) -> list[Image.Image]:
-    """Every page of a PDF as an RGB image (pypdfium2 at ``scale``), or the image file as one page."""
-    if path.suffix.lower() != PDF_SUFFIX:
-        with Image.open(path) as image:
-            return [image.convert("RGB")]
-    import pypdfium2
-
-    pdf = pypdfium2.PdfDocument(path)
-    try:
-        return [pdf[i].render(scale=scale).to_pil().convert("RGB") for i in range(len(pdf))]
-    finally:
-        pdf.close()
 
 
 def output_stems(files: list[Path]) -> list[str]:
