@@ -162,7 +162,10 @@ def write_training_state(folder: Path, state: dict) -> None:
 
 
 # Tags of :func:`pack_state`: the JSON objects that stand for what JSON has no type for.
-_TENSOR, _NDARRAY, _TUPLE, _ITEMS = "__tensor__", "__ndarray__", "__tuple__", "__items__"
+_TENSOR = "__tensor__"
+_NDARRAY = "__ndarray__"
+_TUPLE = "__tuple__"
+_ITEMS = "__items__"
 _TAGS = (_TENSOR, _NDARRAY, _TUPLE, _ITEMS)
 
 
@@ -337,7 +340,8 @@ def check_resumed_shape(
 ) -> None:
     """Say what a resume on another shape means for the data order (see granite_docling.data.sampler and
     granite_docling.data.steps: a stream's position is exact on the same shape only)."""
-    saved_batch, saved_world = state.global_batch, state.processes
+    saved_batch = state.global_batch
+    saved_world = state.processes
     if (
         not exact_on_any_shape
         and saved_world

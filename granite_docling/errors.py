@@ -63,7 +63,8 @@ def _omegaconf_line(error: BaseException, with_key: bool = True) -> str:
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
     line = str(error).splitlines()[0]
-    key, schema = getattr(error, "key", None), getattr(error, "object_type", None)
+    key = getattr(error, "key", None)
+    schema = getattr(error, "object_type", None)
     if isinstance(error, (ConfigKeyError, ConfigAttributeError)) and key is not None and is_dataclass(schema):
         line += did_you_mean(str(key), [f.name for f in fields(schema)])
     full_key = getattr(error, "full_key", None)
@@ -89,7 +90,8 @@ def user_errors() -> Iterator[None]:
     """
     global _user_full_error
     before = os.environ.get("HYDRA_FULL_ERROR")
-    _user_full_error, os.environ["HYDRA_FULL_ERROR"] = before == "1", "1"
+    _user_full_error = before == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         yield
     except Exception as error:

@@ -30,7 +30,8 @@ class ModelFlops:
     def __init__(self, model: torch.nn.Module):
         counts = parameter_counts(model)
         config = model.config
-        vision, text = config.vision_config, config.text_config
+        vision = config.vision_config
+        text = config.text_config
         embedding = model.get_input_embeddings().weight.numel()
         self.vision_params = counts["vision"]
         self.connector_params = counts["connector"]

@@ -38,9 +38,11 @@ def _unknown_key_error(where: str, key: str, known: list[str]) -> str:
 def _dataset_key(name: str, taken: set[str]) -> str:
     """A legacy dataset's display name as a config key: 'DoclingMatix test' -> 'DoclingMatix_test', unique."""
     key = re.sub(r"\W", "_", name).strip("_") or "dataset"
-    base, n = key, 2
+    base = key
+    n = 2
     while key in taken:
-        key, n = f"{base}_{n}", n + 1
+        key = f"{base}_{n}"
+        n = n + 1
     return key
 
 

@@ -50,7 +50,8 @@ def row_cross_entropy(
     """
     targets = shift_labels(labels)
     keep = targets != IGNORE_INDEX
-    selected, selected_targets = hidden[keep], targets[keep]  # (N, H), (N,)
+    selected = hidden[keep]
+    selected_targets = targets[keep]  # (N, H), (N,)
     row_sums = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
     if selected_targets.numel() == 0:
         return row_sums + hidden.sum() * 0.0, 0  # keeps the graph connected, so every process still runs backward

@@ -40,7 +40,8 @@ def model_source(cfg: ModelConfig) -> str:
 
 def apply_architecture(config: Idefics3Config, arch: ArchitectureConfig) -> Idefics3Config:
     """Overwrite the sizes that ``arch`` sets (non-null) on an Idefics3 config, in place; return it."""
-    text, vision = config.text_config, config.vision_config
+    text = config.text_config
+    vision = config.vision_config
     text_sizes = {
         "hidden_size": arch.text_hidden_size,
         "num_hidden_layers": arch.text_layers,

@@ -51,7 +51,8 @@ def dataset_path_problems(datasets: Dict[str, DatasetConfig]) -> list[str]:
     for key, source in datasets.items():
         if not source.path:
             continue  # validate says so
-        given, path = f"dataset.{key}.path={source.path}", Path(source.path)
+        given = f"dataset.{key}.path={source.path}"
+        path = Path(source.path)
         hint = f"pass dataset.{key}.path=<folder of anns/ JSON + images, or parquet files> or a hub id such as org/name"
         if not path.exists():
             if not looks_like_hub_id(source.path):

@@ -160,7 +160,8 @@ def backward_step(
     local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group if b["ids"])
     (global_tokens,) = sum_over_processes(accelerator, local_tokens)
     step_loss_sum = 0.0
-    dataset_sums, dataset_tokens = dict.fromkeys(datasets, 0.0), dict.fromkeys(datasets, 0)  # on this process
+    dataset_sums = dict.fromkeys(datasets, 0.0)
+    dataset_tokens = dict.fromkeys(datasets, 0)  # on this process
     for micro_step, batch in enumerate(group):
         sync = micro_step == len(group) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(loss_module):
@@ -181,7 +182,8 @@ def backward_step(
                 dataset_sums[dataset] += row_sum
                 dataset_tokens[dataset] += tokens
     totals = sum_over_processes(accelerator, step_loss_sum, *dataset_sums.values(), *dataset_tokens.values())
-    sums, tokens = totals[1 : 1 + len(datasets)], totals[1 + len(datasets) :]
+    sums = totals[1 : 1 + len(datasets)]
+    tokens = totals[1 + len(datasets) :]
     by_dataset = {name: total / count for name, total, count in zip(dataset_sums, sums, tokens, strict=True) if count}
     return StepLoss(totals[0] / max(global_tokens, 1), int(global_tokens), by_dataset)
 
@@ -189,14 +191,16 @@ def backward_step(
 def validation_loss(accelerator: Accelerator, loss_module: TokenLoss, loader) -> float:
     """Token-weighted loss over the validation split, summed over every process."""
     loss_module.eval()
-    loss_sum, tokens = 0.0, 0
+    loss_sum = 0.0
+    tokens = 0
     with torch.no_grad(), accelerator.autocast():
         for batch in loader:
             if not batch["ids"]:
                 continue
             inputs = model_inputs(batch, accelerator.device)
             row_sums, batch_tokens = loss_module(**inputs)
-            loss_sum, tokens = loss_sum + row_sums.sum().item(), tokens + batch_tokens
+            loss_sum = loss_sum + row_sums.sum().item()
+            tokens = tokens + batch_tokens
     loss_module.train()
     loss_sum, tokens = sum_over_processes(accelerator, loss_sum, tokens)
     return loss_sum / max(tokens, 1)

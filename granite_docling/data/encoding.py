@@ -39,7 +39,9 @@ def assistant_mask(input_ids: Sequence[int], header_ids: Sequence[int], eos_id: 
     A span starts right after each occurrence of ``header_ids`` (the assistant role header) and runs up to and
     including the next ``eos_id``.
     """
-    ids, header, n = list(input_ids), list(header_ids), len(input_ids)
+    ids = list(input_ids)
+    header = list(header_ids)
+    n = len(input_ids)
     mask = [False] * n
     i = 0
     while i < n:

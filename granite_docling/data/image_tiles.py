@@ -96,7 +96,8 @@ class ImageSpec:
         """The stock processor's sizes for an image of ``height x width`` pixels, without touching a pixel."""
         height, width = _resize_output_size_rescale_to_max_len(height, width, max_len=self.longest_edge)
         height, width = _resize_output_size_scale_below_upper_bound(height, width, max_len=MAX_IMAGE_SIZE)
-        scaled, tile = (height, width), self.tile
+        scaled = (height, width)
+        tile = self.tile
         if not self.split:
             return Layout(tile, tile, 0, 0, *scaled)
         # Idefics3ImageProcessorPil.resize_for_vision_encoder: the long side up to a multiple of the tile, the
@@ -238,7 +239,8 @@ def _write_pil_lanczos(tiles: torch.Tensor, pixels: np.ndarray, colour: np.ndarr
     :data:`GREY_PIECES` x :data:`GREY_PIECES`) whose input window holds colour is resized again in RGB through PIL's
     ``box`` (the same filter coefficients: exactly the full RGB resize's pixels there)."""
     rows, cols, _, tile, _ = tiles.shape
-    height, width = rows * tile, cols * tile
+    height = rows * tile
+    width = cols * tile
     if pixels.shape[:2] == (height, width):
         tiles.copy_(torch.from_numpy(pixels).view(rows, tile, cols, tile, 3).permute(0, 2, 4, 1, 3))
         return
@@ -260,11 +262,16 @@ def _write_pil_lanczos(tiles: torch.Tensor, pixels: np.ndarray, colour: np.ndarr
     grey_channel = Image.fromarray(np.ascontiguousarray(pixels[..., 0]))
     grey = torch.from_numpy(np.asarray(grey_channel.resize((width, height), Image.Resampling.LANCZOS)))
     tiles.copy_(grey.view(rows, tile, cols, tile).permute(0, 2, 1, 3).unsqueeze(2))  # the one channel thrice
-    image, x_scale, y_scale = Image.fromarray(pixels), in_width / width, in_height / height
+    image = Image.fromarray(pixels)
+    x_scale = in_width / width
+    y_scale = in_height / height
     for top, left, bottom, right in coloured:
         box = (left * x_scale, top * y_scale, right * x_scale, bottom * y_scale)
         piece = image.resize((right - left, bottom - top), Image.Resampling.LANCZOS, box=box)
-        row, y, col, x = top // tile, top % tile, left // tile, left % tile
+        row = top // tile
+        y = top % tile
+        col = left // tile
+        x = left % tile
         tiles[row, col, :, y : y + bottom - top, x : x + right - left].copy_(
             torch.from_numpy(np.asarray(piece)).permute(2, 0, 1)
         )
@@ -311,7 +318,8 @@ def batch_pixel_values(
     counts = [sum(layout.tiles for layout in sample) for sample in layouts]
     if not any(counts):
         return None, None
-    tile, device = spec.tile, torch.device(device)
+    tile = spec.tile
+    device = torch.device(device)
     pixel_values = torch.empty(len(images), max(counts), 3, tile, tile, device=device)
     mask = torch.zeros(len(images), max(counts), tile, tile, dtype=torch.bool, device=device)
     # (x * rescale - mean) / std as one multiply and one add per channel

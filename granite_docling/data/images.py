@@ -20,7 +20,8 @@ MAX_PIXELS = 100_000_000
 
 class ImageError(ValueError):
     def __init__(self, reason: str, detail: str):
-        self.reason, self.detail = reason, detail
+        self.reason = reason
+        self.detail = detail
         super().__init__(f"{reason}: {detail}")
 
 

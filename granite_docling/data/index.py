@@ -94,7 +94,8 @@ class SourceIndex:
         arrays = self._open()
         if "rows" in arrays:
             return int(arrays["rows"][i])
-        start, stop = arrays["offsets"][i], arrays["offsets"][i + 1]
+        start = arrays["offsets"][i]
+        stop = arrays["offsets"][i + 1]
         return bytes(arrays["names"][start:stop]).decode("utf-8")
 
     def __len__(self) -> int:
@@ -229,7 +230,8 @@ def _build(source: Source, processor, spec: ImageSpec, entry: Path, rank: int) -
     )
     if processes == 1:
         _init_worker(source, processor, spec)
-        pool, results = None, map(_count_chunk, chunks)
+        pool = None
+        results = map(_count_chunk, chunks)
     else:  # fork: the workers inherit the source and processor instead of unpickling them
         pool = multiprocessing.get_context("fork").Pool(processes, _init_worker, (source, processor, spec))
         results = pool.imap(_count_chunk, chunks)

@@ -184,7 +184,8 @@ def _warn_on_missing_provenance(source: SourceDocument, doc: DoclingDocument) ->
 def _warn_on_page_shape(source: SourceDocument, doc: DoclingDocument, images: list[Image.Image]) -> None:
     for page_no, image in zip(sorted(doc.pages), images, strict=True):
         size = doc.pages[page_no].size
-        json_aspect, image_aspect = size.width / size.height, image.width / image.height
+        json_aspect = size.width / size.height
+        image_aspect = image.width / image.height
         if abs(json_aspect / image_aspect - 1) > ASPECT_TOLERANCE:
             logger.warning(
                 "%s page %d: image is %dx%d px but the JSON page is %.0fx%.0f; boxes will not line up",

@@ -51,7 +51,8 @@ def mixture_counts(sizes: Sequence[int], weights: Sequence[float | None]) -> lis
 def epoch_order(sizes: Sequence[int], weights: Sequence[float | None], seed: int, epoch: int) -> np.ndarray:
     """Indices into the concatenated sources for one epoch, shuffled; a pure function of (seed, epoch)."""
     rng = seeded_rng(seed, epoch, "order")
-    parts, offset = [], 0
+    parts = []
+    offset = 0
     for size, count in zip(sizes, mixture_counts(sizes, weights), strict=True):
         cycles = [rng.permutation(size) + offset for _ in range(math.ceil(count / size))] if size else []
         parts.append(np.concatenate(cycles)[:count] if cycles else np.empty(0, dtype=np.int64))
@@ -64,11 +65,13 @@ def pack_by_tokens(tokens: Sequence[int], budget: int) -> list[int]:
     """Sizes of consecutive micro-batches over samples of ``tokens`` (sorted by length): each as long as its
     padded size (samples x the longest) stays within ``budget``. A sample longer than the budget goes alone."""
     sizes: list[int] = []
-    count, longest = 0, 0
+    count = 0
+    longest = 0
     for length in tokens:
         if count and max(longest, int(length)) * (count + 1) > budget:
             sizes.append(count)
-            count, longest = 0, 0
+            count = 0
+            longest = 0
         count += 1
         longest = max(longest, int(length))
     if count:
@@ -124,15 +127,21 @@ class GlobalBatchSampler(Sampler[list[int]]):
         group_by_length: bool = True,
         batch_tokens: int | None = None,
     ):
-        self.sizes, self.weights, self.seed = list(sizes), list(weights), seed
-        self.batch_size, self.accumulation, self.rank, self.world_size = batch_size, accumulation, rank, world_size
+        self.sizes = list(sizes)
+        self.weights = list(weights)
+        self.seed = seed
+        self.batch_size = batch_size
+        self.accumulation = accumulation
+        self.rank = rank
+        self.world_size = world_size
         self.lengths = lengths
         self.group_by_length = group_by_length and lengths is not None
         self.batch_tokens = batch_tokens
         if lengths is not None:
             assert len(lengths[0]) == len(lengths[1]) == sum(sizes), "one (tokens, tiles) per sample"
         assert batch_tokens is None or lengths is not None, "a token budget needs the samples' lengths"
-        self.epoch, self.start = 0, 0
+        self.epoch = 0
+        self.start = 0
         self._order: tuple[int, np.ndarray] | None = None
 
     @property
@@ -148,7 +157,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
         return math.ceil(self.epoch_size / self.global_batch)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
+        self.epoch = epoch
+        self.start = start
 
     def advance(self, position: int) -> int:
         """The global position after one more step from ``position``."""

@@ -54,7 +54,8 @@ class RecordError(ValueError):
     """One record cannot be used; ``reason`` is a key of REASONS."""
 
     def __init__(self, reason: str, detail: str):
-        self.reason, self.detail = reason, detail
+        self.reason = reason
+        self.detail = detail
         super().__init__(f"{reason}: {detail}")
 
 
@@ -82,7 +83,9 @@ def parse_turns(raw: Any) -> list[Turn]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise RecordError("bad_schema", f"turn {i} is a {type(entry).__name__}, not an object")
-        user, assistant, source = entry.get("user"), entry.get("assistant"), entry.get("source")
+        user = entry.get("user")
+        assistant = entry.get("assistant")
+        source = entry.get("source")
         if not isinstance(user, str) or not isinstance(assistant, str):
             raise RecordError("bad_schema", f"turn {i} needs string 'user' and 'assistant' fields")
         if source is not None and not isinstance(source, str):
@@ -183,7 +186,9 @@ class FolderSource(Source):
     """A Docling folder: one JSON file per record under ``anns/<split>/``, sorted by name."""
 
     def __init__(self, root: Path, name: str, options: ReadOptions):
-        self.root, self.name, self.options = Path(root), name, options
+        self.root = Path(root)
+        self.name = name
+        self.options = options
         self.ann_dir = self.root / "anns" / options.split
         if not self.ann_dir.is_dir():
             anns = self.root / "anns"
@@ -193,7 +198,8 @@ class FolderSource(Source):
 
     def fingerprint(self) -> str:
         """Order-independent sum of every annotation file's (name, size, mtime) hash: no list of names is kept."""
-        total, count = 0, 0
+        total = 0
+        count = 0
         with os.scandir(self.ann_dir) as entries:
             for entry in entries:
                 if entry.name.endswith(".json") and entry.is_file():
@@ -253,7 +259,9 @@ class HubSource(Source):
     """Rows with ``images`` + ``texts`` in a memory-mapped Arrow table (HF ``datasets``)."""
 
     def __init__(self, path: str | Path, name: str, options: ReadOptions, cache_dir: Path | None = None):
-        self.path, self.name, self.options = path, name, options
+        self.path = path
+        self.name = name
+        self.options = options
         self.cache_dir = cache_dir
         self._dataset, self._fingerprint = open_arrow_dataset(path, options.split, cache_dir)
         missing = {"images", "texts"} - set(self._dataset.column_names)
@@ -555,7 +563,8 @@ def read_dataset(
     """All good samples of a small source in a list (after ``max_samples``), and the problems found on the way.
     Training never calls this: it reads through the index (:mod:`granite_docling.data.index`)."""
     source = open_source(path, name, options, fmt, cache_dir)
-    samples, problems = [], []
+    samples = []
+    problems = []
     for _, item in source.records():
         if options.max_samples is not None and len(samples) >= options.max_samples:
             break

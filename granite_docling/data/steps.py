@@ -28,7 +28,8 @@ class IndexedSteps:
     exact_on_any_shape = True  # the position is global: any number of processes continues the same order
 
     def __init__(self, data: Data, loader):
-        self.sampler, self.loader = data.train_sampler, loader
+        self.sampler = data.train_sampler
+        self.loader = loader
 
     def planned_steps(self, num_epochs: int) -> list[int]:
         return [self.sampler.steps_per_epoch] * num_epochs
@@ -46,7 +47,9 @@ class StreamedSteps:
     exact_on_any_shape = False  # a stream's position is exact on the same processes and workers only
 
     def __init__(self, data: Data, loader, accumulation: int, any_process: Callable[[bool], bool]):
-        self.dataset, self.loader, self.accumulation = data.train, loader, accumulation
+        self.dataset = data.train
+        self.loader = loader
+        self.accumulation = accumulation
         self.any_process = any_process  # True on every process when it is True on any (an all-reduce)
 
     def planned_steps(self, num_epochs: int) -> list[int]:

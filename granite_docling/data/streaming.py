@@ -132,7 +132,8 @@ def open_stream_source(
         raise DatasetNotFoundError(f"streaming dataset {name}: {path} has no parquet files (streaming reads parquet)")
     with ThreadPoolExecutor(min(32, len(files), 4 * available_cpus())) as pool:
         footers = list(pool.map(footer, files))
-    units, left = [], options.max_samples if options.max_samples is not None else math.inf
+    units = []
+    left = options.max_samples if options.max_samples is not None else math.inf
     for i, (groups, columns) in enumerate(footers):
         if "GroundTruthDocument" in columns:
             indexed = "docling-eval datasets are indexed, not streamed; drop streaming=true"
@@ -162,7 +163,8 @@ def unit_rows(source: StreamSource, unit: Unit, skip: int) -> Iterator[Sample | 
     with open_file(file) as f:
         start = 0  # the batch's first row in the row group
         for batch in pq.ParquetFile(f).iter_batches(batch_size=64, row_groups=[unit.group], columns=COLUMNS):
-            low, high = max(skip, start), min(start + batch.num_rows, unit.rows)
+            low = max(skip, start)
+            high = min(start + batch.num_rows, unit.rows)
             for row, values in enumerate(batch.slice(low - start, max(0, high - low)).to_pylist(), low):
                 record_id = f"{Path(file).name}#{unit.first + row}"
                 try:
@@ -189,7 +191,8 @@ def slot_stream(
     while items := list(itertools.islice(reading, source.shuffle_buffer)):
         order = seeded_rng(seed, epoch, source.name, slot, block).permutation(len(items))
         yield from (items[i] for i in order[max(0, skip - position) :])
-        position, block = position + len(items), block + 1
+        position = position + len(items)
+        block = block + 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,8 +203,11 @@ class Draws:
     """Which source gives each row of one slot: seeded draws by ``shares`` among sources with rows ``left``."""
 
     def __init__(self, rng: np.random.Generator, shares: Sequence[float], left: Sequence[int]):
-        self.rng, self.shares, self.left = rng, np.asarray(shares, dtype=np.float64), np.array(left, dtype=np.int64)
-        self.uniforms, self.used = np.empty(0), 0
+        self.rng = rng
+        self.shares = np.asarray(shares, dtype=np.float64)
+        self.left = np.array(left, dtype=np.int64)
+        self.uniforms = np.empty(0)
+        self.used = 0
 
     def _choose(self, uniforms: np.ndarray) -> np.ndarray:
         cumulative = np.cumsum(np.where(self.left > 0, self.shares, 0.0))
@@ -210,7 +216,8 @@ class Draws:
 
     def _peek(self, n: int) -> np.ndarray:
         if self.used == len(self.uniforms):
-            self.uniforms, self.used = self.rng.random(DRAW_CHUNK), 0
+            self.uniforms = self.rng.random(DRAW_CHUNK)
+            self.used = 0
         return self.uniforms[self.used : self.used + n]
 
     def skip(self, n: int) -> np.ndarray:
@@ -223,7 +230,10 @@ class Draws:
             run_out = np.flatnonzero(((counts >= self.left) & (self.left > 0)).any(axis=1))
             taken = int(run_out[0]) + 1 if len(run_out) else len(choices)
             used = np.bincount(choices[:taken], minlength=len(self.left))
-            self.left, drawn, self.used, n = self.left - used, drawn + used, self.used + taken, n - taken
+            self.left = self.left - used
+            drawn = drawn + used
+            self.used = self.used + taken
+            n = n - taken
         return drawn
 
     def next(self) -> int | None:
@@ -240,11 +250,13 @@ def worker_progress(consumed: int, batches: Sequence[int]) -> tuple[list[int], i
     """After ``consumed`` batches of a round-robin over workers giving ``batches[w]`` each (exhausted ones drop
     out, as in torch's DataLoader): (batches given by each worker, the worker giving the next)."""
     n = np.asarray(batches, dtype=np.int64)
-    low, high = 0, int(n.max(initial=0))  # the round j (batch j of every worker with more than j) holding it
+    low = 0
+    high = int(n.max(initial=0))  # the round j (batch j of every worker with more than j) holding it
     while low < high:
         middle = (low + high + 1) // 2
         low, high = (middle, high) if np.minimum(n, middle).sum() <= consumed else (low, middle - 1)
-    done, active = np.minimum(n, low), np.flatnonzero(n > low)
+    done = np.minimum(n, low)
+    active = np.flatnonzero(n > low)
     extra = min(consumed - int(done.sum()), len(active))
     done[active[:extra]] += 1
     return done.tolist(), int(active[extra]) if extra < len(active) else 0
@@ -268,14 +280,21 @@ class StreamingDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
     ):
-        self.sources, self.encoder, self.seed, self.batch_size = list(sources), encoder, seed, batch_size
-        self.workers, self.rank, self.world_size = max(1, num_workers), rank, world_size
+        self.sources = list(sources)
+        self.encoder = encoder
+        self.seed = seed
+        self.batch_size = batch_size
+        self.workers = max(1, num_workers)
+        self.rank = rank
+        self.world_size = world_size
         total = sum(source.rows for source in self.sources) or 1
         self.shares = [s.weight if s.weight is not None else s.rows / total for s in self.sources]
-        self.epoch, self.start_batches = 0, 0
+        self.epoch = 0
+        self.start_batches = 0
 
     def set_epoch(self, epoch: int, start_batches: int = 0) -> None:
-        self.epoch, self.start_batches = epoch, start_batches
+        self.epoch = epoch
+        self.start_batches = start_batches
 
     def _units(self, epoch: int) -> list[list[np.ndarray]]:  # [source][slot] -> unit indices
         return [slot_units(s, self.seed, epoch, self.world_size * self.workers) for s in self.sources]
@@ -300,7 +319,8 @@ class StreamingDataset(IterableDataset):
 
     def rows(self, epoch: int, slot: int, skip: int = 0) -> Iterator[Sample | Problem]:
         """The slot's mixed stream from row ``skip`` on."""
-        units, left = self._units(epoch), self.slot_rows(epoch)[:, slot]
+        units = self._units(epoch)
+        left = self.slot_rows(epoch)[:, slot]
         draws = Draws(seeded_rng(self.seed, epoch, "mix", slot), self.shares, left)
         skipped = draws.skip(skip)
         streams = [

@@ -69,7 +69,8 @@ from granite_docling.data.synth_text import MATH_FONTSETS, easy_latex, phrase, r
 logger = logging.getLogger(__name__)
 
 FORMULA_PROMPT = "<formula>"
-DOC_SOURCE, FORMULA_SOURCE = "granite_docling.synth/DoclingMatix-like", "granite_docling.synth/SynthFormulaNet-like"
+DOC_SOURCE = "granite_docling.synth/DoclingMatix-like"
+FORMULA_SOURCE = "granite_docling.synth/SynthFormulaNet-like"
 DEFAULT_SCALE = 2.0
 FORMULA_DPI = 120
 
@@ -94,9 +95,11 @@ def qa_candidates(doc: DoclingDocument) -> list[tuple[str, str]]:
     for before, after in itertools.pairwise(headings):
         qa.append((f'Which section follows "{before}"?', f'The section after "{before}" is "{after}".'))
     if doc.tables:  # ask about the first table only, so "the (first) table" is unambiguous
-        grid, which = doc.tables[0].data.grid, "first table" if len(doc.tables) > 1 else "table"
+        grid = doc.tables[0].data.grid
+        which = "first table" if len(doc.tables) > 1 else "table"
         header = max(i for i, row in enumerate(grid) if any(cell.column_header for cell in row))
-        row, column = grid[header + 1], grid[header][1].text
+        row = grid[header + 1]
+        column = grid[header][1].text
         qa.append((f"In the {which}, what is the {column} value for {row[0].text}?", f"It is {row[1].text}."))
     for code in doc.texts:
         if code.label == DocItemLabel.CODE:
@@ -129,7 +132,8 @@ def synth_formula(seed: int, index: int, easy: bool = False) -> SyntheticFormula
     rng = random.Random(f"{seed}:formula:{index}")
     latex = easy_latex(rng) if easy else random_latex(rng)
     ink = render_latex(latex, rng.choice([10.0, 12.0, 14.0, 16.0]), FORMULA_DPI, rng.choice(MATH_FONTSETS))
-    pad_x, pad_y = rng.randint(2, 16), rng.randint(2, 12)
+    pad_x = rng.randint(2, 16)
+    pad_y = rng.randint(2, 12)
     image = Image.new("RGB", (ink.shape[1] + 2 * pad_x, ink.shape[0] + 2 * pad_y), "white")
     image.paste(INK, (pad_x, pad_y), Image.fromarray(ink))
     box = (pad_x, pad_y, pad_x + ink.shape[1], pad_y + ink.shape[0])
@@ -139,7 +143,8 @@ def synth_formula(seed: int, index: int, easy: bool = False) -> SyntheticFormula
 
 def plan_documents(pages: int, seed: int) -> list[int]:
     """Pages per document: 1-3 each, summing to ``pages`` (the last document takes the remainder)."""
-    rng, counts = random.Random(f"{seed}:plan"), []
+    rng = random.Random(f"{seed}:plan")
+    counts = []
     while sum(counts) < pages:
         counts.append(min(rng.randint(1, 3), pages - sum(counts)))
     return counts

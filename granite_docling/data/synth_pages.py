@@ -33,8 +33,12 @@ from granite_docling.data.synth_text import (
     sentence,
 )
 
-PAGE_WIDTH, PAGE_HEIGHT = 612.0, 792.0  # US letter in PDF points (1/72 inch)
-INK, GREY, HEADER_BLUE, CODE_BG = (0, 0, 0), (90, 90, 90), (25, 55, 110), (242, 242, 242)
+PAGE_WIDTH = 612.0
+PAGE_HEIGHT = 792.0  # US letter in PDF points (1/72 inch)
+INK = (0, 0, 0)
+GREY = (90, 90, 90)
+HEADER_BLUE = (25, 55, 110)
+CODE_BG = (242, 242, 242)
 
 
 # ---------------------------------------------------------------- rendering primitives
@@ -111,7 +115,8 @@ def text_block(
 ) -> tuple[float, float, float, float]:
     """Wrap ``text`` into ``width`` at (x, y), queue the draw ops, return the tight box of the drawn lines."""
     name, size, colour = style
-    lines, height = layout.wrap(name, size, text, width), layout.line_height(name, size)
+    lines = layout.wrap(name, size, text, width)
+    height = layout.line_height(name, size)
     leading = height * 1.18
     widths = [layout.measure(name, size, line) for line in lines]
     left = x if align == "left" else x + (width - max(widths)) / 2
@@ -132,10 +137,13 @@ def add_title(layout: Layout, page: Page, y: float) -> float:
 def add_heading(layout: Layout, page: Page, y: float) -> float:
     rng = layout.rng
     if layout.section == 0 or rng.random() < 0.6:
-        layout.section, level, size = layout.section + 1, 1, 12.5
+        layout.section = layout.section + 1
+        level = 1
+        size = 12.5
         text = f"{layout.section} {rng.choice(SECTION_NAMES) if rng.random() < 0.5 else phrase(rng, rng.randint(2, 5))}"
     else:
-        level, size = 2, 10.5
+        level = 2
+        size = 10.5
         text = f"{layout.section}.{rng.randint(1, 4)} {phrase(rng, rng.randint(2, 5))}"
     box = text_block(layout, page, text, layout.margin, y, layout.width, ("DejaVuSans-Bold.ttf", size, HEADER_BLUE))
     page.items.append(Item(DocItemLabel.SECTION_HEADER, box, text, level=level))
@@ -150,8 +158,10 @@ def add_paragraph(layout: Layout, page: Page, y: float) -> float:
 
 
 def add_list(layout: Layout, page: Page, y: float) -> float:
-    rng, style = layout.rng, (layout.body_font, layout.body_size, INK)
-    enumerated, indent = rng.random() < 0.4, layout.margin + 16
+    rng = layout.rng
+    style = (layout.body_font, layout.body_size, INK)
+    enumerated = rng.random() < 0.4
+    indent = layout.margin + 16
     layout.list_counter += 1
     for number in range(1, rng.randint(2, 5) + 1):
         marker = f"{number}." if enumerated else "\u2022"
@@ -181,8 +191,10 @@ def _cell(text: str, row: int, col: int, col_span: int = 1, header: bool = False
 
 def _table_cells(rng: random.Random) -> tuple[list[TableCell], int, int]:
     """Header row(s), a label column and numeric cells; sometimes a group header spanning the value columns."""
-    n_cols, n_body = rng.randint(2, 5), rng.randint(2, 6)
-    cells, header_row = [], 0
+    n_cols = rng.randint(2, 5)
+    n_body = rng.randint(2, 6)
+    cells = []
+    header_row = 0
     if n_cols >= 3 and rng.random() < 0.3:
         cells += [_cell("", 0, 0, header=True), _cell(phrase(rng, 2), 0, 1, col_span=n_cols - 1, header=True)]
         header_row = 1
@@ -196,9 +208,12 @@ def _table_cells(rng: random.Random) -> tuple[list[TableCell], int, int]:
 
 
 def add_table(layout: Layout, page: Page, y: float) -> float | None:
-    rng, size, pad = layout.rng, layout.body_size - 1, 4.0
+    rng = layout.rng
+    size = layout.body_size - 1
+    pad = 4.0
     cells, n_rows, n_cols = _table_cells(rng)
-    plain, bold = "DejaVuSans.ttf", "DejaVuSans-Bold.ttf"
+    plain = "DejaVuSans.ttf"
+    bold = "DejaVuSans-Bold.ttf"
     widths = [0.0] * n_cols
     for cell in cells:
         if cell.col_span == 1:
@@ -218,8 +233,10 @@ def add_table(layout: Layout, page: Page, y: float) -> float | None:
     row_y = [y + i * row_h for i in range(n_rows + 1)]
     grid = rng.random() < 0.5
     for cell in cells:
-        left, right = col_x[cell.start_col_offset_idx], col_x[cell.end_col_offset_idx]
-        top, bottom = row_y[cell.start_row_offset_idx], row_y[cell.end_row_offset_idx]
+        left = col_x[cell.start_col_offset_idx]
+        right = col_x[cell.end_col_offset_idx]
+        top = row_y[cell.start_row_offset_idx]
+        bottom = row_y[cell.end_row_offset_idx]
         cell.bbox = BoundingBox(l=left, t=top, r=right, b=bottom, coord_origin=CoordOrigin.TOPLEFT)
         if grid:
             page.ops.append(("rect", left, top, right, bottom, GREY, None))
@@ -240,7 +257,8 @@ def add_formula(layout: Layout, page: Page, y: float) -> float | None:
     for _ in range(5):  # a formula wider than the text column is redrawn, not squeezed
         latex = random_latex(rng)
         ink = render_latex(latex, layout.body_size + 2, 72 * layout.scale, rng.choice(MATH_FONTSETS))
-        width, height = ink.shape[1] / layout.scale, ink.shape[0] / layout.scale
+        width = ink.shape[1] / layout.scale
+        height = ink.shape[0] / layout.scale
         if width <= layout.width:
             x = layout.margin + (layout.width - width) / 2
             page.ops.append(("ink", x, y + 2, ink))
@@ -251,8 +269,10 @@ def add_formula(layout: Layout, page: Page, y: float) -> float | None:
 
 def add_code(layout: Layout, page: Page, y: float) -> float | None:
     language, code = code_snippet(layout.rng)
-    name, size = "DejaVuSansMono.ttf", layout.body_size - 1.5
-    height, leading = layout.line_height(name, size), layout.line_height(name, size) * 1.15
+    name = "DejaVuSansMono.ttf"
+    size = layout.body_size - 1.5
+    height = layout.line_height(name, size)
+    leading = layout.line_height(name, size) * 1.15
     lines = code.split("\n")
     right = layout.margin + 8 + max(layout.measure(name, size, line) for line in lines)
     if right > layout.margin + layout.width:
@@ -270,8 +290,10 @@ BLOCKS = ((add_paragraph, 40), (add_heading, 14), (add_list, 12), (add_table, 12
 
 def layout_page(layout: Layout, page_no: int, running_title: str) -> Page:
     """Fill one page top to bottom with blocks; the first page opens with the title."""
-    rng, page = layout.rng, Page()
-    top, bottom = layout.margin * 0.9, PAGE_HEIGHT - layout.margin * 0.9
+    rng = layout.rng
+    page = Page()
+    top = layout.margin * 0.9
+    bottom = PAGE_HEIGHT - layout.margin * 0.9
     if page_no > 1 and rng.random() < 0.7:
         style = ("DejaVuSans.ttf", 8.0, GREY)
         box = text_block(layout, page, running_title, layout.margin, top - 24, layout.width, style)
@@ -280,14 +302,16 @@ def layout_page(layout: Layout, page_no: int, running_title: str) -> Page:
     failures = 0
     while failures < 4:
         # Blocks are laid out on a draft and kept only if they fit; numbering state is restored otherwise.
-        draft, counters = Page(list(page.items), list(page.ops)), (layout.section, layout.list_counter)
+        draft = Page(list(page.items), list(page.ops))
+        counters = (layout.section, layout.list_counter)
         add_block = rng.choices([b for b, _ in BLOCKS], weights=[w for _, w in BLOCKS])[0]
         end = add_block(layout, draft, y)
         if end is None or end > bottom:
             failures += 1
             layout.section, layout.list_counter = counters
             continue
-        page, y = draft, end + rng.uniform(7, 12)
+        page = draft
+        y = end + rng.uniform(7, 12)
     if rng.random() < 0.8:
         style = ("DejaVuSans.ttf", 9.0, INK)
         box = text_block(layout, page, str(page_no), layout.margin, PAGE_HEIGHT - 40, layout.width, style, "center")

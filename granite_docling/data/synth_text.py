@@ -82,7 +82,8 @@ def phrase(rng: random.Random, n_words: int) -> str:
 def code_snippet(rng: random.Random) -> tuple[CodeLanguageLabel, str]:
     """A short, plausible code listing in one of three languages."""
     a, b, c = rng.sample(IDENTIFIERS, 3)
-    n, m = rng.randint(2, 64), rng.randint(2, 9)
+    n = rng.randint(2, 64)
+    m = rng.randint(2, 9)
     language = rng.choice([CodeLanguageLabel.PYTHON, CodeLanguageLabel.JAVASCRIPT, CodeLanguageLabel.SQL])
     if language == CodeLanguageLabel.PYTHON:
         lines = [f"def update_{a}({b}, {c}={m}):", f"    {a} = [x * {c} for x in {b}]"]
@@ -145,7 +146,8 @@ def random_latex(rng: random.Random) -> str:
     return f"{_term(rng, depth=1)} {rng.choice(RELATIONS)} {rhs}"
 
 
-EASY_LETTERS, EASY_GREEK = "abcxyz", (r"\alpha", r"\beta", r"\pi")
+EASY_LETTERS = "abcxyz"
+EASY_GREEK = (r"\alpha", r"\beta", r"\pi")
 
 
 def _easy_symbol(rng: random.Random) -> str:

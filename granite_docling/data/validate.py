@@ -44,8 +44,14 @@ def percentiles(values: list[int]) -> dict[str, float]:
 def validate_dataset(path: Path, processor, split: str = "train", max_length: int | None = None) -> dict:
     """Check every sample of one dataset; a JSON-ready report."""
     source = open_source(path, path.name, ReadOptions(split=split))
-    lengths, tiles, turns, images, problems = [], [], [], [], []
-    good, counter, spec = 0, LengthCounter(processor), ImageSpec.from_processor(processor)
+    lengths = []
+    tiles = []
+    turns = []
+    images = []
+    problems = []
+    good = 0
+    counter = LengthCounter(processor)
+    spec = ImageSpec.from_processor(processor)
     for index, sample in source.records():  # one record at a time: any size of dataset
         if isinstance(sample, Problem):
             problems.append(sample)

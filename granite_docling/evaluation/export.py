@@ -24,7 +24,8 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 PAGE_BREAK = f"<{DocumentToken.PAGE_BREAK.value}>"
-DOC_OPEN, DOC_CLOSE = f"<{DocumentToken.DOCUMENT.value}>", f"</{DocumentToken.DOCUMENT.value}>"
+DOC_OPEN = f"<{DocumentToken.DOCUMENT.value}>"
+DOC_CLOSE = f"</{DocumentToken.DOCUMENT.value}>"
 
 
 def split_pages(doctags: str) -> list[str]:

@@ -111,7 +111,8 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: -budgets[i])  # stable: equal budgets keep their order
     tokenizer = processor.tokenizer
     results: list[Generation | None] = [None] * len(prompts)
-    was_training, padding_side = model.training, tokenizer.padding_side
+    was_training = model.training
+    padding_side = tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, dynamic_ncols=True)

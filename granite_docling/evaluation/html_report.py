@@ -278,9 +278,11 @@ def word_diff(reference: str, prediction: str, limit: int = 2000) -> tuple[str, 
     ``same`` (words in both), ``missing`` (reference words the prediction lacks), ``extra`` (words it adds).
     Only the first ``limit`` words of each side are compared (a looping answer stays cheap, the page light).
     """
-    ref, pred = _WORD.findall(reference)[:limit], _WORD.findall(prediction)[:limit]
+    ref = _WORD.findall(reference)[:limit]
+    pred = _WORD.findall(prediction)[:limit]
     matcher = difflib.SequenceMatcher(None, [w for w, _ in ref], [w for w, _ in pred], autojunk=False)
-    out, counts = [], {"same": 0, "missing": 0, "extra": 0}
+    out = []
+    counts = {"same": 0, "missing": 0, "extra": 0}
 
     def text(words: Sequence[tuple[str, str]]) -> str:
         return html.escape("".join(word + space for word, space in words))
@@ -358,10 +360,12 @@ def _scores_line(scores: Mapping[str, Any] | None, before: Mapping[str, Any] | N
 
 
 def _diff_block(reference: str, prediction: str, label: str, open_: bool, limit: int = 2000) -> str:
-    (ref_text, ref_md), (pred_text, pred_md) = diff_text(reference), diff_text(prediction)
+    (ref_text, ref_md) = diff_text(reference)
+    (pred_text, pred_md) = diff_text(prediction)
     what = "Markdown words" if ref_md and pred_md else "words"
     if ref_md != pred_md:  # compare like with like: the DocTags, without their <loc_> boxes, when one side fails
-        ref_text, pred_text = _LOC.sub("", reference), _LOC.sub("", prediction)
+        ref_text = _LOC.sub("", reference)
+        pred_text = _LOC.sub("", prediction)
         what = "DocTags words without <loc_> boxes" if is_page_answer(reference) else what
     marked, counts = word_diff(ref_text, pred_text, limit)
     if max(len(_WORD.findall(ref_text)), len(_WORD.findall(pred_text))) > limit:

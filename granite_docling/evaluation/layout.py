@@ -98,7 +98,8 @@ def coco_map(
         ]
     )
     evaluator = COCOeval_faster(ground_truth, detections, "bbox", print_function=_log.debug)
-    evaluator.params.areaRng, evaluator.params.areaRngLbl = _ALL_AREAS, ["all"]
+    evaluator.params.areaRng = _ALL_AREAS
+    evaluator.params.areaRngLbl = ["all"]
     evaluator.params.maxDets = [MAX_DETECTIONS]
     evaluator.evaluate()
     evaluator.accumulate()

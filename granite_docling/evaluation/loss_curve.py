@@ -33,7 +33,8 @@ def ema(values: Sequence[float], weight: float) -> list[float]:
     ``m_i / (1 - w^i)`` so that the first points are not pulled towards 0. ``weight=0`` returns ``values``."""
     if not 0.0 <= weight < 1.0:
         raise ValueError(f"the EMA weight must be in [0, 1), got {weight}")
-    smoothed, average = [], 0.0
+    smoothed = []
+    average = 0.0
     for i, value in enumerate(values, start=1):
         average = weight * average + (1.0 - weight) * value
         smoothed.append(average / (1.0 - weight**i))

@@ -63,7 +63,8 @@ def input_files(inputs: list[Path]) -> list[Path]:
 
 def output_stems(files: list[Path]) -> list[str]:
     """One folder name per input: the file stem, with ``_2``, ``_3`` ... where stems repeat."""
-    stems, seen = [], {}
+    stems = []
+    seen = {}
     for path in files:
         stem = path.stem
         seen[stem] = seen.get(stem, 0) + 1

@@ -89,7 +89,8 @@ def headline(after: dict, before: dict) -> list[str]:
     """``compare_to -> checkpoint`` lines for the HEADLINE metrics both sides have (overall means)."""
     lines = [f"before (compare_to) -> after (checkpoint), {after['n']} samples:"]
     for name, label, number in HEADLINE:
-        b, a = before.get(name, {}).get("mean"), after.get(name, {}).get("mean")
+        b = before.get(name, {}).get("mean")
+        a = after.get(name, {}).get("mean")
         if a is not None and b is not None:
             verdict = "same" if a == b else "better" if (a < b) == (name in LOWER_IS_BETTER) else "worse"
             change = f"{a - b:+.3f}" if "%" not in number else f"{100 * (a - b):+.0f} points"
@@ -159,10 +160,12 @@ def generate_records(
 
     from granite_docling.model import load_model_and_processor, load_model_config, load_processor
 
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank = accelerator.process_index
+    world = accelerator.num_processes
     model_config = ModelConfig(name=Path(checkpoint).name, checkpoint=checkpoint, dtype=e.dtype)
     if e.engine == "server":  # the server holds the model; the processor gives the prompts and the budgets
-        model, processor = None, load_processor(model_config, load_model_config(model_config))
+        model = None
+        processor = load_processor(model_config, load_model_config(model_config))
         log.info("answers from the server at %s (%d requests at a time)", e.server_url, e.server_concurrency)
     else:
         model, processor = load_model_and_processor(model_config)
@@ -233,7 +236,10 @@ def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> EvaluationResult | Non
         sides.append((cfg.compare_to, run_dir / COMPARE_DIR))
     needs_model = any(not is_predictions_file(target) for target, _ in sides)
 
-    accelerator, samples, edges, image_refs = None, {}, {}, {}
+    accelerator = None
+    samples = {}
+    edges = {}
+    image_refs = {}
     if needs_model:
         from accelerate import Accelerator
 

@@ -198,8 +198,10 @@ def _forest_distance(
     rename_cache: dict[tuple[int, int], float],
 ) -> None:
     """Fill tree_dist for every pair of subtrees on the leftmost paths of keyroots i and j."""
-    li, lj = leftmost_a[i], leftmost_b[j]
-    rows, cols = i - li + 2, j - lj + 2
+    li = leftmost_a[i]
+    lj = leftmost_b[j]
+    rows = i - li + 2
+    cols = j - lj + 2
     # forest[x][y]: distance between forests a[li..li+x-1] and b[lj..lj+y-1]; row / column 0 are empty forests.
     forest = [[0.0] * cols for _ in range(rows)]
     for x in range(1, rows):
@@ -208,7 +210,8 @@ def _forest_distance(
         forest[0][y] = forest[0][y - 1] + 1
     for x in range(1, rows):
         di = li + x - 1
-        row, above = forest[x], forest[x - 1]
+        row = forest[x]
+        above = forest[x - 1]
         for y in range(1, cols):
             dj = lj + y - 1
             if leftmost_a[di] == li and leftmost_b[dj] == lj:
@@ -257,7 +260,8 @@ class _TableTreeBuilder(HTMLParser):
         attributes = dict(attrs)
         if tag in _CELL_TAGS:
             node = TableNode("td", _span(attributes.get("colspan")), _span(attributes.get("rowspan")))
-            self._cell, self._cell_tokens = node, []
+            self._cell = node
+            self._cell_tokens = []
         else:
             node = TableNode(tag)
         if self.root is None:

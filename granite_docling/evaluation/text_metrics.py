@@ -92,7 +92,8 @@ def set_precision_recall_f1(
     prediction: Sequence[Hashable], reference: Sequence[Hashable]
 ) -> tuple[float, float, float]:
     """Precision, recall and F1 of the predicted token set against the reference token set."""
-    predicted, expected = set(prediction), set(reference)
+    predicted = set(prediction)
+    expected = set(reference)
     if not predicted and not expected:
         return 1.0, 1.0, 1.0
     common = len(predicted & expected)
@@ -104,7 +105,8 @@ def set_precision_recall_f1(
 
 def bleu(prediction: str, reference: str) -> float:
     """Sentence BLEU-4 on 13a tokens, no smoothing (HF evaluate "bleu" with one reference)."""
-    predicted, expected = bleu_tokens(prediction), bleu_tokens(reference)
+    predicted = bleu_tokens(prediction)
+    expected = bleu_tokens(reference)
     if not predicted and not expected:
         return 1.0
     if not predicted or not expected:
@@ -133,7 +135,8 @@ def exact_match(prediction: str, reference: str) -> float:
 
 def text_metrics(prediction: str, reference: str) -> dict[str, float]:
     """All docling-eval text metrics of one prediction against its reference (see module docstring)."""
-    predicted, expected = word_tokens(prediction), word_tokens(reference)
+    predicted = word_tokens(prediction)
+    expected = word_tokens(reference)
     precision, recall, f1 = set_precision_recall_f1(predicted, expected)
     return {
         "edit_distance": normalized_edit_distance(predicted, expected),
