@@ -92,7 +92,7 @@ def run_configuration(accelerator, loss_module, cfg, processor, flops, batch_siz
     from granite_docling.data.policy import DataPolicy
     from granite_docling.flops import batch_shape
     from granite_docling.model import component_of, parameter_groups
-    from granite_docling.train_loop import backward_step
+    from granite_docling.optimization import backward_step
 
     t = cfg.training
     model = accelerator.unwrap_model(loss_module).model

@@ -22,7 +22,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from granite_docling.checkpoint import load_training_state
 from granite_docling.checkpoint_files import MANIFEST_FILE, PICKLED_STATE_FILE, latest_checkpoint, read_manifest
-from granite_docling.train_loop import EXIT_INTERRUPTED
+from granite_docling.run_control import EXIT_INTERRUPTED
 
 
 def args(data, run_dir, *extra):

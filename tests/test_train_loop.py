@@ -15,13 +15,14 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from granite_docling import train_loop
+from granite_docling import progress, train_loop
+from granite_docling.checkpoint import LoopState, push_to_hub
 from granite_docling.data.examples import collate_skipping_problems
 from granite_docling.data.indexed import ConversationDataset
 from granite_docling.data.sources import ReadOptions, read_dataset
 from granite_docling.loss import TokenLoss, row_cross_entropy, shift_labels, supervised_cross_entropy
 from granite_docling.model import load_model_and_processor
-from granite_docling.train_loop import backward_step, lr_lambda, model_inputs, push_to_hub
+from granite_docling.optimization import StepLoss, backward_step, lr_lambda, make_optimizer, model_inputs
 
 
 def tiny_loss_module(seed: int = 0):
@@ -448,7 +449,7 @@ def literal_batch(token_counts: list[int], supervised: list[int]) -> dict:
 
 
 def test_the_throughput_window_gives_rates_over_every_process_and_starts_again():
-    window = train_loop.ThroughputWindow(torch.nn.Identity(), peak_flops=None)
+    window = progress.ThroughputWindow(torch.nn.Identity(), peak_flops=None)
     window.reset(now=100.0)
     window.add([literal_batch([10, 6], [3, 2]), {"ids": []}])  # a micro-batch of only bad samples ran nothing
     window.add([literal_batch([4], [1])])
@@ -460,18 +461,18 @@ def test_the_throughput_window_gives_rates_over_every_process_and_starts_again()
 
 
 def test_step_metrics_and_the_console_line():
-    state = train_loop.LoopState(step=20, epoch=1, loss_sum=3.0, loss_steps=2, elapsed_seconds=3600.0)
+    state = LoopState(step=20, epoch=1, loss_sum=3.0, loss_steps=2, elapsed_seconds=3600.0)
     groups = [{"name": "vision", "lr": 1e-5}, {"name": "vision_no_decay", "lr": 1e-5}, {"name": "text", "lr": 2e-5}]
-    step_loss = train_loop.StepLoss(1.25, 40, {"pages": 1.5, "formulas": 0.5})
-    metrics = train_loop.step_metrics(step_loss, state, groups, micro_batches=3, grad_norm=torch.tensor(0.5))
+    step_loss = StepLoss(1.25, 40, {"pages": 1.5, "formulas": 0.5})
+    metrics = progress.step_metrics(step_loss, state, groups, micro_batches=3, grad_norm=torch.tensor(0.5))
     assert metrics == {"train/loss": 1.25, "train/avg_loss": 1.5, "train/lr": 1e-5, "train/lr_vision": 1e-5,
                        "train/lr_vision_no_decay": 1e-5, "train/lr_text": 2e-5, "epoch": 1,
                        "train/supervised_tokens": 40, "train/micro_batches": 3, "train/loss/pages": 1.5,
                        "train/loss/formulas": 0.5, "train/grad_norm": 0.5}  # fmt: skip
-    window = train_loop.ThroughputWindow(torch.nn.Identity(), peak_flops=None)
+    window = progress.ThroughputWindow(torch.nn.Identity(), peak_flops=None)
     window.seconds = 20.0  # 10 steps a window: 2 s a step
     rates = {"train/samples_per_second": 4.0, "train/tokens_per_second": 1234.4, "train/data_wait": 0.031}
-    line = train_loop.progress_line(state, 50, metrics | rates | {"train/mfu": 0.4}, groups, window, log_every=10)
+    line = progress.progress_line(state, 50, metrics | rates | {"train/mfu": 0.4}, groups, window, log_every=10)
     assert line.startswith("step 20/50  epoch 1  loss 1.2500  avg 1.5000  lr 1.00e-05/2.00e-05  4.00 samples/s  "
                            "1234 tokens/s  data wait 3%  MFU 40.0%  elapsed 1:00:0")  # fmt: skip
     assert line.endswith("ETA 0:01:00")  # 30 steps left at 2 s each
@@ -484,7 +485,7 @@ def test_the_optimizer_gives_each_component_its_learning_rate_and_one_schedule(t
     t = tiny_config.training
     t = type(t)(**{**vars(t), "lr_vision": 1e-5, "lr_connector": 1e-3, "lr_text": 2e-5, "warmup_steps": 2,
                    "min_lr": 1e-6})  # fmt: skip
-    optimizer, scheduler = train_loop.make_optimizer(model, t, tiny_config.optimizer, total_steps=10)
+    optimizer, scheduler = make_optimizer(model, t, tiny_config.optimizer, total_steps=10)
     peaks = {group["name"].removesuffix("_no_decay"): group["initial_lr"] for group in optimizer.param_groups}
     assert peaks == {"vision": 1e-5, "connector": 1e-3, "text": 2e-5}
     assert all(group["lr"] == group["initial_lr"] / 2 for group in optimizer.param_groups)  # warmup: step 1 of 2
@@ -495,7 +496,7 @@ def test_the_optimizer_gives_each_component_its_learning_rate_and_one_schedule(t
 
 
 def test_nonfinite_steps_are_counted_and_stop_the_run_at_the_limit(caplog):
-    state = train_loop.LoopState(step=7)
+    state = LoopState(step=7)
     assert train_loop.skip_nonfinite_step(state, float("nan"), max_in_a_row=2) == 0
     assert train_loop.skip_nonfinite_step(state, float("inf"), max_in_a_row=2) == 1
     assert (state.skipped_steps, state.nonfinite_in_a_row) == (2, 2)

@@ -212,7 +212,7 @@ def test_fast_batches_through_worker_processes_give_the_stock_loss(tmp_path):
     from granite_docling.data.loading import make_loader
     from granite_docling.loss import TokenLoss
     from granite_docling.model import load_model_and_processor
-    from granite_docling.train_loop import model_inputs
+    from granite_docling.optimization import model_inputs
 
     path = good_dataset(tmp_path / "data", 4)
     overrides = ["model=tiny", "dataset=[folder]", f"dataset.folder.path={path}", "training.val_ratio=0",

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from test_train_loop import example_batches, tiny_loss_module  # noqa: E402
 
-from granite_docling.train_loop import backward_step  # noqa: E402
+from granite_docling.optimization import backward_step  # noqa: E402
 
 dataset, out = sys.argv[1], sys.argv[2]
 accelerator = Accelerator(cpu=True)
