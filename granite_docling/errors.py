@@ -18,10 +18,26 @@ from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
 from typing import Any, NoReturn
 
-from granite_docling.config import ConfigError, did_you_mean
+from granite_docling.config import did_you_mean
 
 EXIT_USER_ERROR = 2  # a mistake in the command, the config or the data (as argparse's usage errors)
 _user_full_error: bool | None = None  # HYDRA_FULL_ERROR=1 as the user set it; None outside user_errors()
+
+
+USER_ERRORS = {  # module -> its exceptions that are the user's to fix; their message is the line to show
+    "granite_docling.config": ("ConfigError",),
+    "granite_docling.checkpoint_files": ("CheckpointError", "CheckpointSaveError"),
+    "granite_docling.data.sample": ("BadSampleError",),
+    "granite_docling.data.sources": ("DatasetNotFoundError",),
+    "granite_docling.evaluation.server": ("ServerError",),
+}
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The USER_ERRORS classes of the modules imported so far: an error can only come from a module that was
+    imported, and importing the others here (the server's pulls in transformers) would cost seconds per mistake."""
+    loaded = [sys.modules[module] for module in USER_ERRORS if module in sys.modules]
+    return tuple(getattr(module, name) for module in loaded for name in USER_ERRORS[module.__name__])
 
 
 def user_error_message(error: BaseException) -> str | None:
@@ -30,13 +46,7 @@ def user_error_message(error: BaseException) -> str | None:
     from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
-    from granite_docling.checkpoint_files import CheckpointError, CheckpointSaveError
-    from granite_docling.data.sample import BadSampleError
-    from granite_docling.data.sources import DatasetNotFoundError
-    from granite_docling.evaluation.server import ServerError
-
-    user_errors = (ConfigError, DatasetNotFoundError, BadSampleError, CheckpointError, CheckpointSaveError, ServerError)
-    if isinstance(error, user_errors):
+    if isinstance(error, user_error_types()):
         return str(error)
     if isinstance(error, OmegaConfBaseException):  # e.g. a bad ${interpolation}, met when the config is resolved
         return _omegaconf_line(error)
