@@ -230,14 +230,15 @@ def rotate_checkpoints(root: Path, keep: int | None) -> list[Path]:
     found = complete_checkpoints(root)
     removed = []
     for folder in found[: max(0, len(found) - keep)]:
-        # Renamed out of sight first (atomic), so that a process killed mid-delete never leaves a folder that
-        # still has its manifest but lacks files.
+        # Renamed out of sight first (atomic), then its manifest goes, then the rest: a process killed mid-delete
+        # never leaves a folder that still has its manifest but lacks files.
         trash = folder.parent / f".{folder.name}.deleting-{os.getpid()}"
         try:
             folder.rename(trash)
         except OSError as error:  # not worth stopping the run for: the checkpoint just stays
             log.warning("could not remove old checkpoint %s: %s", folder, error)
             continue
+        (trash / MANIFEST_FILE).unlink(missing_ok=True)  # a kill during the delete leaves no manifest over holes
         shutil.rmtree(trash, ignore_errors=True)
         removed.append(folder)
         log.info("removed old checkpoint %s (keeping %d)", folder, keep)

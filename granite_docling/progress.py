@@ -10,10 +10,16 @@ import time
 from collections.abc import Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from granite_docling.checkpoint import LoopState
 from granite_docling.flops import ModelFlops, batch_shape, vision_trains
 from granite_docling.optimization import StepLoss
+
+
+def progress_bar(total_steps: int, done: int, is_main: bool) -> tqdm:
+    """The optimizer steps as a bar, on the main process only."""
+    return tqdm(total=total_steps, initial=done, desc="training", disable=not is_main, dynamic_ncols=True)
 
 
 class ThroughputWindow:

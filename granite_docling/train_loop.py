@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from tqdm.auto import tqdm
 
 from granite_docling.checkpoint import LoopState, push_to_hub, save_checkpoint
 from granite_docling.checkpoint_files import latest_checkpoint
@@ -51,7 +50,7 @@ from granite_docling.optimization import (
     validation_loss,
 )
 from granite_docling.precision import device_precision
-from granite_docling.progress import ThroughputWindow, progress_line, step_metrics
+from granite_docling.progress import ThroughputWindow, progress_bar, progress_line, step_metrics
 from granite_docling.run_control import (
     BadSampleList,
     Checkpoints,
@@ -172,7 +171,7 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
     # ---- the loop
     stop = StopRequest()
     stop.install()
-    progress = tqdm(total=total_steps, initial=state.step, desc="training", disable=not accelerator.is_main_process)
+    progress = progress_bar(total_steps, state.step, accelerator.is_main_process)
     window = ThroughputWindow(model, device_peak_flops(t.peak_tflops))
     steps = None
     exit_code = 0

@@ -32,6 +32,7 @@ from granite_docling.checkpoint_files import (
     TENSORS_FILE,
     complete_checkpoints,
     latest_checkpoint,
+    read_manifest,
 )
 from granite_docling.durable import describe_write_error
 
@@ -248,8 +249,8 @@ def test_rotation_renames_a_checkpoint_out_of_sight_before_deleting_it(tmp_path,
         )
     (root / ".checkpoint_step_0.deleting-99").mkdir()  # left by a rotation that was killed
 
-    def killed_mid_delete(path, ignore_errors=False):  # deletes one file, then the process dies
-        next(p for p in sorted(path.rglob("*")) if p.is_file()).unlink()
+    def killed_mid_delete(path, ignore_errors=False):  # deletes one file (not the manifest), then the process dies
+        [p for p in sorted(path.rglob("*")) if p.is_file()][-1].unlink()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_mid_delete)
@@ -258,6 +259,7 @@ def test_rotation_renames_a_checkpoint_out_of_sight_before_deleting_it(tmp_path,
     assert [p.name for p in complete_checkpoints(root)] == ["checkpoint_step_2", "checkpoint_step_3"]
     for folder in complete_checkpoints(root):  # nothing that looks complete is half-deleted
         load_training_state(folder)
+    assert [read_manifest(p) for p in root.glob(".checkpoint_step_1.deleting-*")] == [None]  # no manifest over holes
     monkeypatch.undo()
     checkpoint.rotate_checkpoints(root, keep=2)
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint_step_2", "checkpoint_step_3"]
