@@ -238,13 +238,18 @@ def rotate_checkpoints(root: Path, keep: int | None) -> list[Path]:
         except OSError as error:  # not worth stopping the run for: the checkpoint just stays
             log.warning("could not remove old checkpoint %s: %s", folder, error)
             continue
-        (trash / MANIFEST_FILE).unlink(missing_ok=True)  # a kill during the delete leaves no manifest over holes
-        shutil.rmtree(trash, ignore_errors=True)
+        _delete(trash)
         removed.append(folder)
         log.info("removed old checkpoint %s (keeping %d)", folder, keep)
     for leftover in Path(root).glob(".checkpoint_*.deleting-*"):  # what a killed rotation left
-        shutil.rmtree(leftover, ignore_errors=True)
+        _delete(leftover)
     return removed
+
+
+def _delete(folder: Path) -> None:
+    """Remove a checkpoint folder, its manifest first: a kill during the delete leaves no manifest over holes."""
+    (folder / MANIFEST_FILE).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def training_state(
