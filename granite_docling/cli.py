@@ -7,13 +7,15 @@
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> int`` (the exit code). Modules are imported only when their command runs,
-so ``granite-docling --help`` stays fast.
+so ``granite-docling --help`` stays fast. A user's mistake raised by a command (a missing file, a folder that is
+no dataset, a damaged checkpoint) ends it with one ``error: ...`` line and exit code 2, as in train.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 # command name -> (module, one-line help)
@@ -40,7 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     module.add_arguments(command_parser)
     args = command_parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    # Progress from this package; other libraries' INFO notes (matplotlib's glyph substitutions) are noise here.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("granite_docling").setLevel(logging.INFO)
+    try:
+        return int(module.run(args) or 0)
+    except Exception as error:
+        from granite_docling.errors import EXIT_USER_ERROR, user_error_message  # not before it is needed: --help
+
+        message = user_error_message(error)
+        if message is None:  # a bug: its traceback is wanted
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ USER_ERRORS = {  # module -> its exceptions that are the user's to fix; their me
     "granite_docling.checkpoint_files": ("CheckpointError", "CheckpointSaveError"),
     "granite_docling.data.sample": ("BadSampleError",),
     "granite_docling.data.sources": ("DatasetNotFoundError",),
+    "granite_docling.data.pages": ("PageFileError",),
+    "granite_docling.data.prepare": ("PrepareError",),
     "granite_docling.evaluation.server": ("ServerError",),
 }
 

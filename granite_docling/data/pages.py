@@ -17,6 +17,10 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".
 PAGE_SUFFIXES = PDF_SUFFIXES | IMAGE_SUFFIXES
 
 
+class PageFileError(ValueError):
+    """An input that is no PDF or page image, or no file at all; the message says which."""
+
+
 def is_pdf(path: Path) -> bool:
     return path.suffix.lower() in PDF_SUFFIXES
 

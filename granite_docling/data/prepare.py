@@ -32,7 +32,6 @@ import json
 import logging
 import re
 import shutil
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,13 +314,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("granite_docling").setLevel(logging.INFO)
-    try:
-        summary = prepare_dataset(args.inputs, args.out, args.unit, args.split, args.scale, args.overwrite)
-    except PrepareError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    summary = prepare_dataset(args.inputs, args.out, args.unit, args.split, args.scale, args.overwrite)
     print(
         f"wrote {summary['samples']} sample(s) ({summary['pages']} page(s) from {summary['documents']} document(s), "
         f"unit={summary['unit']}) to {summary['out_dir']} (anns/{summary['split']}, images/{summary['split']})"

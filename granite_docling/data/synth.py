@@ -50,7 +50,6 @@ import argparse
 import itertools
 import logging
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,25 +219,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    # Progress from this package only; matplotlib's INFO notes about glyph substitution are noise here.
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("granite_docling").setLevel(logging.INFO)
     start = time.perf_counter()
-    try:
-        summary = write_sample_data(
-            args.out,
-            args.pages,
-            args.formulas,
-            args.seed,
-            args.split,
-            args.scale,
-            args.qa_turns,
-            args.overwrite,
-            args.easy_formulas,
-        )
-    except PrepareError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    summary = write_sample_data(
+        args.out,
+        args.pages,
+        args.formulas,
+        args.seed,
+        args.split,
+        args.scale,
+        args.qa_turns,
+        args.overwrite,
+        args.easy_formulas,
+    )
     print(
         f"wrote {summary['samples']} sample(s) to {summary['out_dir']} (split {summary['split']}): "
         f"{summary['documents']} document(s) with {summary['pages']} page(s), {summary['formulas']} formula crop(s) "

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from granite_docling.data.image_tiles import ImageSpec
 from granite_docling.data.images import ImageError, decode_image
 from granite_docling.data.lengths import LengthCounter
 from granite_docling.data.sample import REASONS, Problem, Sample
-from granite_docling.data.sources import DatasetNotFoundError, ReadOptions, open_source
+from granite_docling.data.sources import ReadOptions, open_source
 
 log = logging.getLogger(__name__)
 
@@ -121,15 +120,8 @@ def run(args: argparse.Namespace) -> int:
 
     from granite_docling.model import ASSETS_DIR
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     processor = AutoProcessor.from_pretrained(args.checkpoint or ASSETS_DIR)
-    reports = []
-    for path in args.paths:
-        try:
-            reports.append(validate_dataset(path, processor, args.split, args.max_length))
-        except DatasetNotFoundError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+    reports = [validate_dataset(path, processor, args.split, args.max_length) for path in args.paths]
     if args.json:
         print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     else:

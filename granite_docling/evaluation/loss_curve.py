@@ -112,6 +112,7 @@ def draw_loss_curve(rows: Sequence[Mapping[str, Any]], path: Path, mark_step: in
     os.environ.setdefault("MPLBACKEND", "Agg")
     import matplotlib
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     def smoothed(points: list[tuple[int, float]]) -> tuple[list[int], list[float]]:
         return [s for s, _ in points], ema([v for _, v in points], ema_weight(len(points)))
@@ -132,6 +133,9 @@ def draw_loss_curve(rows: Sequence[Mapping[str, Any]], path: Path, mark_step: in
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss per supervised token" + (" (log scale)" if logarithmic else ""))
         ax.set_yscale("log" if logarithmic else "linear")
+        if logarithmic:  # plain numbers (2, 3, 5...) between the decades, not only 10^0 and 10^1
+            for set_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                set_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from granite_docling.config import ConfigError
 from granite_docling.data.doctags import PAGE_PROMPT
-from granite_docling.data.pages import IMAGE_SUFFIXES, is_page_file, page_files, render_pages
+from granite_docling.data.pages import IMAGE_SUFFIXES, PageFileError, is_page_file, page_files, render_pages
 from granite_docling.evaluation.export import pages_to_document, write_document_files
 from granite_docling.evaluation.generate import Prompt, generate
 
@@ -52,12 +52,12 @@ def input_files(inputs: list[Path]) -> list[Path]:
             files += page_files(path)
         elif path.is_file():
             if not is_page_file(path):
-                raise ValueError(f"{path}: not a PDF or an image ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise PageFileError(f"{path}: not a PDF or an image ({', '.join(sorted(IMAGE_SUFFIXES))})")
             files.append(path)
         else:
-            raise FileNotFoundError(f"{path}: no such file or folder")
+            raise PageFileError(f"{path}: no such file or folder")
     if not files:
-        raise ValueError(f"no PDFs or images in {', '.join(map(str, inputs))}")
+        raise PageFileError(f"no PDFs or images in {', '.join(map(str, inputs))}")
     return files
 
 
@@ -115,15 +115,9 @@ def _document(page_doctags: list[str], pages: list[Image.Image], stem: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.scale <= 0:
-        print("error: --batch-size and --max-new-tokens must be at least 1, --scale positive", file=sys.stderr)
-        return 2
-    try:
-        files = input_files(args.inputs)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise ConfigError("--batch-size and --max-new-tokens must be at least 1, --scale positive")
+    files = input_files(args.inputs)
     written = predict(
         args.checkpoint, files, args.out, args.batch_size, args.max_new_tokens, args.scale, args.dtype, args.device
     )

@@ -10,7 +10,7 @@ from eval_helpers import save_tiny_checkpoint
 from PIL import Image
 
 from granite_docling.cli import main
-from granite_docling.data.pages import render_pages
+from granite_docling.data.pages import PageFileError, render_pages
 from granite_docling.evaluation.predict import input_files, output_stems
 
 REAL_DOCS = __import__("pathlib").Path(__file__).parents[1] / "fixtures" / "real_docs"
@@ -55,9 +55,9 @@ def test_inputs_folders_and_clear_errors(tmp_path):
     (tmp_path / "a.pdf").write_bytes((REAL_DOCS / "2305.03393v1-pg9.pdf").read_bytes())
     (tmp_path / "notes.txt").write_text("ignored")
     assert input_files([tmp_path]) == [tmp_path / "a.pdf", tmp_path / "b.png"]
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(PageFileError, match="no such file"):
         input_files([tmp_path / "missing.pdf"])
-    with pytest.raises(ValueError, match="not a PDF or an image"):
+    with pytest.raises(PageFileError, match="not a PDF or an image"):
         input_files([tmp_path / "notes.txt"])
     assert output_stems([tmp_path / "x/a.pdf", tmp_path / "y/a.png", tmp_path / "b.pdf"]) == ["a", "a_2", "b"]
     assert main(["predict", "unused", str(tmp_path / "missing.pdf"), "--out", str(tmp_path / "o")]) == 2
