@@ -131,6 +131,12 @@ def prepare_for_training(model: torch.nn.Module, lora: LoraConfig, gradient_chec
     return apply_lora(model, lora) if lora.enabled else model
 
 
+def token_loss(model: torch.nn.Module, t: TrainingConfig) -> torch.nn.Module:
+    """The model wrapped in the chunked loss of ``training.loss_chunk_size`` (compiled with ``training.compile``)."""
+    loss_module = TokenLoss(model, t.loss_chunk_size, t.loss_recompute)
+    return torch.compile(loss_module) if t.compile else loss_module
+
+
 def make_optimizer(
     model: torch.nn.Module, t: TrainingConfig, settings: OptimizerConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:

@@ -32,13 +32,12 @@ from accelerate.utils import gather_object, set_seed
 from granite_docling.checkpoint import LoopState, push_to_hub, save_checkpoint
 from granite_docling.checkpoint_files import latest_checkpoint
 from granite_docling.config import Config, TrainingConfig
-from granite_docling.data.loading import build_data, make_loader
+from granite_docling.data.loading import build_data
 from granite_docling.data.policy import Data, DataPolicy
-from granite_docling.data.steps import training_steps
+from granite_docling.data.steps import training_steps, validation_loader
 from granite_docling.evaluation.generate import evaluate_generation
 from granite_docling.evaluation.loss_curve import draw_loss_curve
 from granite_docling.flops import device_peak_flops
-from granite_docling.loss import TokenLoss
 from granite_docling.model import load_model_and_processor
 from granite_docling.optimization import (
     any_process_true,
@@ -47,6 +46,7 @@ from granite_docling.optimization import (
     optimizer_step,
     prepare_for_training,
     sum_over_processes,
+    token_loss,
     validation_loss,
 )
 from granite_docling.precision import device_precision
@@ -138,17 +138,12 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
 
     any_process = functools.partial(any_process_true, accelerator)
     train_steps = training_steps(data, t.batch_size, t.gradient_accumulation_steps, t.num_workers, pad_id, any_process)
-    val_loader = None
-    if data.val is not None:  # no shuffling, no padding: each process a share
-        val_loader = make_loader(data.val, range(rank, len(data.val), world), t.batch_size, t.num_workers, pad_id)
+    val_loader = validation_loader(data, t.batch_size, t.num_workers, pad_id, rank, world)
     global_batch = t.batch_size * t.gradient_accumulation_steps * world
     epoch_steps = train_steps.planned_steps(t.num_epochs)
     total_steps = t.max_steps or sum(epoch_steps)
     optimizer, scheduler = make_optimizer(model, t, cfg.optimizer, total_steps)
-    loss_module = TokenLoss(model, t.loss_chunk_size, t.loss_recompute)
-    if t.compile:
-        loss_module = torch.compile(loss_module)
-    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    loss_module, optimizer = accelerator.prepare(token_loss(model, t), optimizer)
     log.info(
         f"{total_steps} optimizer steps ({epoch_steps[0]} per epoch; effective batch {global_batch} = "
         f"{t.batch_size} x {t.gradient_accumulation_steps} accumulation x {world} processes)"

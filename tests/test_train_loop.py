@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from granite_docling import progress, train_loop
+from granite_docling import optimization, progress, train_loop
 from granite_docling.checkpoint import LoopState, push_to_hub
 from granite_docling.data.examples import collate_skipping_problems
 from granite_docling.data.indexed import ConversationDataset
@@ -278,7 +278,7 @@ def test_nonfinite_losses_skip_steps_then_stop_with_advice(four_samples, tmp_pat
             total, n = super().forward(**batch)
             return total * float("nan"), n
 
-    monkeypatch.setattr(train_loop, "TokenLoss", NaNLoss)
+    monkeypatch.setattr(optimization, "TokenLoss", NaNLoss)  # what token_loss wraps the model in
     cfg = demo_config(four_samples, "training.max_steps=5", "training.max_nonfinite_steps=2")
     assert train_loop.train(cfg, tmp_path).exit_code == 1
     assert "2 non-finite losses in a row" in caplog.text and "lower learning rate" in caplog.text

@@ -67,6 +67,14 @@ class StreamedSteps:
             yield group, position
 
 
+def validation_loader(data: Data, batch_size: int, num_workers: int, pad_id: int, rank: int, world_size: int):
+    """A DataLoader over this process's share of the validation split (no shuffling, no padding); None without
+    one."""
+    if data.val is None:
+        return None
+    return make_loader(data.val, range(rank, len(data.val), world_size), batch_size, num_workers, pad_id)
+
+
 def training_steps(
     data: Data, batch_size: int, accumulation: int, num_workers: int, pad_id: int, any_process: Callable[[bool], bool]
 ) -> IndexedSteps | StreamedSteps:
