@@ -84,10 +84,17 @@ def save_on_main(accelerator: Accelerator, save: Callable[[], object]) -> str | 
 
 
 def restore(
-    folder: Path, accelerator: Accelerator, loss_module, optimizer, scheduler, t: TrainingConfig, train_steps
+    folder: Path,
+    accelerator: Accelerator,
+    loss_module,
+    optimizer,
+    scheduler,
+    t: TrainingConfig,
+    train_steps,
+    shape: LoopState,
 ) -> LoopState:
     """Load a checkpoint's weights, optimizer, schedule, loss scaler and this process's RNG. Returns its loop
-    position, checked against this run's shape (batch, processes, workers) and set to it."""
+    position, checked against this run's shape (``shape``: global batch, processes, workers) and set to it."""
     saved = load_training_state(folder, t.trust_checkpoint)
     load_weights(accelerator.unwrap_model(loss_module).model, folder)
     optimizer.load_state_dict(saved["optimizer"])
@@ -100,12 +107,10 @@ def restore(
         f"resumed from {folder} at step {state.step} (epoch {state.epoch}, {state.samples_in_epoch} "
         f"{train_steps.position_unit} into it)"
     )
-    world = accelerator.num_processes
-    global_batch = t.batch_size * t.gradient_accumulation_steps * world
-    check_resumed_shape(state, global_batch, world, t.num_workers, train_steps.exact_on_any_shape)
-    state.global_batch = global_batch
-    state.processes = world
-    state.workers = t.num_workers
+    check_resumed_shape(state, shape.global_batch, shape.processes, shape.workers, train_steps.exact_on_any_shape)
+    state.global_batch = shape.global_batch
+    state.processes = shape.processes
+    state.workers = shape.workers
     return state
 
 

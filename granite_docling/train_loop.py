@@ -155,7 +155,7 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
         log.info("training.resume=auto: no checkpoint in %s yet, starting from scratch", checkpoint_root)
     state = LoopState(global_batch=global_batch, processes=world, workers=t.num_workers)
     if resume_from is not None:
-        state = restore(Path(resume_from), accelerator, loss_module, optimizer, scheduler, t, train_steps)
+        state = restore(Path(resume_from), accelerator, loss_module, optimizer, scheduler, t, train_steps, state)
     tracker = NullTracker()
     if accelerator.is_main_process:
         tracker = Tracker(run_dir, cfg, state.step if resume_from is not None else None, state.metrics_rows)

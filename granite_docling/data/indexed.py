@@ -53,15 +53,13 @@ class Part:
 
 
 class MemorySource(Source):
-    """Samples already in memory (tests, benchmarks, evaluation of a few samples)."""
+    """Samples already in memory (tests, benchmarks, evaluation of a few samples); never indexed, so it has no
+    fingerprint."""
 
     def __init__(self, name: str, samples: Sequence[Sample]):
         self.name = name
         self.samples = list(samples)
         self.options = ReadOptions()
-
-    def fingerprint(self) -> str:
-        raise NotImplementedError("in-memory samples are not indexed")
 
     def __len__(self) -> int:
         return len(self.samples)
