@@ -2,14 +2,15 @@
 
 ``user_errors()`` (around an entry point's ``main()``) and ``@exit_on_user_error`` (on its Hydra task function)
 word a ``ConfigError``, a path that is no dataset, a bad override, an unknown group option, a checkpoint that
-cannot be read or saved, as one line. Other errors, and all of them under ``HYDRA_FULL_ERROR=1``, keep their
-traceback::
+cannot be read or saved, an output folder that cannot be written, as one line. Other errors, and all of them under
+``HYDRA_FULL_ERROR=1``, keep their traceback::
 
     python train.py training.lr_conector=1e-3    # error: training.lr_conector: Key 'lr_conector' not in ...
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -50,6 +51,8 @@ def user_error_message(error: BaseException) -> str | None:
 
     if isinstance(error, user_error_types()):
         return str(error)
+    if isinstance(error, OSError) and error.errno in _FOLDER_ERRNOS and error.filename is not None:
+        return _os_error_line(error)
     if isinstance(error, OmegaConfBaseException):  # e.g. a bad ${interpolation}, met when the config is resolved
         return _omegaconf_line(error)
     if not isinstance(error, CompactHydraException):  # Hydra's own user errors: composition, override syntax
@@ -68,6 +71,18 @@ def user_error_message(error: BaseException) -> str | None:
         # which fails on our typed schema anyway
         return f"{str(error).splitlines()[0].rstrip('.')}: {_omegaconf_line(error.__cause__, with_key=False)}"
     return paragraph
+
+
+# A folder or file the command was told to use that this user cannot create or write (a run folder, --out, OUT):
+# the environment's to fix, never a bug of ours. ENOENT is not among them: a missing file is often a bug.
+_FOLDER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOSPC, errno.ENAMETOOLONG, errno.EDQUOT}
+
+
+def _os_error_line(error: OSError) -> str:
+    """``PATH: Permission denied; ...`` for a folder or file the process may not create, read or write."""
+    reason = error.strerror or os.strerror(error.errno)
+    hint = "check that you may write there, or choose another folder (hydra.run.dir=, --out)"
+    return f"{error.filename}: {reason}; {hint}"
 
 
 def _omegaconf_line(error: BaseException, with_key: bool = True) -> str:

@@ -3,9 +3,13 @@ any error under HYDRA_FULL_ERROR=1, keeps its traceback."""
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 from conftest import compose_config, run_script
+from PIL import Image
 
+from granite_docling.errors import user_error_message
 from granite_docling.preflight import check_paths
 
 
@@ -99,3 +103,26 @@ def test_hydra_full_error_shows_the_traceback(args, tmp_path):
 
 def test_hub_ids_are_not_checked_as_local_paths():
     check_paths(compose_config("dataset=[docling_matix]", "dataset.docling_matix.path=HuggingFaceM4/DoclingMatix"))
+
+
+OUTPUT_UNDER_A_FILE = {  # root cannot be denied a folder, but nobody can create one inside a file
+    "train.py run folder": ["train.py", "experiment=demo", "hydra.run.dir={file}/run"],
+    "evaluate.py run folder": ["evaluate.py", "checkpoint=/no/model", "hydra.run.dir={file}/run"],
+    "sample-data OUT": ["-m", "granite_docling.cli", "sample-data", "{file}/data", "--pages", "0", "--formulas", "1"],
+    "predict --out": ["-m", "granite_docling.cli", "predict", "tiny", "{file}.png", "--out", "{file}/converted"],
+}
+
+
+@pytest.mark.parametrize("case", list(OUTPUT_UNDER_A_FILE))
+def test_an_output_folder_that_cannot_be_made_is_one_line(case, tmp_path):
+    file = tmp_path / "a_file"
+    file.write_text("not a folder")
+    Image.new("RGB", (8, 8)).save(f"{file}.png")
+    args = [a.format(file=file) for a in OUTPUT_UNDER_A_FILE[case]]
+    assert_one_line_error(run_script(*args, timeout=60), f"{file}/", "Not a directory", "choose another folder")
+
+
+def test_a_permission_error_on_a_named_path_is_one_line():
+    message = user_error_message(PermissionError(errno.EACCES, "Permission denied", "/shared/runs/x"))
+    assert message.startswith("/shared/runs/x: Permission denied; ")
+    assert user_error_message(FileNotFoundError(errno.ENOENT, "No such file", "/x")) is None  # a bug's, maybe

@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.scale <= 0:
         raise ConfigError("--batch-size and --max-new-tokens must be at least 1, --scale positive")
     files = input_files(args.inputs)
+    args.out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, not after the first document
     written = predict(
         args.checkpoint, files, args.out, args.batch_size, args.max_new_tokens, args.scale, args.dtype, args.device
     )
