@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from pathlib import Path
 
 from PIL import Image
@@ -50,6 +52,12 @@ BAD_FILES = {
     "b_not_an_image.json": "unreadable_image",
     "b_bomb.json": "image_too_large",
     "b_outside_root.json": "path_outside_root",
+    "b_nul_in_path.json": "bad_image_path",
+    "b_long_name.json": "bad_image_path",
+    "b_symlink_loop.json": "bad_image_path",
+    "b_folder_as_image.json": "bad_image_path",
+    "b_truncated_qoi.json": "unreadable_image",
+    "b_annotation_outside_root.json": "path_outside_root",
 }
 
 
@@ -76,6 +84,19 @@ def dataset_with_bad_samples(root: Path, n_good: int = 4) -> Path:
 
     write_image(root.parent / "secret.png")
     write_annotation(root, "b_outside_root.json", {"img_pth": "../secret.png", "anns": ok})
+
+    write_annotation(root, "b_nul_in_path.json", {"img_pth": "images/train/000.png\0.png", "anns": ok})
+    write_annotation(root, "b_long_name.json", {"img_pth": "images/train/" + "x" * 5000 + ".png", "anns": ok})
+    os.symlink("loop.png", images / "loop.png")  # a symlink to itself: ELOOP
+    write_annotation(root, "b_symlink_loop.json", {"img_pth": "images/train/loop.png", "anns": ok})
+    write_annotation(root, "b_folder_as_image.json", {"img_pth": "images/train", "anns": ok})
+    qoi = io.BytesIO()
+    Image.new("RGB", (40, 30), "red").save(qoi, "QOI")  # PIL opens a cut QOI, then fails with IndexError
+    (images / "truncated.qoi").write_bytes(qoi.getvalue()[: len(qoi.getvalue()) // 2])
+    write_annotation(root, "b_truncated_qoi.json", {"img_pth": "images/train/truncated.qoi", "anns": ok})
+    outside = root.parent / "outside_annotation.json"  # a good annotation, but not the dataset's to read
+    outside.write_text(json.dumps({"img_pth": "images/train/000.png", "anns": ok}))
+    os.symlink(outside, root / "anns" / "train" / "b_annotation_outside_root.json")
 
     (root / "anns" / "train" / "README.txt").write_text("not an annotation: ignored")
     return root

@@ -9,27 +9,12 @@ ones the workers' encoding gives, token for token (tested against the stock proc
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
-
-from PIL import Image
 
 from granite_docling.data.encoding import build_messages
 from granite_docling.data.image_tiles import ImageSpec, Layout, image_replacements
-from granite_docling.data.sample import ImageRef, Sample
-
-
-def image_size(ref: ImageRef) -> tuple[int, int] | None:
-    """(width, height) from the image header, or None when it cannot be read (the worker will report why)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decode_image applies our own limit
-            with Image.open(ref if isinstance(ref, Path) else io.BytesIO(ref)) as image:
-                return image.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return None
+from granite_docling.data.images import image_size
+from granite_docling.data.sample import Sample
 
 
 class LengthCounter:

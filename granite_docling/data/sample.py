@@ -18,12 +18,14 @@ REASONS = {
     "bad_schema": "the annotation does not have the expected fields and types",
     "empty_answer": "an assistant answer is empty",
     "missing_image": "an image file does not exist",
-    "unreadable_image": "an image is truncated or cannot be decoded",
+    "bad_image_path": "an image path names no file that can be opened (a folder, a symlink loop, a NUL byte, too long)",
+    "unreadable_image": "an image is truncated, damaged or cannot be decoded",
     "image_too_large": "an image has more pixels than allowed (decompression-bomb guard)",
-    "path_outside_root": "an image path resolves outside the dataset folder (refused)",
+    "path_outside_root": "an image or annotation path resolves outside the dataset folder (refused)",
     "too_long": "the sample is longer than training.max_length tokens, image tokens included",
     "bad_document": "the ground-truth DoclingDocument (docling-eval's GroundTruthDocument) does not parse",
     "missing_page_image": "a page of the document has no page image",
+    "unreadable_rows": "the rows cannot be read from their parquet file (damaged data pages)",
 }
 
 

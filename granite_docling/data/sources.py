@@ -33,6 +33,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from granite_docling.data.doctags import PAGE_PROMPT, document_doctags, page_doctags
-from granite_docling.data.images import ImageError, resolve_inside
+from granite_docling.data.images import ImageError, check_file, resolve_inside
 from granite_docling.data.sample import Problem, Sample, Turn
 
 log = logging.getLogger(__name__)
@@ -90,10 +91,23 @@ def parse_turns(raw: Any) -> list[Turn]:
             raise RecordError("bad_schema", f"turn {i} needs string 'user' and 'assistant' fields")
         if source is not None and not isinstance(source, str):
             raise RecordError("bad_schema", f"turn {i}: 'source' must be a string")
+        for key, text in (("user", user), ("assistant", assistant), ("source", source or "")):
+            if not is_unicode(text):
+                raise RecordError("bad_schema", f"turn {i}: {key!r} holds a lone surrogate (\\ud800-\\udfff)")
         if not assistant.strip():
             raise RecordError("empty_answer", f"turn {i} has an empty assistant answer")
         turns.append(Turn(user=user, assistant=assistant, source=source))
     return turns
+
+
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` is valid Unicode: JSON's ``\\ud800`` escapes give lone surrogates, which the tokenizer
+    refuses (a TypeError, mid-batch)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_docling_annotation(record: Any) -> tuple[list[str], list[Turn]]:
@@ -127,7 +141,10 @@ def image_bytes(image: Any) -> bytes:
 
 def hub_sample(row: dict, record_id: str, dataset: str, options: ReadOptions) -> Sample:
     """A row of the hub layout (``images``, ``texts``) as a Sample; raises :class:`RecordError` when it is bad."""
-    images = tuple(image_bytes(image) for image in row.get("images") or [])
+    cells = row.get("images")
+    if cells is not None and not isinstance(cells, list):
+        raise RecordError("bad_schema", f"'images' must be a list of encoded images (found {type(cells).__name__})")
+    images = tuple(image_bytes(image) for image in cells or [])
     turns = tuple(parse_turns(row.get("texts")))
     return limit(Sample(id=record_id, dataset=dataset, images=images, turns=turns), options)
 
@@ -202,8 +219,8 @@ class FolderSource(Source):
         count = 0
         with os.scandir(self.ann_dir) as entries:
             for entry in entries:
-                if entry.name.endswith(".json") and entry.is_file():
-                    stat = entry.stat()
+                if is_annotation(entry):
+                    stat = _stat(entry)
                     key = f"{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
                     total += int.from_bytes(hashlib.blake2b(key, digest_size=16).digest(), "little")
                     count += 1
@@ -213,7 +230,7 @@ class FolderSource(Source):
         """The annotation file names, sorted (listed once, when an index is built)."""
         if self._names is None:
             with os.scandir(self.ann_dir) as entries:
-                self._names = sorted(e.name for e in entries if e.name.endswith(".json") and e.is_file())
+                self._names = sorted(e.name for e in entries if is_annotation(e))
         return self._names
 
     def __len__(self) -> int:
@@ -231,11 +248,18 @@ class FolderSource(Source):
     def read(self, locator: str | int) -> Sample:
         relative = self.record_id(locator)
         try:
-            record = json.loads((self.ann_dir / str(locator)).read_text(encoding="utf-8"))
-        except FileNotFoundError as error:
-            raise RecordError("invalid_json", f"the file is gone: {error}") from error
+            path = resolve_inside(self.root, relative)  # a symlink out of the dataset is refused, as for images
+        except ImageError as error:
+            reason = error.reason if error.reason == "path_outside_root" else "invalid_json"
+            raise RecordError(reason, error.detail) from error
+        try:
+            if not path.is_file():  # a FIFO or device behind a symlink would block the read forever
+                raise RecordError("invalid_json", "the file is gone" if not path.exists() else "not a regular file")
+            record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise RecordError("invalid_json", str(error)) from error
+        except RecursionError as error:  # [[[[... thousands deep
+            raise RecordError("invalid_json", "nested too deeply to parse") from error
         paths, turns = parse_docling_annotation(record)
         try:
             images = tuple(_checked_image_path(self.root, p) for p in paths)
@@ -250,9 +274,20 @@ class FolderSource(Source):
 
 def _checked_image_path(root: Path, relative: str) -> Path:
     path = resolve_inside(root, relative)
-    if not path.is_file():
-        raise ImageError("missing_image", f"{relative} does not exist")
+    check_file(path, relative)
     return path
+
+
+def is_annotation(entry: os.DirEntry) -> bool:
+    """A ``*.json`` entry of ``anns/<split>``: a file, or a symlink (named when it leads nowhere or outside)."""
+    return entry.name.endswith(".json") and (entry.is_symlink() or entry.is_file())
+
+
+def _stat(entry: os.DirEntry) -> os.stat_result:
+    try:
+        return entry.stat()
+    except OSError:  # a symlink that leads nowhere: its own times still show a change
+        return entry.stat(follow_symlinks=False)
 
 
 class HubSource(Source):
@@ -471,7 +506,8 @@ def arrow_columns(path: str | Path, split: str, cache_dir: Path | None) -> list[
         if files and files[0].suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            return pq.read_schema(files[0]).names
+            with reading(files[0]):
+                return pq.read_schema(files[0]).names
     dataset, _ = open_arrow_dataset(path, split, cache_dir)
     return dataset.column_names
 
@@ -495,29 +531,67 @@ def open_arrow_dataset(path: str | Path, split: str, cache_dir: Path | None):
     cache = str(cache_dir / "arrow") if cache_dir else None
     local = Path(path)
     if not local.exists():  # a hub id: downloaded and converted into the cache once
-        dataset = datasets.load_dataset(str(path), split=split, cache_dir=cache)
+        with reading(path):
+            dataset = datasets.load_dataset(str(path), split=split, cache_dir=cache)
         return dataset, dataset._fingerprint
     if local.is_dir() and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
-        dataset = datasets.load_from_disk(str(local))
+        with reading(local):
+            dataset = datasets.load_from_disk(str(local))
         if isinstance(dataset, datasets.DatasetDict):
             if split not in dataset:
                 raise DatasetNotFoundError(f"{local} has splits {sorted(dataset)}, not {split!r}")
             dataset = dataset[split]
         return dataset, f"disk-{dataset._fingerprint}"
     files = hub_files(local, split)
+    if not files:
+        raise DatasetNotFoundError(f"{local} holds no parquet or Arrow files")
     fingerprint = files_fingerprint(files, local if local.is_dir() else local.parent)
     if files[0].suffix == ".arrow":
-        dataset = datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in files])
-    else:
-        processes = min(len(files), available_cpus())
+        with reading(local):
+            dataset = datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in files])
+        return dataset, fingerprint
+    with_rows = [f for f, rows in zip(files, parquet_rows(files), strict=True) if rows]  # datasets fails on 0 rows
+    if not with_rows:
+        raise DatasetNotFoundError(f"{local}: its parquet files hold no rows ({len(files)} file(s))")
+    processes = min(len(with_rows), available_cpus())
+    with reading(local):
         dataset = datasets.load_dataset(
             "parquet",
-            data_files=[str(f) for f in files],
+            data_files=[str(f) for f in with_rows],
             split="train",
             cache_dir=cache,
             num_proc=processes if processes > 1 else None,
         )
     return dataset, fingerprint
+
+
+def parquet_rows(files: Sequence[Path]) -> list[int]:
+    """Rows of each parquet file, from its footer; a file that is no parquet (empty, text, cut short) is named."""
+    import pyarrow.parquet as pq
+
+    rows = []
+    for file in files:
+        with reading(file):
+            rows.append(pq.read_metadata(file).num_rows)
+    return rows
+
+
+@contextmanager
+def reading(path: str | Path) -> Iterator[None]:
+    """Around pyarrow / HF datasets reading ``path``: their errors on a damaged or foreign file (ArrowInvalid,
+    DatasetGenerationError, OSError...) become one :class:`DatasetNotFoundError` line naming the path."""
+    import pyarrow as pa
+    from datasets.exceptions import DatasetsError
+
+    try:
+        yield
+    except DatasetNotFoundError:
+        raise
+    except (pa.ArrowException, DatasetsError, OSError, ValueError) as error:
+        # DatasetGenerationError says only "An error occurred while generating the dataset"; its cause says what
+        shown = (error.__cause__ or error.__context__ or error) if isinstance(error, DatasetsError) else error
+        first_line = (str(shown).strip().splitlines() or [""])[0]
+        raise DatasetNotFoundError(f"{path} cannot be read: {type(shown).__name__}: {first_line}") from error
 
 
 def available_cpus() -> int:

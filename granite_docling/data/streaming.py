@@ -37,6 +37,7 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -51,6 +52,7 @@ from granite_docling.data.sources import (
     available_cpus,
     hub_files,
     hub_sample,
+    reading,
 )
 from granite_docling.data.split import seeded_rng
 
@@ -86,8 +88,8 @@ def open_file(file: str):
 
 
 def footer(file: str) -> tuple[list[int], list[str]]:
-    """(rows per row group, column names) from a parquet footer."""
-    with open_file(file) as f:
+    """(rows per row group, column names) from a parquet footer; a file that is no parquet is named in one line."""
+    with reading(file), open_file(file) as f:
         metadata = pq.ParquetFile(f).metadata
     groups = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
     return groups, metadata.schema.to_arrow_schema().names
@@ -144,6 +146,8 @@ def open_stream_source(
             if left > 0 and groups[group]:
                 units.append(Unit(i, group, int(first), int(min(groups[group], left))))
                 left -= units[-1].rows
+    if not units:
+        raise DatasetNotFoundError(f"streaming dataset {name}: the parquet files of {path} hold no rows")
     return StreamSource(name, files, units, options, weight, max(1, shuffle_buffer))
 
 
@@ -158,22 +162,30 @@ def slot_units(source: StreamSource, seed: int, epoch: int, slots: int) -> list[
 
 
 def unit_rows(source: StreamSource, unit: Unit, skip: int) -> Iterator[Sample | Problem]:
-    """The unit's rows from row ``skip`` on, parsed (a :class:`Problem` for a bad one)."""
+    """The unit's rows from row ``skip`` on, parsed (a :class:`Problem` for a bad one). Rows that cannot be read
+    (damaged data pages) are each an ``unreadable_rows`` problem: every row still gives one item."""
     file = source.files[unit.file]
-    with open_file(file) as f:
-        start = 0  # the batch's first row in the row group
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=64, row_groups=[unit.group], columns=COLUMNS):
-            low = max(skip, start)
-            high = min(start + batch.num_rows, unit.rows)
-            for row, values in enumerate(batch.slice(low - start, max(0, high - low)).to_pylist(), low):
-                record_id = f"{Path(file).name}#{unit.first + row}"
-                try:
-                    yield hub_sample(values, record_id, source.name, source.options)
-                except RecordError as error:
-                    yield Problem(source.name, record_id, error.reason, error.detail)
-            start += batch.num_rows
-            if start >= unit.rows:
-                return
+    given = skip  # the unit's rows given so far
+    try:
+        with open_file(file) as f:
+            start = 0  # the batch's first row in the row group
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=64, row_groups=[unit.group], columns=COLUMNS):
+                low = max(skip, start)
+                high = min(start + batch.num_rows, unit.rows)
+                for row, values in enumerate(batch.slice(low - start, max(0, high - low)).to_pylist(), low):
+                    record_id = f"{Path(file).name}#{unit.first + row}"
+                    try:
+                        yield hub_sample(values, record_id, source.name, source.options)
+                    except RecordError as error:
+                        yield Problem(source.name, record_id, error.reason, error.detail)
+                    given = row + 1
+                start += batch.num_rows
+                if start >= unit.rows:
+                    return
+    except (pa.ArrowException, OSError, ValueError) as error:  # pyarrow's errors on damaged pages; not RecordError
+        detail = f"row group {unit.group}: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+        for row in range(given, unit.rows):
+            yield Problem(source.name, f"{Path(file).name}#{unit.first + row}", "unreadable_rows", detail)
 
 
 def slot_stream(

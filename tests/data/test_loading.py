@@ -52,9 +52,9 @@ def test_bad_records_are_found_while_indexing_or_in_the_workers(tmp_path, tiny_p
     cfg = compose_config("model=tiny", "dataset=[sample,folder]", f"dataset.folder.path={root}",
                          f"dataset.sample.path={tmp_path / 'other'}", "training.val_ratio=0.2")  # fmt: skip
     data = data_of(cfg, tiny_processor)
-    assert data.sizes == {"sample": (5, 1), "folder": (6, 1)}  # 4 good + 3 undecodable images
+    assert data.sizes == {"sample": (5, 1), "folder": (6, 2)}  # 4 good + 4 undecodable images
     assert {p.reason for p in data.problems} == {"invalid_json", "bad_schema", "empty_answer", "missing_image",
-                                                 "path_outside_root"}  # fmt: skip
+                                                 "path_outside_root", "bad_image_path"}  # fmt: skip
     every = [data.train[i] for i in range(len(data.train))] + [data.val[i] for i in range(len(data.val))]
     decode_problems = sorted(p.file.split("/")[-1] for p in every if isinstance(p, Problem))
     assert decode_problems == sorted(f for f, r in BAD_FILES.items() if r in ("unreadable_image", "image_too_large"))

@@ -28,7 +28,7 @@ def test_bad_records_are_reported_at_read_time_and_images_at_decode_time(tmp_pat
     root = dataset_with_bad_samples(tmp_path / "data")
     samples, problems = read_dataset(root, "mine", ReadOptions())
     found = {p.file.split("/")[-1]: p.reason for p in problems}
-    read_time = {"invalid_json", "bad_schema", "empty_answer", "missing_image", "path_outside_root"}
+    read_time = {"invalid_json", "bad_schema", "empty_answer", "missing_image", "path_outside_root", "bad_image_path"}
     assert found == {f: r for f, r in BAD_FILES.items() if r in read_time}
     decode_failures = {}
     for sample in samples:
