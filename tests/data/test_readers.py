@@ -8,7 +8,9 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_script
 from fixture_data import BAD_FILES, dataset_with_bad_samples, good_dataset, to_hub_rows, write_annotation, write_image
+from PIL import Image
 
 from granite_docling.data.images import ImageError, decode_image
 from granite_docling.data.sample import Turn
@@ -104,3 +106,91 @@ def test_annotation_json_is_not_mutated(tmp_path):
     read_dataset(root, "x", ReadOptions())
     assert before == {p: p.read_bytes() for p in (root / "anns/train").glob("*.json")}
     assert json.loads(next(iter(before.values())))["img_pth"]
+
+
+def hub_table(images) -> pa.Table:
+    """One hub-layout row whose ``images`` cell is ``images`` (a wrong type, here)."""
+    return pa.Table.from_pylist([{"images": images, "texts": [{"user": "q", "assistant": "a", "source": "s"}]}])
+
+
+def test_hub_rows_whose_images_are_no_encoded_images_are_named(tmp_path):
+    cut_qoi = io.BytesIO()
+    Image.new("RGB", (40, 30), "red").save(cut_qoi, "QOI")
+    cells = {
+        "ints": 5,
+        "list_of_ints": [5],
+        "text": "abc",
+        "cut_qoi": [{"bytes": cut_qoi.getvalue()[: len(cut_qoi.getvalue()) // 2], "path": "a"}],
+    }
+    found = {}
+    for name, cell in cells.items():
+        pq.write_table(hub_table(cell), tmp_path / f"{name}.parquet")
+        samples, problems = read_dataset(tmp_path / f"{name}.parquet", "x", ReadOptions(), cache_dir=tmp_path / "c")
+        for sample in samples:
+            with pytest.raises(ImageError) as error:
+                decode_image(sample.images[0])
+            problems.append(error.value)
+        found[name] = [p.reason for p in problems]
+    assert found == {
+        "ints": ["bad_schema"],
+        "list_of_ints": ["bad_schema"],
+        "text": ["bad_schema"],
+        "cut_qoi": ["unreadable_image"],  # PIL opens it, then fails with IndexError
+    }
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "d.parquet cannot be read: ArrowInvalid: Parquet file size is 0 bytes"),
+        (b"id,text\n1,hello\n", "d.parquet cannot be read: ArrowInvalid: .*magic bytes not found"),
+        (None, "d.parquet: its parquet files hold no rows"),
+    ],
+)
+def test_a_parquet_file_that_holds_no_dataset_is_one_line(tmp_path, content, message):
+    if content is None:  # the right schema, no rows: HF datasets fails on it with DatasetGenerationError
+        pq.write_table(hub_table([]).schema.empty_table(), tmp_path / "d.parquet")
+    else:
+        (tmp_path / "d.parquet").write_bytes(content)
+    with pytest.raises(DatasetNotFoundError, match=message) as error:
+        read_dataset(tmp_path / "d.parquet", "x", ReadOptions(), cache_dir=tmp_path / "c")
+    assert "\n" not in str(error.value)
+
+
+def test_validate_of_a_file_that_is_no_parquet_exits_2_with_one_line(tmp_path):
+    (tmp_path / "d.parquet").write_text("not parquet at all\n")
+    result = run_script("-m", "granite_docling.cli", "validate", str(tmp_path / "d.parquet"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'd.parquet'} cannot be read: ArrowInvalid: Parquet magic bytes not found in footer. "
+        "Either the file is corrupted or this is not a parquet file."
+    ]
+
+
+def test_annotations_are_confined_to_the_dataset_like_images(tmp_path):
+    root = good_dataset(tmp_path / "data", 2)
+    record = {"img_pth": "images/train/000.png", "anns": {"user": "q", "assistant": "a"}}
+    (tmp_path / "elsewhere.json").write_text(json.dumps(record))
+    (root / "anns/train/inside.json").symlink_to(root / "anns/train/000.json")  # a link within the dataset: fine
+    (root / "anns/train/outside.json").symlink_to(tmp_path / "elsewhere.json")
+    (root / "anns/train/dangling.json").symlink_to(root / "anns/train/gone.json")
+    (root / "anns/train/loop.json").symlink_to("loop.json")
+    samples, problems = read_dataset(root, "x", ReadOptions())
+    assert [s.id for s in samples] == ["anns/train/000.json", "anns/train/001.json", "anns/train/inside.json"]
+    assert {p.file: p.reason for p in problems} == {
+        "anns/train/outside.json": "path_outside_root",
+        "anns/train/dangling.json": "invalid_json",
+        "anns/train/loop.json": "invalid_json",
+    }
+
+
+def test_annotation_text_the_tokenizer_would_refuse_is_named(tmp_path):
+    root = good_dataset(tmp_path, 1)
+    write_annotation(root, "surrogate.json", '{"img_pth": "images/train/000.png", "anns": {"user": "q", "assistant": '
+                                             '"x \\ud800 y"}}')  # fmt: skip
+    write_annotation(root, "deep.json", "[" * 100_000 + "]" * 100_000)
+    _, problems = read_dataset(root, "x", ReadOptions())
+    assert {p.file: p.reason for p in problems} == {
+        "anns/train/surrogate.json": "bad_schema",
+        "anns/train/deep.json": "invalid_json",
+    }

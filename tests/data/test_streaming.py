@@ -14,7 +14,7 @@ from PIL import Image
 from granite_docling.data.examples import ExampleEncoder
 from granite_docling.data.loading import make_loader
 from granite_docling.data.sample import Problem
-from granite_docling.data.sources import ReadOptions
+from granite_docling.data.sources import DatasetNotFoundError, ReadOptions
 from granite_docling.data.split import seeded_rng
 from granite_docling.data.streaming import Draws, StreamingDataset, list_files, open_stream_source, worker_progress
 
@@ -169,3 +169,30 @@ def test_build_data_streams_when_asked_and_refuses_a_mixture(tmp_path, tiny_proc
     assert sorted(item["id"] for item in data.train) == sorted(all_ids())
     with pytest.raises(ValueError, match="every source or for none"):
         data_of(compose_config("dataset=[folder,sample]", *overrides), tiny_processor)
+
+
+@pytest.mark.parametrize("content", [b"", b"plain text, not parquet\n", None])
+def test_a_file_that_holds_no_rows_to_stream_is_one_line(tmp_path, content):
+    if content is None:  # the hub schema, no rows
+        schema = pa.Table.from_pylist([{"images": [{"bytes": png("red"), "path": "a"}], "texts": []}]).schema
+        pq.write_table(schema.empty_table(), tmp_path / "train.parquet")
+    else:
+        (tmp_path / "train.parquet").write_bytes(content)
+    with pytest.raises(DatasetNotFoundError, match=r"train.parquet cannot be read: ArrowInvalid|hold no rows") as error:
+        open_stream_source("s", str(tmp_path / "train.parquet"), ReadOptions())
+    assert "\n" not in str(error.value)
+
+
+def test_a_damaged_row_group_is_one_problem_per_row_and_the_others_are_read(tmp_path, tiny_processor):
+    folder = write_shards(tmp_path / "d", rows_per_file=(7,), row_group_size=3)
+    file = folder / "train-00000.parquet"
+    data = bytearray(file.read_bytes())
+    data[4:64] = b"\xff" * 60  # the first page header of row group 0 (the file opens with 'PAR1'); footer intact
+    file.write_bytes(bytes(data))
+    dataset = streaming([folder], tiny_processor)
+    items = list(dataset)
+    problems = {item.file: item.reason for item in items if isinstance(item, Problem)}
+    assert problems == {f"train-00000.parquet#{r}": "unreadable_rows" for r in range(3)}
+    assert sorted(item["id"] for item in items if not isinstance(item, Problem)) == [
+        f"train-00000.parquet#{r}" for r in range(3, 7)
+    ]
