@@ -32,6 +32,7 @@ USER_ERRORS = {  # module -> its exceptions that are the user's to fix; their me
     "granite_docling.data.sources": ("DatasetNotFoundError",),
     "granite_docling.data.pages": ("PageFileError",),
     "granite_docling.data.prepare": ("PrepareError",),
+    "granite_docling.evaluation.records": ("PredictionsFileError",),
     "granite_docling.evaluation.server": ("ServerError",),
 }
 

@@ -7,9 +7,15 @@
     report_files/    the page images it shows, as WebP thumbnails (~50 KB a page), loaded lazily
 
 Answers are rendered by docling-core's HTML export: the files :func:`~granite_docling.evaluation.report.write_outputs`
-left in ``pages/``, in lazy iframes, or the export inline (``srcdoc``) where there are none. The diff compares what
-the text metrics score, the Markdown export of a page conversion (the raw text of other answers), word by word
-with difflib: ``<del>`` marks reference words the prediction lacks, ``<ins>`` words it adds.
+left in ``pages/``, or an export written into ``report_files/`` where there are none, in lazy sandboxed iframes.
+The diff compares what the text metrics score, the Markdown export of a page conversion (the raw text of other
+answers), word by word with difflib: ``<del>`` marks reference words the prediction lacks, ``<ins>`` words it adds.
+
+The page is passed around, and its answers come from datasets and predictions files anyone may write, so nothing
+from them is inserted as markup: text is escaped, and a formula's MathML is rebuilt from latex2mathml's element
+tree (whose own ``convert`` unescapes ``<`` inside ``\text{...}``) and kept to MathML's presentation elements and
+attributes by nh3 (ammonia). The page's Content-Security-Policy allows no script at all, its one stylesheet by
+hash, and images and frames from its own folder only.
 
 The runner writes the page once for every evaluation folder, the main folder's with the compare_to side as
 before (:func:`write_report_page` ``(after, before)``).
@@ -17,7 +23,9 @@ before (:func:`write_report_page` ``(after, before)``).
 
 from __future__ import annotations
 
+import base64
 import difflib
+import hashlib
 import html
 import os
 import re
@@ -25,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import nh3
 from PIL import Image
 
 from granite_docling.evaluation.doctags import is_page_answer
@@ -81,6 +90,32 @@ border:1px solid #eee;padding:.5em;margin:.3em 0}del{background:#fdd;color:#8a10
 ins{background:#d7f5dc;color:#0b5a1c;text-decoration:none}details{margin-top:.4em}summary{cursor:pointer}
 .formula{font-size:1.3em;overflow-x:auto;padding:.3em 0}"""
 
+MATHML_TAGS = frozenset(
+    "math mrow mi mn mo ms mtext mspace msub msup msubsup munder mover munderover mfrac msqrt mroot mstyle mpadded "
+    "mphantom menclose mtable mtr mtd".split()
+)
+"""The MathML Core presentation elements latex2mathml writes; no ``semantics``/``annotation-xml`` (which can
+hold HTML), no links."""
+MATHML_ATTRIBUTES = frozenset(
+    "display mathvariant mathsize mathcolor mathbackground displaystyle scriptlevel accent accentunder fence form "
+    "largeop lspace rspace maxsize minsize movablelimits separator stretchy symmetric linethickness width height "
+    "depth voffset notation columnalign columnlines columnspacing rowalign rowlines rowspacing frame columnspan "
+    "rowspan".split()
+)
+"""Presentation attributes only: no ``href`` (latex2mathml's ``\\href``), ``style`` (``\\style``), ``on*`` or
+``xlink:*``."""
+_CHARACTER_REFERENCE = re.compile(r"&amp;(#x[0-9A-Fa-f]+;)")  # latex2mathml writes symbols as text "&#x003C1;"
+
+
+def content_security_policy(*styles: str) -> str:
+    """The page's policy: no script of any kind, only the given inline ``<style>`` blocks (by SHA-256), images
+    and frames from the page's own folder, nothing else fetched."""
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in styles)
+    return (
+        f"default-src 'none'; script-src 'none'; style-src {hashes}; img-src 'self'; frame-src 'self'; "
+        "base-uri 'none'; form-action 'none'"
+    )
+
 
 def write_report_page(after: Outputs, before: Outputs | None = None) -> Path:
     """Write ``after.folder/report.html``; ``before`` is the compare_to evaluation, shown as before -> after."""
@@ -111,8 +146,10 @@ def write_report_page(after: Outputs, before: Outputs | None = None) -> Path:
         "<ins>words the prediction adds</ins>; ↑ higher is better, ↓ lower is better.</p>"
     )
     title = html.escape(after.title)
+    policy = content_security_policy(_STYLE)
     page = (
-        f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>Evaluation: {title}</title>"
+        f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        f'<meta http-equiv="Content-Security-Policy" content="{policy}"><title>Evaluation: {title}</title>'
         f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>\n"
     )
     path = after.folder / PAGE
@@ -314,16 +351,28 @@ def diff_text(answer: str) -> tuple[str, bool]:
 
 def formula_mathml(answer: str) -> str | None:
     """MathML of a formula answer (``[<loc_..>x4]LATEX</formula>``, SynthFormulaNet's form), which browsers draw
-    natively; None for other answers and LaTeX that latex2mathml (docling-core's converter) rejects."""
+    natively; None for other answers and LaTeX that latex2mathml (docling-core's converter) rejects.
+
+    Safe to insert into a page whatever the answer holds: markup in the LaTeX stays text, and only the elements
+    and attributes of :data:`MATHML_TAGS` and :data:`MATHML_ATTRIBUTES` are kept.
+    """
     match = _FORMULA_ANSWER.match(answer)
     if match is None or not match.group(1).strip():
         return None
-    from latex2mathml.converter import convert
+    from xml.etree.ElementTree import tostring
+
+    from latex2mathml.converter import convert_to_element
 
     try:
-        return convert(match.group(1), display="block")
+        tree = convert_to_element(match.group(1), display="block")
     except Exception:  # latex2mathml raises assorted types on malformed LaTeX, which a prediction may well be
         return None
+    return sanitize_mathml(_CHARACTER_REFERENCE.sub(r"&\1", tostring(tree, encoding="unicode")))
+
+
+def sanitize_mathml(markup: str) -> str:
+    """``markup`` cut down to the MathML elements and attributes of the allowlists (text kept, as text)."""
+    return nh3.clean(markup, tags=set(MATHML_TAGS), attributes={"*": set(MATHML_ATTRIBUTES)})
 
 
 def _rendered(folder: Path, record: Record, side: str) -> str:
@@ -336,13 +385,16 @@ def _rendered(folder: Path, record: Record, side: str) -> str:
         shown = f"<div class=formula>{mathml}</div>" if mathml else ""
         return f"{shown}<pre>{html.escape(answer) or '(empty)'}</pre>"
     exported = Path("pages") / safe_name(record.dataset) / safe_name(record.id) / side / f"{side}.html"
-    if (folder / exported).is_file():
-        return f"<iframe loading=lazy sandbox src='{html.escape(exported.as_posix())}'></iframe>{raw}"
-    try:
-        rendered = pages_to_document(split_pages(answer)).export_to_html()
-    except ValueError:
-        return f"<pre>{html.escape(answer)}</pre>"
-    return f"<iframe loading=lazy sandbox srcdoc='{html.escape(rendered, quote=True)}'></iframe>{raw}"
+    if not (folder / exported).is_file():
+        # Its own file rather than srcdoc: a srcdoc frame would inherit the page's policy, which blocks its style.
+        try:
+            rendered = pages_to_document(split_pages(answer)).export_to_html()
+        except ValueError:
+            return f"<pre>{html.escape(answer)}</pre>"
+        exported = Path(FILES_DIR) / "pages" / safe_name(record.dataset) / safe_name(record.id) / f"{side}.html"
+        (folder / exported).parent.mkdir(parents=True, exist_ok=True)
+        (folder / exported).write_text(rendered, encoding="utf-8")
+    return f"<iframe loading=lazy sandbox src='{html.escape(exported.as_posix())}'></iframe>{raw}"
 
 
 def _scores_line(scores: Mapping[str, Any] | None, before: Mapping[str, Any] | None) -> str:

@@ -1,19 +1,26 @@
 """What one evaluation is, in memory and on disk: its records (predictions.jsonl), where its files are
 (:class:`Outputs`), and the constants that :mod:`report` and :mod:`html_report` both read.
 
-    records = read_predictions(Path("outputs/eval/predictions.jsonl"))
+    records = read_predictions(Path("outputs/eval/predictions.jsonl"), image_roots=["data/sample"])
+
+A predictions file may come from anyone, and the images it names end up in report.html's ``report_files/``: they
+are read only from inside the file's own folder and the folders of the datasets being evaluated.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from granite_docling.data.images import ImageError, resolve_inside
 from granite_docling.evaluation.metrics import EXTRA_METRICS, REPORTED_METRICS, Scores
+
+log = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = frozenset({"edit_distance"})
 TABLE_METRICS = (*REPORTED_METRICS, *EXTRA_METRICS)
@@ -44,9 +51,17 @@ class Record:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Record:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a predictions line is a JSON {type(data).__name__}, not an object")
         missing = {"id", "dataset", "prediction", "reference"} - set(data)
         if missing:
             raise ValueError(f"a predictions line lacks {sorted(missing)}: is this a predictions.jsonl?")
+        for key in ("prediction", "reference"):
+            if not isinstance(data[key], str):
+                raise ValueError(f"{key!r} is a JSON {type(data[key]).__name__}, not a string")
+        images = data.get("images") or []
+        if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
+            raise ValueError(f"'images' must be a list of file paths, not {json.dumps(images)[:80]}")
         return cls(
             id=str(data["id"]),
             dataset=str(data["dataset"]),
@@ -55,24 +70,62 @@ class Record:
             prediction=data["prediction"],
             reference=data["reference"],
             stopped=data.get("stopped"),
-            images=list(data.get("images") or []),
+            images=list(images),
             new_tokens=data.get("new_tokens"),
             max_new_tokens=data.get("max_new_tokens"),
         )
 
 
-def read_predictions(path: Path) -> list[Record]:
+class PredictionsFileError(ValueError):
+    """A predictions file that cannot be read as one: the message names the file (and line) and what is wrong."""
+
+
+def read_predictions(path: Path, image_roots: Sequence[str | Path] = ()) -> list[Record]:
+    """The records of a predictions.jsonl. The images they name are kept only where they lie inside the file's
+    folder or one of ``image_roots`` (the datasets being evaluated; hub ids and missing paths are skipped); any
+    other path becomes '' (not read, as for an image stored inline), and one warning says how many and how to
+    show them."""
+    path = Path(path)
     records = []
-    with Path(path).open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    records.append(Record.from_dict(json.loads(line)))
-                except (json.JSONDecodeError, ValueError) as error:
-                    raise ValueError(f"{path}:{number}: {error}") from error
+    try:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        records.append(Record.from_dict(json.loads(line)))
+                    except ValueError as error:  # json.JSONDecodeError is one
+                        raise PredictionsFileError(f"{path}:{number}: {error}") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise PredictionsFileError(f"cannot read {path}: {error}") from error
     if not records:
-        raise ValueError(f"{path} holds no predictions")
+        raise PredictionsFileError(f"{path} holds no predictions")
+    roots = [Path(root) for root in (path.parent, *image_roots) if root and Path(root).exists()]
+    roots = [root if root.is_dir() else root.parent for root in roots]  # a parquet file's folder
+    refused = []
+    for record in records:
+        allowed = [image if not image or _inside_any(image, roots) else "" for image in record.images]
+        refused += [image for image, kept in zip(record.images, allowed, strict=True) if image and not kept]
+        record.images = allowed
+    if refused:
+        log.warning(
+            "%s names %d image(s) outside its folder and the folders of this evaluation's datasets, not read "
+            "(first: %r); to show them, evaluate with the dataset they belong to: dataset=[NAME] "
+            "dataset.NAME.path=FOLDER",
+            path,
+            len(refused),
+            refused[0][:200],
+        )
     return records
+
+
+def _inside_any(image: str, roots: Sequence[Path]) -> bool:
+    for root in roots:
+        try:
+            resolve_inside(root, str(Path(image).absolute()))  # relative paths are the evaluation's, from the cwd
+            return True
+        except (ImageError, OSError, ValueError, RuntimeError):  # outside, or a path that cannot be resolved
+            continue
+    return False
 
 
 def write_predictions(path: Path, records: Sequence[Record]) -> None:

@@ -256,7 +256,8 @@ def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> EvaluationResult | Non
     results = []
     for target, folder in sides:
         if is_predictions_file(target):
-            records = read_predictions(Path(target)) if is_main else []
+            roots = [source.path for source in cfg.dataset.values()]  # where its images may be read from
+            records = read_predictions(Path(target), image_roots=roots) if is_main else []
             log.info("scoring %d saved predictions from %s", len(records), target)
         else:
             records = generate_records(target, samples, edges, e, accelerator)

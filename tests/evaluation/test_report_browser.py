@@ -1,8 +1,11 @@
 """report.html in a real browser: headless Chromium (Debian's ``chromium``) opens the page of an evaluation with
 compare_to next to a training run, over the DevTools protocol on a pipe (``--remote-debugging-pipe``: no
 network, no websocket client, no playwright). Checks: no console error or uncaught exception, no resource that
-fails to load, the metric table, the loss curve, the samples and their MathML formulas in the rendered DOM,
-and a screenshot (``outputs/test-browser/report.png``).
+fails to load, the metric table, the loss curve, the samples and their MathML formulas in the rendered DOM, the
+page's style and toggles under its Content-Security-Policy, and a screenshot (``outputs/test-browser/report.png``).
+Then hostile answers: LaTeX carrying markup, through a dataset's references (a tiny model evaluated) and through
+an ``eval.predictions`` file, must run nothing; script injected into a page past the sanitizer is blocked by the
+policy.
 
     make test-browser                                    # installs chromium where it is missing, then this
     .venv/bin/python -m pytest -q -m browser             # CHROMIUM=/path/to/chrome picks another binary
@@ -23,7 +26,11 @@ import time
 from pathlib import Path
 
 import pytest
+from eval_helpers import save_tiny_checkpoint
 from test_report_page import build_evaluation_folder
+
+from granite_docling.data.synth import write_sample_data
+from granite_docling.evaluation.records import Record, write_predictions
 
 pytestmark = pytest.mark.browser
 
@@ -84,6 +91,8 @@ class Chromium:
             self.events.append(reply)
 
     def open(self, url: str, timeout: float = 30) -> None:
+        """Load ``url``; :meth:`problems` then covers this page only."""
+        self.events = []
         self.call("Page.navigate", url=url)
         deadline = time.time() + timeout
         while not any(event.get("method") == "Page.loadEventFired" for event in self.events):
@@ -163,7 +172,131 @@ def test_the_report_renders_in_chromium(browser, tmp_path):
     assert dom["samples"] == 4 and dom["curves"] == 1 and dom["marks"] > 4 and dom["iframes"] == 4, dom
     assert dom["formulas"] == 4, dom  # MathML drawn by the browser: reference and prediction of 2 formula crops
 
+    # Under the page's policy its own stylesheet applies (by hash) and the <details> toggles work (no script).
+    features = browser.evaluate(
+        "(() => { const closed = [...document.querySelectorAll('details')].filter(d => !d.open);"
+        " closed[0].querySelector('summary').click();"
+        " return {styled: getComputedStyle(document.querySelector('.card')).borderTopStyle,"
+        "  closed: closed.length, opened: closed[0].open}; })()"
+    )
+    assert features == {"styled": "solid", "closed": features["closed"], "opened": True} and features["closed"] > 4
+
     browser.call("Emulation.setDeviceMetricsOverride", width=1400, height=1800, deviceScaleFactor=1, mobile=False)
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)  # kept for a person to look at
     shot = browser.screenshot(SCREENSHOT)
     assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000  # more than a blank page
+
+
+BOX = "<loc_10><loc_20><loc_30><loc_40>"
+CRAFTED = [  # each would set the title if any of it ran
+    "x = \\text{<img/src/onerror=document.title='X'>}",
+    "x = \\text{<script>document.title='X'</script>}",
+    "\\text{<svg onload=document.title='X'>}",
+    "\\text{<math href=javascript:document.title='X'>m</math>}",
+    "\\text{<svg><a xlink:href=javascript:document.title='X'><text y=9>a</text></a></svg>}",
+    "\\text{<iframe srcdoc=<script>parent.document.title='X'</script>>}",
+    "\\href{javascript:document.title='X'}{y}",  # latex2mathml's own link
+    "\\style{background:red}{y}",
+]
+RAN_NOTHING = (
+    "(() => { document.querySelectorAll('.formula *').forEach(e => e.dispatchEvent(new MouseEvent('click',"
+    " {bubbles: true, cancelable: true})));"
+    " const all = [...document.querySelectorAll('*')];"
+    " return {title: document.title, scripts: document.scripts.length,"
+    "  handlers: all.filter(e => [...e.attributes].some(a => /^on/i.test(a.name))).length,"
+    "  links: all.filter(e => [...e.attributes].some(a => /href$/i.test(a.name)"
+    "   && /^\\s*javascript:/i.test(a.value))).length,"
+    "  foreign: document.querySelectorAll('.formula :not(math, math *), .formula svg, .formula a').length,"
+    "  formulas: document.querySelectorAll('.formula math').length,"
+    "  texts: [...document.querySelectorAll('.formula mtext')].map(m => m.textContent)}; })()"
+)
+
+
+@pytest.fixture(scope="module")
+def crafted_pages(tmp_path_factory) -> dict[str, Path]:
+    """report.html of the crafted answers by both routes: as a dataset's references, evaluated with a tiny model
+    (its page answer rendered from report_files/, eval.page_exports=false), and as the predictions and references
+    of an eval.predictions file."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from granite_docling.evaluation.config import register_eval_configs, validate_eval
+    from granite_docling.evaluation.runner import evaluate
+
+    root = tmp_path_factory.mktemp("crafted")
+    data = root / "data"
+    write_sample_data(data, pages=1, formulas=len(CRAFTED), seed=3, qa_turns=1)
+    for path, latex in zip(sorted((data / "anns" / "train").glob("synth_formula_*.json")), CRAFTED, strict=True):
+        annotation = json.loads(path.read_text())
+        annotation["anns"]["assistant"] = f"{BOX}{latex}</formula>"
+        path.write_text(json.dumps(annotation))
+    image = next((data / "images" / "train").glob("synth_formula_*.png"))
+    answers = [f"{BOX}{latex}</formula>" for latex in CRAFTED]
+    records = [Record(f"f{i}", "crafted", None, "", a, a, True, [str(image)]) for i, a in enumerate(answers)]
+    write_predictions(root / "predictions.jsonl", records)
+
+    register_eval_configs()
+    common = ["dataset=[sample]", f"dataset.sample.path={data}", "eval.split=all", "eval.num_examples=20",
+              "eval.docling_eval_export=false"]  # fmt: skip
+    routes = {
+        "dataset": [f"checkpoint={save_tiny_checkpoint(root / 'model')}", "eval.max_new_tokens=4",
+                    "eval.page_exports=false"],
+        "predictions": [f"eval.predictions={root / 'predictions.jsonl'}"],
+    }  # fmt: skip
+    pages = {}
+    for route, overrides in routes.items():
+        with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
+            cfg = OmegaConf.to_object(compose(config_name="evaluate", overrides=common + overrides))
+        validate_eval(cfg)
+        evaluate(cfg, root / route)
+        pages[route] = root / route / "report.html"
+    return pages
+
+
+@pytest.mark.parametrize("route", ["dataset", "predictions"])
+def test_crafted_answers_run_no_script(browser, crafted_pages, route):
+    page = crafted_pages[route]
+    browser.open(page.as_uri())
+    time.sleep(0.5)  # lazy frames and images
+    found = browser.evaluate(RAN_NOTHING)
+    time.sleep(0.3)  # anything a click set off
+    assert (
+        browser.evaluate("document.title")
+        == found["title"]
+        == "Evaluation: "
+        + (str(page.parents[1] / "model") if route == "dataset" else str(page.parents[1] / "predictions.jsonl"))
+    )
+    assert (found["scripts"], found["handlers"], found["links"], found["foreign"]) == (0, 0, 0, 0), found
+    # Every crafted formula drawn as MathML (reference, and prediction on the predictions route) with its
+    # markup as visible text; nothing blocked by the policy either, since nothing was there to block.
+    assert found["formulas"] == len(CRAFTED) * (2 if route == "predictions" else 1), found
+    assert "<img/src/onerror=document.title='X'>" in found["texts"], found["texts"]
+    assert "<script>document.title='X'</script>" in found["texts"], found["texts"]
+    assert browser.problems() == []
+    if route == "dataset":  # the page reference, exported into report_files/ and framed (no pages/ exports)
+        frames = browser.evaluate(
+            "[...document.querySelectorAll('iframe')].map(f => [f.getAttribute('src'), f.offsetHeight > 100])"
+        )
+        assert frames == [["report_files/pages/sample/anns_train_synth_doc_00000/reference.html", True]], frames
+        assert (page.parent / frames[0][0]).is_file()
+
+
+def test_the_policy_blocks_script_the_page_did_not_ship(browser, crafted_pages):
+    """Script put into a page past the sanitizer: the Content-Security-Policy alone stops it."""
+    page = crafted_pages["predictions"]
+    injected = page.with_name("injected.html")
+    injected.write_text(
+        page.read_text().replace(
+            "<body>",
+            "<body><script>document.title='X'</script><img src=x onerror=\"document.title='X'\">"
+            "<svg onload=\"document.title='X'\"></svg><a id=js href=\"javascript:document.title='X'\">js</a>",
+            1,
+        )
+    )
+    browser.open(injected.as_uri())
+    browser.evaluate("document.getElementById('js').click()")
+    time.sleep(0.5)
+    assert browser.evaluate("document.title") == f"Evaluation: {page.parents[1] / 'predictions.jsonl'}"
+    blocked = [p for p in browser.problems() if "Content Security Policy" in p]
+    assert len(blocked) >= 3, browser.problems()  # the script, the two handlers and the javascript: link
+    assert browser.evaluate("getComputedStyle(document.querySelector('.card')).borderTopStyle") == "solid"

@@ -1,10 +1,15 @@
 """report.html (html_report.py, loss_curve.py): the EMA and the word diff on literal cases, finding the training
 run of a checkpoint, the SVG loss curve, and one evaluate.py run with compare_to re-scoring saved predictions
-(no model) next to a fake training run: before -> after metrics, the loss curve, samples with their images."""
+(no model) next to a fake training run: before -> after metrics, the loss curve, samples with their images.
+And what keeps the page safe to pass around: formula MathML through an allowlist, a Content-Security-Policy, and
+the images a predictions file may name confined to its folder and the datasets given."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import logging
 import math
 import random
 import re
@@ -14,7 +19,8 @@ import pytest
 from eval_helpers import write_eval_data
 
 from granite_docling.data.sources import ReadOptions, read_dataset
-from granite_docling.evaluation.html_report import formula_mathml, metrics_html, word_diff
+from granite_docling.errors import user_error_message
+from granite_docling.evaluation.html_report import formula_mathml, metrics_html, sanitize_mathml, word_diff
 from granite_docling.evaluation.loss_curve import (
     checkpoint_step,
     draw_loss_curve,
@@ -23,7 +29,8 @@ from granite_docling.evaluation.loss_curve import (
     loss_series,
     training_run_folder,
 )
-from granite_docling.evaluation.records import Record, write_predictions
+from granite_docling.evaluation.records import PredictionsFileError, Record, read_predictions, write_predictions
+from granite_docling.evaluation.report import write_outputs
 
 
 def test_ema_on_literal_numbers():
@@ -56,6 +63,112 @@ def test_formula_answers_become_mathml_and_other_answers_do_not():
     assert formula_mathml("<loc_1><loc_2> x x x x") is None  # cut before </formula>: shown as text
     assert formula_mathml("<doctag><text>x</text></doctag>") is None
     assert formula_mathml("The title is Y.") is None
+
+
+BOX = "<loc_10><loc_20><loc_30><loc_40>"
+
+
+def test_markup_in_a_formula_stays_text_and_only_presentation_mathml_is_kept():
+    # latex2mathml's convert() unescapes its output, so \text{<img ...>} used to become a live <img onerror>.
+    assert formula_mathml(BOX + "x = \\text{<img/src/onerror=document.title='X'>}</formula>") == (
+        '<math display="block"><mrow><mi>x</mi><mo>=</mo>'
+        "<mtext>&lt;img/src/onerror=document.title='X'&gt;</mtext></mrow></math>"
+    )
+    assert formula_mathml(BOX + "\\text{<script>document.title='X'</script>}</formula>") == (
+        "<math display=\"block\"><mrow><mtext>&lt;script&gt;document.title='X'&lt;/script&gt;</mtext></mrow></math>"
+    )
+    hostile = [
+        "\\href{javascript:document.title='X'}{y}",  # latex2mathml writes <mrow href="javascript:...">
+        "\\style{background:url(x)}{y}",  # and <mrow style="...">
+        "\\text{<svg onload=document.title='X'>}",
+        "\\text{<math href=javascript:document.title='X'>m</math>}",
+        "\\text{<a xlink:href=javascript:document.title='X'>a</a>}",
+        "\\text{&#x3C;script&#x3E;}",
+    ]
+    for latex in hostile:
+        mathml = formula_mathml(BOX + latex + "</formula>")
+        tags = re.findall(r"<([\w:-]+)", mathml)
+        assert set(tags) <= {"math", "mrow", "mi", "mtext"}, (latex, mathml)
+        assert not re.search(r"<[^>]*\s(on\w+|href|xlink:href|style)=", mathml), (latex, mathml)
+        assert "javascript:" not in re.sub(r"<mtext>.*?</mtext>", "", mathml), (latex, mathml)  # only as text
+    # Legitimate MathML keeps its elements, attributes and symbols (written by latex2mathml as &#x...; text).
+    assert formula_mathml(BOX + "\\color{red}{y} \\le \\{ \\alpha \\}</formula>") == (
+        '<math display="block"><mrow><mstyle mathcolor="red"><mrow><mi>y</mi></mrow><mo>≤</mo>'
+        '<mo stretchy="false">{</mo><mi>α</mi><mo stretchy="false">}</mo></mstyle></mrow></math>'
+    )
+    assert formula_mathml(BOX + "\\begin{array}{c|c}a&b\\end{array}</formula>") == (
+        '<math display="block"><mrow><mtable columnlines="solid"><mtr><mtd columnalign="center"><mi>a</mi></mtd>'
+        '<mtd columnalign="center"><mi>b</mi></mtd></mtr></mtable></mrow></math>'
+    )
+
+
+def test_the_mathml_allowlist_on_hostile_markup():
+    markup = (
+        '<math href="javascript:alert(1)" display=block><mi onclick="alert(1)" xlink:href="javascript:alert(1)" '
+        'style="color:red" class=c id=i>x</mi><semantics><annotation-xml encoding="text/html"><img src=x '
+        'onerror="alert(1)"></annotation-xml></semantics><mtext><svg onload="alert(1)"><a '
+        'xlink:href="javascript:alert(1)">a</a></svg></mtext><mtext><script>alert(1)</script></mtext>'
+        "<maction actiontype=statusline>m</maction><mfrac linethickness=0>1</mfrac></math>"
+    )
+    assert sanitize_mathml(markup) == (
+        '<math display="block"><mi>x</mi><mtext></mtext><mtext></mtext>m<mfrac linethickness="0">1</mfrac></math>'
+    )
+
+
+def test_predictions_files_read_images_only_from_their_folder_and_the_datasets(tmp_path, caplog):
+    from PIL import Image
+
+    dataset = tmp_path / "data"
+    outside = tmp_path / "private"
+    shared = tmp_path / "shared"
+    for folder in (dataset, outside, shared):
+        folder.mkdir()
+    for path, size in (
+        (dataset / "page.png", (40, 30)),
+        (outside / "secret.png", (50, 50)),
+        (shared / "beside.png", (20, 10)),
+    ):
+        Image.new("RGB", size, "white").save(path)
+    (dataset / "link.png").symlink_to(outside / "secret.png")  # inside by name, outside once resolved
+    escaped = str(dataset / ".." / "private" / "secret.png")
+    images = [str(dataset / "page.png"), str(outside / "secret.png"), str(dataset / "link.png"), escaped,
+              str(shared / "beside.png"), "", "bad\0name.png"]  # fmt: skip
+    write_predictions(shared / "predictions.jsonl", [Record("p1", "d", None, "", "x", "x", True, images)])
+
+    with caplog.at_level(logging.WARNING, logger="granite_docling.evaluation.records"):
+        [record] = read_predictions(shared / "predictions.jsonl", image_roots=[str(dataset), "org/hub-id", ""])
+    assert record.images == [str(dataset / "page.png"), "", "", "", str(shared / "beside.png"), "", ""]
+    [warning] = caplog.messages
+    assert "names 4 image(s) outside its folder" in warning and "secret.png" in warning
+    assert "dataset.NAME.path=FOLDER" in warning
+
+    outputs = write_outputs(tmp_path / "eval", [record], "t", page_exports=False)  # no copy of what was refused
+    assert [size for _, *size in outputs.examples[0]] == [[40, 30], [20, 10]]
+    assert sorted(p.name for p in (tmp_path / "eval" / "report_files").iterdir()) == [
+        "0000_p1_1.webp",
+        "0000_p1_2.webp",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"id": "a", "dataset": "d", "prediction": "x", "reference": "x", "images": [5]}', "list of file paths"),
+        ('{"id": "a", "dataset": "d", "prediction": "x", "reference": "x", "images": "a.png"}', "list of file paths"),
+        ('{"id": "a", "dataset": "d", "prediction": 5, "reference": "x"}', "'prediction' is a JSON int"),
+        ("[1, 2]", "a JSON list, not an object"),
+        ("{not json", "Expecting property name"),
+    ],
+)
+def test_a_broken_predictions_file_is_one_line(tmp_path, line, message):
+    path = tmp_path / "predictions.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(PredictionsFileError, match=re.escape(message)) as error:
+        read_predictions(path)
+    assert user_error_message(error.value) == str(error.value) and str(error.value).startswith(f"{path}:1: ")
+    path.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(PredictionsFileError, match="cannot read"):
+        read_predictions(path)
 
 
 def test_the_training_run_is_found_from_the_checkpoint(tmp_path):
@@ -151,7 +264,9 @@ def build_evaluation_folder(root: Path) -> tuple[Path, Path]:
     write_predictions(root / "untrained.jsonl", records(lambda _: "<doctag><text><loc_1>"))
 
     register_eval_configs()
-    overrides = [f"eval.predictions={earlier / 'predictions.jsonl'}", f"compare_to={root / 'untrained.jsonl'}"]
+    # dataset=: the folder the images the predictions name may be read from (no sample is read)
+    overrides = [f"eval.predictions={earlier / 'predictions.jsonl'}", f"compare_to={root / 'untrained.jsonl'}",
+                 "dataset=[sample]", f"dataset.sample.path={root / 'data'}"]  # fmt: skip
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
         cfg = OmegaConf.to_object(compose(config_name="evaluate", overrides=overrides))
     validate_eval(cfg)
@@ -187,3 +302,23 @@ def test_report_page_of_a_comparison_with_a_training_run(evaluation):
         assert (folder / ref).exists(), ref
     before_page = (folder / "compare_to" / "report.html").read_text()
     assert "<th>before</th>" not in before_page and "No training run found" in before_page
+
+
+def test_the_page_allows_no_script_and_its_own_style_by_hash(evaluation):
+    folder, _ = evaluation
+    page = (folder / "report.html").read_text()
+    [policy] = re.findall(r'<meta http-equiv="Content-Security-Policy" content="([^"]+)">', page)
+    directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+    [style] = re.findall(r"<style>(.*?)</style>", page, re.DOTALL)
+    digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+    assert directives == {
+        "default-src": "'none'",
+        "script-src": "'none'",
+        "style-src": f"'sha256-{digest}'",
+        "img-src": "'self'",
+        "frame-src": "'self'",
+        "base-uri": "'none'",
+        "form-action": "'none'",
+    }
+    assert page.index("Content-Security-Policy") < page.index("<style>")  # in force before anything it governs
+    assert "<script" not in page and " style=" not in page and "srcdoc" not in page
