@@ -96,7 +96,7 @@ class SourceIndex:
             return int(arrays["rows"][i])
         start = arrays["offsets"][i]
         stop = arrays["offsets"][i + 1]
-        return bytes(arrays["names"][start:stop]).decode("utf-8")
+        return bytes(arrays["names"][start:stop]).decode("utf-8", "surrogateescape")  # any file name, as listed
 
     def __len__(self) -> int:
         return self.size
@@ -286,7 +286,7 @@ def _write(
     np.save(tmp / "tokens.npy", lengths[:, 0].astype(np.int32))
     np.save(tmp / "tiles.npy", lengths[:, 1].astype(np.int32))
     if isinstance(source, FolderSource):
-        names = [source.locator(int(i)).encode("utf-8") for i in positions]
+        names = [source.locator(int(i)).encode("utf-8", "surrogateescape") for i in positions]
         offsets = np.zeros(len(names) + 1, dtype=np.int64)
         np.cumsum([len(n) for n in names], out=offsets[1:])
         (tmp / "names.bin").write_bytes(b"".join(names))

@@ -221,7 +221,7 @@ class FolderSource(Source):
             for entry in entries:
                 if is_annotation(entry):
                     stat = _stat(entry)
-                    key = f"{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
+                    key = f"{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode("utf-8", "surrogateescape")
                     total += int.from_bytes(hashlib.blake2b(key, digest_size=16).digest(), "little")
                     count += 1
         return hashlib.sha256(f"folder\0{self.ann_dir.resolve()}\0{count}\0{total % 2**128}".encode()).hexdigest()[:32]

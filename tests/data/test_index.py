@@ -229,3 +229,13 @@ def test_an_entry_whose_files_do_not_match_its_meta_is_built_again(tmp_path, tin
         _, again = index_of(root, tiny_processor, cache)
     assert "rank 0 built 6 records" in caplog.text
     assert again.entry == first.entry and len(again.tokens) == 6
+
+
+def test_an_annotation_whose_name_is_not_utf8_is_indexed_and_read(tmp_path, tiny_processor):
+    root = good_dataset(tmp_path / "data", 2)
+    folder = os.fsencode(root / "anns" / "train")
+    with open(folder + b"/\xff\xfe.json", "wb") as f:  # any bytes but / and NUL make a Linux file name
+        f.write((root / "anns" / "train" / "000.json").read_bytes())
+    source, index = index_of(root, tiny_processor, tmp_path / "cache")
+    assert [index.locator(i) for i in range(len(index))] == ["000.json", "001.json", "\udcff\udcfe.json"]
+    assert source.read(index.locator(2)).turns == source.read("000.json").turns
