@@ -9,8 +9,11 @@ weights, and keep ``adapter/`` for resuming) and the training state, in two file
 * ``training_state/state.json``: the rest (loop position, scheduler, optimizer settings, Python / NumPy RNG
   states, the resolved config), naming its tensors by key; see :func:`pack_state`. (A folder of their own:
   vLLM takes every ``*.safetensors`` file at the top of a model folder for weights.)
-* ``checkpoint.json``, written last: format, step, epoch and the size of every file. Listing, sorting and
-  rotating checkpoints read only this file, never the optimizer state.
+* ``checkpoint.json``, written last: format, step, epoch and the size and content hash of every file. Listing,
+  sorting and rotating checkpoints read only this file, never the optimizer state; resuming checks every file
+  against it, and loading the model (``model.checkpoint=``, ``evaluate.py``, ``predict``) the model's files, so
+  that a truncated or overwritten file is refused in one line, not trained or evaluated on. A model folder saved
+  without a training state (``final_model``, ``initial_model``) has the manifest too.
 
 Writes go to a hidden temporary folder that is flushed to the disk and renamed into place
 (:mod:`granite_docling.durable`), so a crash, a SIGKILL or a power cut mid-save never leaves a folder that looks
@@ -46,23 +49,26 @@ except ImportError:  # NumPy 1
     from numpy.core.multiarray import _reconstruct as reconstruct
 
 from granite_docling.checkpoint_files import (
-    FORMAT,
     MANIFEST_FILE,
     PICKLED_STATE_FILE,
     STATE_FILE,
     TENSORS_FILE,
     CheckpointError,
     CheckpointSaveError,
+    DamagedCheckpointError,
+    check_whole,
     complete_checkpoints,
     is_pickled_checkpoint,
     pickled_state_message,
     read_manifest,
+    write_manifest,
 )
-from granite_docling.durable import describe_write_error, file_sizes, publish, size_mismatches
+from granite_docling.durable import describe_write_error, publish
 
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
+RESUME_ADVICE = "resume from an earlier checkpoint (training.resume=auto takes the newest whole one)"
 
 
 @dataclass
@@ -120,8 +126,8 @@ def _merged_copy(peft_model: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_checkpoint(folder: Path, model, processor, training_state: dict | None = None) -> Path:
-    """Write ``folder`` atomically and durably: model files, processor files and (unless None) the training state
-    with its manifest. On failure, raise :class:`CheckpointSaveError`; ``folder`` and every other checkpoint are
+    """Write ``folder`` atomically and durably: model files, processor files, (unless None) the training state, and
+    the manifest. On failure, raise :class:`CheckpointSaveError`; ``folder`` and every other checkpoint are
     then as they were, and no temporary folder is left."""
     folder = Path(folder)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
@@ -131,6 +137,8 @@ def save_checkpoint(folder: Path, model, processor, training_state: dict | None 
         save_model_folder(tmp, model, processor)
         if training_state is not None:
             write_training_state(tmp, training_state)
+        else:
+            write_manifest(tmp)
         publish(tmp, folder)
     except (OSError, RuntimeError, SafetensorError) as error:  # a full disk, no permission, an I/O error
         shutil.rmtree(tmp, ignore_errors=True)
@@ -156,9 +164,7 @@ def write_training_state(folder: Path, state: dict) -> None:
     (folder / STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, folder / TENSORS_FILE)
     (folder / STATE_FILE).write_text(json.dumps(packed), encoding="utf-8")
-    loop = state["loop"]
-    manifest = {"format": FORMAT, "step": loop["step"], "epoch": loop["epoch"], "files": file_sizes(folder)}
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    write_manifest(folder, state["loop"]["step"], state["loop"]["epoch"])
 
 
 # Tags of :func:`pack_state`: the JSON objects that stand for what JSON has no type for.
@@ -285,9 +291,7 @@ def load_training_state(folder: Path, trust_pickle: bool = False) -> dict:
             f"{folder} has no {STATE_FILE}: it is a model folder, not a training checkpoint. To fine-tune from "
             f"it, set model.checkpoint={folder} instead of training.resume"
         )
-    damaged = size_mismatches(folder, manifest["files"])
-    if damaged:
-        raise CheckpointError(f"{folder} is damaged ({'; '.join(damaged[:3])}): resume from an earlier checkpoint")
+    check_whole(folder, RESUME_ADVICE)
     packed = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
     return unpack_state(packed, load_file(folder / TENSORS_FILE))
 
@@ -318,17 +322,27 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
     if hasattr(model, "merge_and_unload"):  # LoRA: the adapter is the trained state; base weights are the original
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(folder / "adapter" / "adapter_model.safetensors"))
+        set_peft_model_state_dict(model, read_weights(folder / ADAPTER_DIR / "adapter_model.safetensors"))
         return
     state = {}
     for file in sorted(folder.glob("model*.safetensors")):  # model.safetensors or its shards
-        state |= load_file(file)
+        state |= read_weights(file)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if "lm_head" not in k]  # tied to the embeddings, not stored twice
     if missing or unexpected:
         raise RuntimeError(
             f"checkpoint {folder} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a file that is not whole (a checkpoint of the older format has no
+    manifest to check it against) is a :class:`DamagedCheckpointError` that names it."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        what = f"{path.name} cannot be read ({str(error).strip().splitlines()[0]})"
+        raise DamagedCheckpointError(path.parent, what, RESUME_ADVICE) from error
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool) -> str:

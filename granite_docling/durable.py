@@ -5,6 +5,14 @@ A writer fills a temporary sibling folder, then :func:`publish` flushes every fi
 order PyTorch's distributed checkpoint and NeMo use. Without the flushes, a power cut after the rename can leave
 a folder that looks complete and holds empty or truncated files. Checkpoints and the data index are written so.
 
+:func:`publish` also gives every file the mode the umask asks for (``0644`` under ``umask 022``): some writers
+create their files with ``tempfile.mkstemp``, whose ``0600`` would keep a teammate on a shared disk from reading
+them.
+
+:func:`file_records` gives each file's size and content hash (xxHash's XXH3-128, several GB/s on one core; not
+cryptographic: it finds damage, not forgery) for a manifest, and :func:`damaged_files` names the files that no
+longer match it.
+
 :func:`describe_write_error` turns what a failed write raised into the words a user needs (the disk is full,
 permission denied), whichever library raised it.
 """
@@ -15,6 +23,11 @@ import errno
 import os
 import shutil
 from pathlib import Path
+
+import xxhash
+
+HASH = "xxh3_128"  # the name of the content hash in a manifest's file records
+_CHUNK = 8 * 2**20  # bytes read per call while hashing
 
 
 def fsync_file(path: Path) -> None:
@@ -48,6 +61,7 @@ def publish(tmp: Path, final: Path) -> None:
     An existing ``final`` is renamed aside first and removed only after the new one is in place, so that one
     complete copy is on the disk at every moment.
     """
+    follow_umask(tmp)
     fsync_tree(tmp)
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
@@ -58,6 +72,28 @@ def publish(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def current_umask() -> int:
+    """The process's umask, read from ``/proc/self/status`` where it is listed (setting it to read it back is not
+    thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder: Path) -> None:
+    """Give every file under ``folder`` the mode a plain ``open(..., "w")`` would have: ``0666`` less the umask."""
+    mode = 0o666 & ~current_umask()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            os.chmod(Path(root) / name, mode)
+
+
 def file_sizes(folder: Path) -> dict[str, int]:
     """``{relative path: bytes}`` of every file under ``folder``."""
     return {
@@ -66,14 +102,51 @@ def file_sizes(folder: Path) -> dict[str, int]:
 
 
 def size_mismatches(folder: Path, expected: dict[str, int]) -> list[str]:
-    """The files of ``expected`` that are missing from ``folder`` or have another size."""
+    """The files of ``expected`` (``{relative path: bytes}``, as the data index lists them) that are missing from
+    ``folder`` or have another size."""
+    return damaged_files(folder, expected)
+
+
+def file_hash(path: Path) -> str:
+    """The XXH3-128 digest of a file's bytes, in hex."""
+    digest = xxhash.xxh3_128()
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as file:
+        while read := file.readinto(buffer):
+            digest.update(view[:read])
+    return digest.hexdigest()
+
+
+def file_records(folder: Path) -> dict[str, dict[str, int | str]]:
+    """``{relative path: {"bytes": size, HASH: digest}}`` of every file under ``folder``."""
+    return {
+        name: {"bytes": (folder / name).stat().st_size, HASH: file_hash(folder / name)} for name in file_sizes(folder)
+    }
+
+
+def damaged_files(folder: Path, expected: dict[str, int | dict], names: set[str] | None = None) -> list[str]:
+    """What is wrong with the files of ``expected`` (:func:`file_records`, or the sizes alone of an older
+    manifest) in ``folder``: missing, of another size, or, same size, other bytes; only those in ``names`` when
+    given. A file's hash is computed only when its size is right."""
     wrong = []
-    for name, size in expected.items():
+    for name, record in expected.items():
+        if names is not None and name not in names:
+            continue
+        size = record["bytes"] if isinstance(record, dict) else record
         path = folder / name
         if not path.is_file():
             wrong.append(f"{name} is missing")
         elif path.stat().st_size != size:
             wrong.append(f"{name} has {path.stat().st_size} bytes instead of {size}")
+        elif isinstance(record, dict) and HASH in record:
+            try:
+                same = file_hash(path) == record[HASH]
+            except OSError as error:  # an I/O error of a failing disk
+                wrong.append(f"{name} cannot be read ({os.strerror(error.errno) if error.errno else error})")
+                continue
+            if not same:
+                wrong.append(f"{name} has other bytes than it was saved with (its {HASH} hash differs)")
     return wrong
 
 

@@ -10,38 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict
 
-from granite_docling.checkpoint_files import is_pickled_checkpoint, is_training_checkpoint, pickled_state_message
-from granite_docling.config import HUB_ID, Config, DatasetConfig, raise_problems
+from granite_docling.checkpoint_files import (
+    is_pickled_checkpoint,
+    is_training_checkpoint,
+    looks_like_hub_id,
+    model_folder_problem,
+    pickled_state_message,
+)
+from granite_docling.config import Config, DatasetConfig, raise_problems
 from granite_docling.data.sources import DatasetNotFoundError, detect_format
 from granite_docling.evaluation.config import EvaluateConfig, needs_data
-
-
-def looks_like_hub_id(value: str) -> bool:
-    """True for a 'name' or 'org/name' that is not a path here: from_pretrained and load_dataset look it up on the
-    hub. '/data', './x', 'a/b/c' are local paths."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if Path(value).exists():
-        return False
-    try:
-        validate_repo_id(value)
-    except HFValidationError:
-        return False
-    return True
-
-
-MODEL_HINT = f"give a model folder with config.json (e.g. outputs/<run>/final_model) or a hub id such as {HUB_ID}"
-
-
-def model_folder_problem(key: str, value: str | None) -> str | None:
-    """What is wrong with a model given as a local folder; None for a hub id and for a folder with config.json."""
-    if value is None or looks_like_hub_id(value):
-        return None
-    if not Path(value).exists():
-        return f"{key}={value}: no such folder; {MODEL_HINT}"
-    if not (Path(value) / "config.json").is_file():
-        return f"{key}={value} is not a model folder (no config.json); {MODEL_HINT}"
-    return None
 
 
 def dataset_path_problems(datasets: Dict[str, DatasetConfig]) -> list[str]:

@@ -32,7 +32,12 @@ from granite_docling.checkpoint import (
     set_rng_state,
     training_state,
 )
-from granite_docling.checkpoint_files import CheckpointSaveError
+from granite_docling.checkpoint_files import (
+    CheckpointError,
+    CheckpointSaveError,
+    DamagedCheckpointError,
+    complete_checkpoints,
+)
 from granite_docling.config import TrainingConfig
 from granite_docling.data.problems import append_problems, listed_problems, summarise
 from granite_docling.data.sample import Problem
@@ -94,8 +99,13 @@ def restore(
     shape: LoopState,
 ) -> LoopState:
     """Load a checkpoint's weights, optimizer, schedule, loss scaler and this process's RNG. Returns its loop
-    position, checked against this run's shape (``shape``: global batch, processes, workers) and set to it."""
-    saved = load_training_state(folder, t.trust_checkpoint)
+    position, checked against this run's shape (``shape``: global batch, processes, workers) and set to it.
+
+    With ``training.resume=auto`` (``folder`` the newest checkpoint), a damaged checkpoint is passed over for the
+    one before it, with one warning that names what is wrong; a checkpoint named by ``training.resume=PATH`` is
+    restored or refused.
+    """
+    folder, saved = whole_training_state(folder, t)
     load_weights(accelerator.unwrap_model(loss_module).model, folder)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
@@ -112,6 +122,24 @@ def restore(
     state.processes = shape.processes
     state.workers = shape.workers
     return state
+
+
+def whole_training_state(folder: Path, t: TrainingConfig) -> tuple[Path, dict]:
+    """The checkpoint to restore and its training state: ``folder``, or with ``training.resume=auto`` the newest
+    whole checkpoint at or before it (a damaged one is passed over with a warning that names its file)."""
+    if t.resume != "auto":
+        return folder, load_training_state(folder, t.trust_checkpoint)
+    found = complete_checkpoints(folder.parent)
+    candidates = [folder, *reversed(found[: found.index(folder)] if folder in found else [])]
+    for candidate in candidates:
+        try:
+            return candidate, load_training_state(candidate, t.trust_checkpoint)
+        except DamagedCheckpointError as error:
+            log.warning("training.resume=auto: %s is damaged (%s); trying the one before it", candidate, error.what)
+    raise CheckpointError(
+        f"training.resume=auto: every checkpoint in {folder.parent} is damaged (see the warnings above); give "
+        f"training.resume=PATH of a whole one, or start afresh in another run folder"
+    )
 
 
 class Checkpoints:

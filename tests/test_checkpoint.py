@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import xxhash
 
 import granite_docling.checkpoint as checkpoint
 from granite_docling.checkpoint import (
@@ -96,8 +97,10 @@ def test_saved_optimizer_and_schedule_continue_exactly(tmp_path):
     loop = LoopState(step=3, epoch=1, samples_in_epoch=15)
     write_training_state(tmp_path, training_state(optimizer, scheduler, loop, [rng_state()], "training: {}\n"))
     manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
-    assert (manifest["format"], manifest["step"], manifest["epoch"]) == (2, 3, 1)
+    assert (manifest["format"], manifest["step"], manifest["epoch"]) == (3, 3, 1)
     assert set(manifest["files"]) == {STATE_FILE, TENSORS_FILE}
+    tensors = (tmp_path / TENSORS_FILE).read_bytes()
+    assert manifest["files"][TENSORS_FILE] == {"bytes": len(tensors), "xxh3_128": xxhash.xxh3_128(tensors).hexdigest()}
 
     saved = load_training_state(tmp_path)
     resumed_model, resumed_optimizer, resumed_scheduler = small_training(seed=9)
@@ -117,7 +120,7 @@ def test_a_damaged_or_unfinished_checkpoint_is_refused_with_advice(tmp_path):
     write_training_state(tmp_path, training_state(optimizer, scheduler, LoopState(step=1), [rng_state()], ""))
     tensors = tmp_path / TENSORS_FILE
     tensors.write_bytes(tensors.read_bytes()[:-10])  # what a power cut without fsync can leave
-    with pytest.raises(CheckpointError, match="damaged .*tensors.safetensors has .* bytes instead of"):
+    with pytest.raises(CheckpointError, match="is damaged: .*tensors.safetensors has .* bytes instead of"):
         load_training_state(tmp_path)
     (tmp_path / MANIFEST_FILE).unlink()
     with pytest.raises(CheckpointError, match="not completely written: resume from an earlier checkpoint"):
