@@ -7,6 +7,11 @@ Sources, by ``model.checkpoint``:
   files in ``granite_docling/assets/granite-docling-258M`` (IBM's own, Apache-2.0), so the real tokenizer and
   processor work offline; ``model.architecture`` shrinks the architecture for presets such as ``tiny``.
 
+A folder is checked before anything loads from it (:func:`check_model_source`): a missing folder, a
+``config.json`` of another architecture or none, or one that asks to run the folder's own code (never run here;
+every ``from_pretrained`` passes ``trust_remote_code=False``) is a :class:`CheckpointError` in one line, and so is
+a model folder of ours whose files differ from its manifest (:func:`check_weights`) or weights that cannot be read.
+
 The processor always matches the model: tokens per image tile are derived from the vision tile size, patch size
 and pixel-shuffle factor, never configured separately::
 
@@ -20,13 +25,23 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, Idefics3Config
 
+from granite_docling.checkpoint_files import (
+    MODEL_HINT,
+    MODEL_TYPE,
+    CheckpointError,
+    DamagedCheckpointError,
+    check_whole,
+    model_folder_problem,
+)
 from granite_docling.config import HUB_ID, ArchitectureConfig, LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
 ASSETS_DIR = Path(__file__).parent / "assets" / "granite-docling-258M"
+LOAD_ADVICE = "use another checkpoint, or copy this one again from where it was saved"
 
 
 def model_source(cfg: ModelConfig) -> str:
@@ -77,8 +92,39 @@ def tokens_per_tile(config: Idefics3Config) -> int:
     return patches_per_side**2 // config.scale_factor**2
 
 
+def check_model_source(source: str) -> None:
+    """Raise :class:`CheckpointError` when the local folder ``source`` is no granite-docling model folder (see
+    :func:`granite_docling.checkpoint_files.model_folder_problem`); a hub id is checked when it is loaded."""
+    problem = model_folder_problem(None, source)
+    if problem is not None:
+        raise CheckpointError(problem)
+
+
+def check_weights(cfg: ModelConfig) -> None:
+    """Raise :class:`DamagedCheckpointError` when ``cfg.checkpoint`` is a model folder saved by this project whose
+    model files differ from its manifest (truncated, overwritten, missing); a folder without one passes."""
+    if not cfg.random_init and cfg.checkpoint is not None and Path(cfg.checkpoint).is_dir():
+        check_whole(Path(cfg.checkpoint), LOAD_ADVICE, model_only=True)
+
+
+def _pretrained(loader, source: str, **kwargs):
+    """``loader.from_pretrained(source)`` without running a folder's code; what a user can fix (no such hub id
+    offline, a file that is no JSON, a processor of custom code) is a :class:`CheckpointError` in one line."""
+    try:
+        return loader.from_pretrained(source, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError) as error:
+        where = "" if Path(source).exists() else " (no such folder here; as a hub id)"
+        raise CheckpointError(f"cannot load {source}{where}: {_first_line(error)}; {MODEL_HINT}") from error
+
+
 def load_model_config(cfg: ModelConfig) -> Idefics3Config:
-    config = AutoConfig.from_pretrained(model_source(cfg), revision=cfg.revision)
+    source = model_source(cfg)
+    check_model_source(source)
+    config = _pretrained(AutoConfig, source, revision=cfg.revision)
+    if config.model_type != MODEL_TYPE:  # a hub id of another architecture (a folder was checked above)
+        raise CheckpointError(
+            f"{source} is a {config.model_type!r} model, not granite-docling's architecture ({MODEL_TYPE!r})"
+        )
     return apply_architecture(config, cfg.architecture)
 
 
@@ -92,7 +138,14 @@ def load_processor(cfg: ModelConfig, model_config: Idefics3Config, image_longest
     longest_edge = image_longest_edge or cfg.image_longest_edge
     if longest_edge is not None:
         kwargs["size"] = {"longest_edge": longest_edge}
-    return AutoProcessor.from_pretrained(model_source(cfg), revision=cfg.revision, **kwargs)
+    return _pretrained(AutoProcessor, model_source(cfg), revision=cfg.revision, **kwargs)
+
+
+def stock_processor(source: str):
+    """The processor of a model folder or hub id as it was saved (``validate --checkpoint`` counts tokens with it),
+    checked as :func:`load_model_config` checks a source."""
+    check_model_source(source)
+    return _pretrained(AutoProcessor, source)
 
 
 def resolve_attn_implementation(name: str) -> str:
@@ -105,21 +158,39 @@ def resolve_attn_implementation(name: str) -> str:
 
 
 def load_model(cfg: ModelConfig, model_config: Idefics3Config) -> torch.nn.Module:
-    """Random weights (``random_init``) or the checkpoint's weights, in ``cfg.dtype``."""
+    """Random weights (``random_init``) or the checkpoint's weights, in ``cfg.dtype``; weights that cannot be read
+    are a :class:`DamagedCheckpointError` (:func:`load_model_and_processor` checks them against a manifest first)."""
     dtype = getattr(torch, cfg.dtype)
     attn_implementation = resolve_attn_implementation(cfg.attn_implementation)
     if cfg.random_init:
         return AutoModelForImageTextToText.from_config(
             model_config, dtype=dtype, attn_implementation=attn_implementation
         )
-    return AutoModelForImageTextToText.from_pretrained(
-        cfg.checkpoint, revision=cfg.revision, dtype=dtype, attn_implementation=attn_implementation
-    )
+    try:
+        return AutoModelForImageTextToText.from_pretrained(
+            cfg.checkpoint,
+            revision=cfg.revision,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=False,
+        )
+    except SafetensorError as error:  # a truncated file in a folder without a manifest (someone else's model)
+        files = sorted(path.name for path in Path(cfg.checkpoint).glob("*.safetensors")) or ["its weights"]
+        what = f"{', '.join(files)} cannot be read ({_first_line(error)})"
+        raise DamagedCheckpointError(cfg.checkpoint, what, LOAD_ADVICE) from error
+    except OSError as error:  # no weights file in the folder, or a hub id offline
+        raise CheckpointError(f"cannot load the weights of {cfg.checkpoint}: {_first_line(error)}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def load_model_and_processor(cfg: ModelConfig):
-    """The model and its matching processor, as ``cfg`` describes; logs where they came from and their size."""
+    """The model and its matching processor, as ``cfg`` describes; logs where they came from and their size. A
+    model folder of ours is checked against its manifest before anything loads from it."""
     model_config = load_model_config(cfg)
+    check_weights(cfg)
     processor = load_processor(cfg, model_config)
     model = load_model(cfg, model_config)
     freeze(model, vision=cfg.freeze_vision, connector=cfg.freeze_connector, text=cfg.freeze_text)

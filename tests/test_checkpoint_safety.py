@@ -179,3 +179,59 @@ def test_a_full_disk_stops_every_process_in_one_line_and_the_previous_checkpoint
     resumed = run_script(*args(data, tmp_path / "resumed", *resume), timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "at step 1" in resumed.stdout + resumed.stderr and sorted(train_losses(tmp_path / "resumed")) == [2]
+
+
+def damage_middle(path) -> None:
+    """4 KiB overwritten in the middle of the file, its size unchanged."""
+    data = bytearray(path.read_bytes())
+    start = len(data) // 2
+    data[start : start + 4096] = b"!" * 4096
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow  # ~1-2 min on 2 cores, four entry-point runs; tests/test_checkpoint_integrity.py: in-process
+def test_damaged_or_truncated_weights_end_each_entry_point_in_one_line_and_resume_auto_takes_the_previous(
+    trained, tmp_path
+):
+    data, checkpoint = trained
+    damaged_final = tmp_path / "damaged" / "final_model"
+    shutil.copytree(checkpoint.parents[1] / "final_model", damaged_final)
+    damage_middle(damaged_final / "model.safetensors")
+    truncated_final = tmp_path / "truncated" / "final_model"
+    shutil.copytree(checkpoint.parents[1] / "final_model", truncated_final)
+    (truncated_final / "model.safetensors").write_bytes((truncated_final / "model.safetensors").read_bytes()[:4096])
+    damaged_checkpoint = tmp_path / "copied" / "checkpoint_step_2"
+    shutil.copytree(checkpoint, damaged_checkpoint)
+    damage_middle(damaged_checkpoint / "model.safetensors")
+    auto_run = tmp_path / "auto"  # its newest checkpoint (step 3) damaged, the one before whole
+    shutil.copytree(checkpoint, auto_run / "checkpoints" / "checkpoint_step_2")
+    newest = auto_run / "checkpoints" / "checkpoint_step_3"
+    shutil.copytree(damaged_checkpoint, newest)
+    manifest = json.loads((newest / MANIFEST_FILE).read_text())
+    (newest / MANIFEST_FILE).write_text(json.dumps({**manifest, "step": 3}))
+
+    refused = {  # where a model folder of ours is read: each names the file and says the checkpoint is damaged
+        "evaluate.py": (start("evaluate.py", f"checkpoint={damaged_final}", "dataset=[sample]",
+                              f"dataset.sample.path={data}", "eval.split=all", f"hydra.run.dir={tmp_path / 'e'}"),
+                        damaged_final, "has other bytes than it was saved with"),
+        "model.checkpoint=": (start(*args(data, tmp_path / "m", "model=granite_docling_258m",
+                                         f"model.checkpoint={truncated_final}", "training.max_steps=1")),
+                              truncated_final, "has 4096 bytes instead of"),
+        "resume=PATH": (start(*args(data, tmp_path / "r", f"training.resume={damaged_checkpoint}",
+                                    "training.max_steps=3")),
+                        damaged_checkpoint, "has other bytes than it was saved with"),
+    }  # fmt: skip
+    auto = start(*args(data, auto_run, "training.resume=auto", "training.max_steps=3"))
+    for where, (process, folder, what) in refused.items():
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 2, f"{where}: {stderr[-3000:]}"
+        (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert line.startswith(f"error: checkpoint {folder} is damaged: model.safetensors {what}"), (where, line)
+        assert "Traceback" not in stderr, where
+
+    stdout, stderr = auto.communicate(timeout=300)
+    assert auto.returncode == 0, stderr[-3000:]
+    (warning,) = [line for line in (auto_run / "train.log").read_text().splitlines() if "is damaged" in line]
+    assert f"training.resume=auto: {newest} is damaged (model.safetensors has other bytes" in warning
+    assert f"resumed from {auto_run / 'checkpoints' / 'checkpoint_step_2'} at step 2" in stdout + stderr
+    assert sorted(train_losses(auto_run)) == [3]  # step 3 trained from the state of step 2

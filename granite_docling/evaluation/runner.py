@@ -139,14 +139,16 @@ def evaluation_samples(cfg: EvaluateConfig) -> dict[str, list[Sample]]:
     return chosen
 
 
-def check_model_config(target: str) -> None:
-    """Raise :class:`ConfigError` when the model config of ``target`` cannot be loaded (no such hub id, offline)."""
-    from transformers import AutoConfig
+def check_model(target: str, weights: bool = True) -> None:
+    """Raise :class:`~granite_docling.checkpoint_files.CheckpointError` when ``target`` cannot be loaded (no such
+    folder or hub id, another architecture, a folder that asks to run its code) or, with ``weights``, when it is a
+    model folder of ours whose files differ from its manifest."""
+    from granite_docling.model import check_weights, load_model_config
 
-    try:
-        AutoConfig.from_pretrained(target)
-    except OSError as error:
-        raise ConfigError(f"cannot load the model {target}: {str(error).splitlines()[0]}") from error
+    model_config = ModelConfig(name=Path(target).name, checkpoint=target)
+    load_model_config(model_config)
+    if weights:
+        check_weights(model_config)
 
 
 def generate_records(
@@ -245,7 +247,7 @@ def evaluate(cfg: EvaluateConfig, run_dir: str | Path) -> EvaluationResult | Non
 
         for target, _ in sides:
             if not is_predictions_file(target):
-                check_model_config(target)  # a mistyped hub id fails now, not after every sample is read
+                check_model(target, e.engine != "server")  # fails now, not after every sample is read
 
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         samples = evaluation_samples(cfg)
