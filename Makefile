@@ -100,6 +100,7 @@ bench: setup
 	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/metric_speed.py
 	$(PY) benchmarks/checkpoint_io.py
+	$(PY) benchmarks/checkpoint_hash.py
 	$(PY) benchmarks/token_budget.py
 	$(PY) benchmarks/step_profile.py
 

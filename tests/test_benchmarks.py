@@ -130,6 +130,15 @@ def test_checkpoint_io_chooses_the_newest_checkpoint_from_the_manifests_alone():
     assert result["older_format_bytes_read"] > 3 * result["training_state_pt_mb"] * 2**20 * 0.99
 
 
+def test_checkpoint_hash_quick_mode_times_hashing_and_checking_against_reading():
+    done = run_script("benchmarks/checkpoint_hash.py", "--model-mb", "2", "--state-mb", "3", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = last_json_line(done.stdout)
+    for cache in ("warm", "cold"):
+        for part in ("read_all", "hash_all", "check_all", "read_model", "check_model"):
+            assert result[f"{cache}_{part}_s"] >= 0 and result[f"{cache}_{part}_gb_s"] > 0, (cache, part)
+
+
 def test_image_path_quick_mode_compares_the_fast_path_with_the_stock_processor():
     done = run_script("benchmarks/image_path.py", "--max-samples", "1", "--repeats", "1", "--json", timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
