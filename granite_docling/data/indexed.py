@@ -211,13 +211,12 @@ def build_indexed_data(
 def training_sampler(
     parts: Sequence[Part], weights: Sequence[float | None], policy: DataPolicy, rank: int, world_size: int
 ) -> GlobalBatchSampler:
-    """The sampler of the training parts; it knows every sample's (tokens, tiles) when it groups or budgets them."""
-    lengths = None
-    if policy.length_grouping or policy.batch_tokens:
-        lengths = tuple(
-            np.concatenate([np.asarray(getattr(part.index, key))[part.positions] for part in parts])
-            for key in ("tokens", "tiles")
-        )
+    """The sampler of the training parts, which knows every sample's (tokens, tiles) from the index: to group and
+    budget them, and to start each epoch with its longest sample."""
+    lengths = tuple(
+        np.concatenate([np.asarray(getattr(part.index, key))[part.positions] for part in parts])
+        for key in ("tokens", "tiles")
+    )
     if policy.batch_tokens and (longer := int((lengths[0] > policy.batch_tokens).sum())):
         longest = int(lengths[0].max())
         message = "%d training sample(s) are longer than training.batch_tokens=%d (the longest: %d tokens)"

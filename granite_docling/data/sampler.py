@@ -5,6 +5,10 @@
 * With length grouping (the default), :func:`grouped_order` reorders it so that runs of :data:`BLOCK` samples
   have similar (tokens, tiles): windows of :data:`WINDOW` samples are sorted by length, cut into blocks, and the
   blocks shuffled. Still a function of (seed, epoch) and the lengths only.
+* Whenever the lengths are known, the epoch starts with its longest sample (:func:`longest_first`): the block
+  that holds it leads, longest first (without grouping the sample swaps places with the first), so a run that
+  cannot fit its longest sample fails at its first step, not hours in at the end of an epoch. A run that starts
+  mid-epoch (a resume) is covered by the loop's memory probe on :meth:`GlobalBatchSampler.heaviest_batch`.
 * :class:`GlobalBatchSampler` cuts the order into steps of ``batch_size x accumulation x processes`` samples (the
   global batch). A step's samples are sorted by length and cut into micro-batches: ``batch_size`` samples each,
   or, with a token budget (``training.batch_tokens``), as many consecutive samples as fit the budget in padded
@@ -102,7 +106,20 @@ def grouped_order(
     full = [b for b in blocks if len(b) == block]
     short = [b for b in blocks if len(b) < block]
     shuffled = [full[i] for i in seeded_rng(seed, epoch, "blocks").permutation(len(full))]
-    return np.concatenate(shuffled + short) if blocks else order
+    return np.concatenate(longest_first(shuffled + short, tokens, tiles)) if blocks else order
+
+
+def longest(order: np.ndarray, tokens: np.ndarray, tiles: np.ndarray) -> int:
+    """The sample of ``order`` with the most (tokens, tiles); of equals, the last (as :func:`by_length` ranks)."""
+    return int(by_length(order, tokens, tiles)[-1])
+
+
+def longest_first(blocks: list[np.ndarray], tokens: np.ndarray, tiles: np.ndarray) -> list[np.ndarray]:
+    """``blocks`` with the one that holds the longest sample moved to the front, its samples longest first: the
+    epoch's first step holds its longest sample and those nearest to it in length."""
+    top = longest(np.concatenate(blocks), tokens, tiles)
+    lead = next(i for i, b in enumerate(blocks) if top in b)
+    return [blocks[lead][::-1], *blocks[:lead], *blocks[lead + 1 :]]
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -110,8 +127,9 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     ``set_epoch(epoch, start)`` starts at global sample ``start`` of the epoch's order (see the module docstring);
     every process yields the same number of micro-batches, so no process waits for a step that never comes.
-    ``lengths`` (tokens, tiles) per sample turns length grouping on (``group_by_length``); ``batch_tokens`` packs
-    micro-batches by padded tokens instead of ``batch_size`` samples (it needs ``lengths``).
+    ``lengths`` (tokens, tiles) per sample puts the longest sample first and allows length grouping
+    (``group_by_length``) and ``batch_tokens``, which packs micro-batches by padded tokens instead of
+    ``batch_size`` samples.
     """
 
     def __init__(
@@ -170,12 +188,16 @@ class GlobalBatchSampler(Sampler[list[int]]):
             order = epoch_order(self.sizes, self.weights, self.seed, self.epoch)
             if self.group_by_length:
                 order = grouped_order(order, *self.lengths, self.seed, self.epoch)
+            elif self.lengths is not None and len(order):  # plain random batches: the longest swaps with the first
+                first = int(np.flatnonzero(order == longest(order, *self.lengths))[0])
+                order[[0, first]] = order[[first, 0]]
             self._order = (self.epoch, order)
         return self._order[1]
 
     def micro_batches(self, step_samples: np.ndarray) -> list[np.ndarray]:
-        """One step's micro-batches over all processes, shortest first."""
-        if self.lengths is not None:
+        """One step's micro-batches over all processes, shortest first (in the order drawn without grouping or a
+        budget)."""
+        if self.group_by_length or self.batch_tokens is not None:
             step_samples = by_length(step_samples, *self.lengths)
         if self.batch_tokens is None:
             b = self.batch_size
@@ -196,6 +218,25 @@ class GlobalBatchSampler(Sampler[list[int]]):
         if self.batch_tokens is None:
             return self.accumulation
         return len(self.step_batches(self.order()[position : position + self.global_batch]))
+
+    def heaviest_batch(self, start: int = 0) -> list[int]:
+        """This process's micro-batch with the most padded tokens (its samples x the longest of them, image tokens
+        included, as :func:`pack_by_tokens` counts), of equals the one with the longest sample, then the first,
+        among the steps from global sample ``start`` to the end of the epoch: the micro-batch a memory probe
+        trains before a run's first step. [] when this process has none, or without lengths."""
+        if self.lengths is None:
+            return []
+        tokens = self.lengths[0]
+        order = self.order()
+        heaviest: list[int] = []
+        weight = (0, 0)  # (padded tokens, longest sample's tokens)
+        for position in range(start, len(order), self.global_batch):
+            for batch in self.step_batches(order[position : position + self.global_batch]):
+                longest_tokens = max((int(tokens[i]) for i in batch), default=0)
+                if (len(batch) * longest_tokens, longest_tokens) > weight:
+                    heaviest = batch
+                    weight = (len(batch) * longest_tokens, longest_tokens)
+        return heaviest
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self.order()

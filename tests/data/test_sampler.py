@@ -147,7 +147,7 @@ def test_build_data_groups_by_default_and_the_switch_restores_plain_batches(tmp_
     assert grouped.train_sampler.lengths is not None and grouped.train.encoder.image_path == "fast"
     plain = data_of(compose_config(*overrides, "training.length_grouping=false", "training.image_path=stock"),
                        tiny_processor)  # fmt: skip
-    assert plain.train_sampler.lengths is None and plain.train.encoder.image_path == "stock"
+    assert not plain.train_sampler.group_by_length and plain.train.encoder.image_path == "stock"
     grouped.train_sampler.set_epoch(0)
     plain.train_sampler.set_epoch(0)
     assert sorted(i for b in grouped.train_sampler for i in b) == sorted(i for b in plain.train_sampler for i in b)
@@ -217,3 +217,41 @@ def test_a_budgeted_step_holds_the_same_micro_batches_on_any_number_of_processes
     two.set_epoch(1, 24)
     assert [one.micro_steps(p) for p in (24, 32)] == [len(one.step_batches(one.order()[p : p + 8])) for p in (24, 32)]
     assert two.micro_steps(len(lengths[0])) == 0  # the end of the epoch
+
+
+def test_every_epoch_starts_with_its_longest_sample_though_it_sorts_into_the_last_length_group():
+    tokens = np.array([100 + i for i in range(70)])  # 70 samples: a full block of the 64 shortest, then 6 longer
+    tiles = np.full(70, 5)
+    tokens[[13, 40]] = [900, 900]  # two of 900 tokens: the one with more image tiles leads
+    tiles[40] = 6
+    for epoch in range(3):
+        grouped = sampler((tokens, tiles), batch_size=2, accumulation=2)
+        grouped.set_epoch(epoch)
+        order = grouped.order()
+        assert order[0] == 40 and sorted(order.tolist()) == list(range(70))
+        assert set(order[:6].tolist()) == {40, 13, 69, 68, 67, 66}  # its block of the longest, longest first
+        assert tokens[order[:6]].tolist() == [900, 900, 169, 168, 167, 166]
+        plain = GlobalBatchSampler([70], [None], 0, 2, 2, lengths=(tokens, tiles), group_by_length=False)
+        plain.set_epoch(epoch)
+        drawn = epoch_order([70], [None], seed=0, epoch=epoch)
+        where = int(np.flatnonzero(drawn == 40)[0])
+        drawn[[0, where]] = drawn[[where, 0]]  # without grouping: the longest swaps places with the first
+        assert plain.order().tolist() == drawn.tolist()
+        assert next(iter(plain)) == drawn[:2].tolist()  # its batches keep the drawn order
+
+
+def test_the_heaviest_batch_is_the_most_padded_tokens_from_a_position_on_every_process():
+    lengths = seed_like_mix(400)
+    for batch_tokens, world_size in ((None, 1), (2500, 1), (2500, 2), (None, 4)):
+        samplers = [budget_sampler(lengths, r, world_size, batch_tokens=batch_tokens) for r in range(world_size)]
+        for start in (0, 24, 392):
+            for s in samplers:
+                s.set_epoch(1, start)
+                batches = [b for b in s if b]
+                weights = [(len(b) * int(lengths[0][b].max()), int(lengths[0][b].max())) for b in batches]
+                assert s.heaviest_batch(start) == batches[weights.index(max(weights))]  # of equals, the first
+    crops_and_a_page = (np.array([400] * 20 + [3000]), np.array([5] * 20 + [17]))
+    packed = GlobalBatchSampler([21], [None], 0, 1, 21, lengths=crops_and_a_page, batch_tokens=8000)
+    packed.set_epoch(0)
+    assert len(packed.heaviest_batch()) == 20  # 20 crops are 8,000 padded tokens, the page alone 3,000
+    assert packed.heaviest_batch(21) == []  # nothing left in the epoch
