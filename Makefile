@@ -44,16 +44,17 @@ test-slow: setup
 test-shared: setup
 	$(PY) -m pytest -q -m shared
 
-# docling's VLM pipeline running one of our checkpoints, and docling-eval both ways (its datasets in, our
-# predictions scored by its evaluators). docling gets its own venv: its newest releases need a docling-core with
-# the export_to_doctags regression, its torchvision needs torch 2.14.1 on CPU, and docling-eval needs datasets < 5.
+# docling's VLM pipeline running one of our checkpoints, docling-eval both ways (its datasets in, our
+# predictions scored by its evaluators), and our loop rules against docling's on the same strings. docling gets its
+# own venv: its newest releases need a docling-core with the export_to_doctags regression, its torchvision needs
+# torch 2.14.1 on CPU, and docling-eval needs datasets < 5.
 # sacrebleu stands in for docling-eval's BLEU, a hub script this offline machine cannot fetch.
 test-docling:
 	test -x .venv-docling/bin/python || python3 -m venv .venv-docling
 	.venv-docling/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" "docling==2.141.0" \
 		"docling-core==2.101.1" "docling-eval==1.4.2" "sacrebleu>=2.4" -e ".[dev]"
 	.venv-docling/bin/python -m pytest -q -m slow tests/evaluation/test_docling_pipeline.py \
-		tests/evaluation/test_docling_eval_both_ways.py
+		tests/evaluation/test_docling_eval_both_ways.py tests/evaluation/test_loops_docling.py
 
 # vLLM serving a checkpoint trained by train.py, answers compared with transformers'. vLLM gets its own venv: the
 # CPU build needs torch 2.13.0 and transformers < 5.20, and the torchvision it pulls does not match that torch
