@@ -50,6 +50,7 @@ class EvalConfig:
     batch_size: int = 4  # prompts per generate call, per process
     max_new_tokens: int = 4096  # answer budget in tokens; an answer cut here counts as not stopped with eos
     reference_length_factor: Optional[float] = 2.0  # also cut at this x the reference's tokens + 32; null = off
+    stop_loops: bool = False  # end an answer once it loops (docling's rules, every 32 tokens); engine=transformers
     dtype: str = "float32"  # weight dtype for generation: float32, bfloat16 (GPU) or float16
     val_ratio: Optional[float] = None  # training.val_ratio of the run; null = read from the run folder, else 0.05
     seed: Optional[int] = None  # training.seed of the run; null = read from the run folder, else 42
@@ -57,6 +58,7 @@ class EvalConfig:
     num_examples: int = 6  # samples shown side by side in samples.html
     page_exports: bool = True  # write Markdown / HTML of every page conversion under pages/
     docling_eval_export: bool = True  # write the page predictions as a docling-eval dataset under docling_eval/
+    docling_eval_strip_loops: bool = False  # docling-eval export: looping answers without their loop (default: as is)
 
 
 @dataclass
@@ -92,6 +94,11 @@ def validate_eval(cfg: EvaluateConfig) -> None:
     if e.engine == "server":
         if not e.server_url:
             problems.append("eval.engine=server needs eval.server_url=http://HOST:PORT (start one: make serve)")
+        if e.stop_loops:
+            problems.append(
+                "eval.stop_loops=true stops generation here (eval.engine=transformers); a server generates each "
+                "answer to its budget: drop eval.stop_loops (loops are detected and reported either way)"
+            )
         if cfg.compare_to is not None and not is_predictions_file(cfg.compare_to):
             problems.append(
                 "eval.engine=server answers with the one model it serves: give compare_to=PREDICTIONS.jsonl"

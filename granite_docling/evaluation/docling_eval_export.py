@@ -15,6 +15,12 @@
   rejects the answer;
 * ``GroundTruthPageImages`` / ``PredictionPageImages``: the page images (PNG), ``document_id`` the sample id.
 
+An answer that loops (loops.py) goes in as it was generated, loop included (or as ``eval.stop_loops=true`` stopped
+it), so docling-eval scores what the model answered. ``eval.docling_eval_strip_loops=true`` asks for it without its
+loop instead (``loops.without_loop``: cut after the first block of the repeated run, or stripped of its repeated
+tail as docling strips a looping formula), for scores of what a pipeline that removes loops would deliver;
+``original_prediction`` keeps the answer as generated either way.
+
 Where docling-eval's means differ from ours by design (``make test-docling`` runs its evaluators on such a folder
 and checks the rest agree: edit distance, F1 and BLEU within 0.01, TEDS within 0.005):
 
@@ -36,6 +42,7 @@ from PIL import Image
 
 from granite_docling.evaluation.doctags import is_page_answer
 from granite_docling.evaluation.export import pages_to_document, split_pages
+from granite_docling.evaluation.loops import without_loop
 from granite_docling.evaluation.records import Record
 
 log = logging.getLogger(__name__)
@@ -79,12 +86,13 @@ def png_cell(image: Image.Image) -> dict:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
-def prediction_row(record: Record, images: Sequence[Image.Image]) -> dict:
+def prediction_row(record: Record, images: Sequence[Image.Image], strip_loops: bool = False) -> dict:
     """One page-conversion record as a ``DatasetRecordWithPrediction`` row; ValueError if the reference does
-    not convert."""
+    not convert. ``strip_loops``: the predicted document is read from the answer without its loop."""
     reference = pages_to_document(split_pages(record.reference), images, name=record.id)
+    answer = without_loop(record.prediction) if strip_loops else record.prediction
     try:
-        predicted = pages_to_document(split_pages(record.prediction), images, name=record.id)
+        predicted = pages_to_document(split_pages(answer), images, name=record.id)
     except ValueError as error:
         log.debug("%s: the prediction does not convert (%s)", record.id, error)
         predicted = None
@@ -114,9 +122,13 @@ def prediction_row(record: Record, images: Sequence[Image.Image]) -> dict:
 
 
 def write_docling_eval_dataset(
-    folder: Path, records: Sequence[Record], images_of: Callable[[Record], list[Image.Image | None]]
+    folder: Path,
+    records: Sequence[Record],
+    images_of: Callable[[Record], list[Image.Image | None]],
+    strip_loops: bool = False,
 ) -> Path | None:
-    """Write the page-conversion ``records`` under ``folder/test/``; the folder, or None when there are none."""
+    """Write the page-conversion ``records`` under ``folder/test/``; the folder, or None when there are none.
+    ``strip_loops``: looping answers go in without their loop (see the module docstring)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -129,7 +141,7 @@ def write_docling_eval_dataset(
             log.warning("%s/%s left out of the docling-eval export: no page image", record.dataset, record.id)
             continue
         try:
-            rows.append(prediction_row(record, images))
+            rows.append(prediction_row(record, images, strip_loops))
         except ValueError as error:
             log.warning("%s/%s left out of the docling-eval export: %s", record.dataset, record.id, error)
     if not rows:

@@ -10,6 +10,10 @@ kept (DocTags tags such as ``<doctag>`` and ``<otsl>`` are special tokens) and c
     [answer] = generate(model, processor, prompts, max_new_tokens=4096)
     answer.text, answer.stopped          # DocTags, and whether it ended with eos before the budget
 
+With ``stop_loops=True`` an answer that loops stops early: every :data:`LOOP_CHECK_EVERY` new tokens each row's
+answer so far is decoded and read with docling's two loop rules (:func:`granite_docling.evaluation.loops.loops`), and
+a row they fire on finishes there (``answer.loop`` names the rule; ``stopped`` stays False: no eos).
+
 Multi-turn samples are evaluated on their first turn (the page conversion in DoclingMatix): the later
 questions would need the reference answers of the earlier turns as context, thousands of tokens per page.
 
@@ -27,10 +31,12 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from granite_docling.data.encoding import build_messages
 from granite_docling.data.images import ImageError, decode_image
 from granite_docling.data.sample import ImageRef, Sample, Turn
+from granite_docling.evaluation.loops import loops
 from granite_docling.evaluation.metrics import score_sample, summarize
 
 log = logging.getLogger(__name__)
@@ -45,8 +51,13 @@ GEN_METRICS = (
     "map",
     "doctags_valid",
     "stopped_with_eos",
+    "loops",
 )
 """The metrics :func:`evaluate_generation` reports, as ``gen/<name>`` means."""
+
+LOOP_CHECK_EVERY = 32
+"""New tokens between two loop checks of ``stop_loops`` (docling's ``DocTagsRepetitionStopper(N=32)``; its
+transformers engine checks at every token): a looping answer runs at most 31 tokens past the point docling stops."""
 
 
 @dataclass
@@ -65,6 +76,7 @@ class Generation:
     stopped: bool  # ended with eos before max_new_tokens
     new_tokens: int  # tokens generated, eos included
     error: str | None = field(default=None)  # why there is no answer (an image that could not be read)
+    loop: str | None = None  # the loop rule that stopped it early (stop_loops; loops.RULES), else None
 
 
 def prompt_text(processor, question: str, num_images: int) -> str:
@@ -96,6 +108,7 @@ def generate(
     image_longest_edge: int | None = None,
     progress: bool = True,
     desc: str = "generating",
+    stop_loops: bool = False,
 ) -> list[Generation]:
     """Greedy answers for ``prompts``, in order, ``batch_size`` at a time (left-padded).
 
@@ -103,7 +116,8 @@ def generate(
     first) and each answer is cut at its own budget, so an answer never depends on which prompts shared its
     batch. Images given as paths or bytes are decoded batch by batch; a prompt whose image cannot be read gets
     a :class:`Generation` with ``error`` set instead of failing the run. ``image_longest_edge`` overrides the
-    processor's resize target, as ``dataset.<name>.image_longest_edge`` does in training.
+    processor's resize target, as ``dataset.<name>.image_longest_edge`` does in training. ``stop_loops`` stops an
+    answer that loops (see the module docstring).
     """
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != len(prompts) or min(budgets, default=1) < 1:
@@ -126,7 +140,7 @@ def generate(
                     results[index] = Generation(text="", stopped=False, new_tokens=0, error=str(error))
             if batch:
                 items = [(prompts[i].question, images, budgets[i]) for i, images in batch]
-                answers = _generate_batch(model, processor, items, image_longest_edge)
+                answers = _generate_batch(model, processor, items, image_longest_edge, stop_loops)
                 for (index, _), answer in zip(batch, answers, strict=True):
                     results[index] = answer
             bar.update(len(order[start : start + batch_size]))
@@ -138,8 +152,38 @@ def generate(
     return results  # type: ignore[return-value]
 
 
-def _generate_batch(model, processor, items, image_longest_edge: int | None) -> list[Generation]:
-    """One left-padded generate call for [(question, images, budget)]; each answer is cut at its own budget."""
+class LoopStopper(StoppingCriteria):
+    """Finishes each row whose answer so far loops (:func:`~granite_docling.evaluation.loops.loops`), checked every
+    ``every`` new tokens; ``stopped`` maps a row to (its new tokens then, the rule). Rows that already ended with
+    eos are not read. docling's ``HFStoppingCriteriaWrapper`` does the same with one stopper per rule."""
+
+    def __init__(self, tokenizer, prompt_length: int, eos_id: int, every: int = LOOP_CHECK_EVERY):
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+        self.eos_id = eos_id
+        self.every = every
+        self.stopped: dict[int, tuple[int, str]] = {}
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # (B,)
+        new = input_ids.shape[1] - self.prompt_length
+        if new % self.every:
+            return done
+        answers = input_ids[:, self.prompt_length :]  # (B, new)
+        ended = (answers == self.eos_id).any(dim=1).tolist()
+        for row, ids in enumerate(answers.tolist()):
+            if row in self.stopped or ended[row]:
+                continue
+            rule = loops(self.tokenizer.decode(ids, skip_special_tokens=False))
+            if rule is not None:
+                self.stopped[row] = (new, rule)
+                done[row] = True
+        return done
+
+
+def _generate_batch(model, processor, items, image_longest_edge: int | None, stop_loops: bool) -> list[Generation]:
+    """One left-padded generate call for [(question, images, budget)]; each answer is cut at its own budget (and,
+    with ``stop_loops``, where it loops)."""
     parameter = next(model.parameters())
     eos_id = processor.tokenizer.eos_token_id
     texts = [prompt_text(processor, question, len(images)) for question, images, _ in items]
@@ -152,6 +196,7 @@ def _generate_batch(model, processor, items, image_longest_edge: int | None) -> 
     inputs = {k: v.to(parameter.device) for k, v in inputs.items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(parameter.dtype)
+    stopper = LoopStopper(processor.tokenizer, inputs["input_ids"].shape[1], eos_id) if stop_loops else None
     with torch.inference_mode():
         # generation_config.json of granite-docling sets use_cache=false (a training setting): pass it explicitly.
         output = model.generate(
@@ -162,10 +207,17 @@ def _generate_batch(model, processor, items, image_longest_edge: int | None) -> 
             use_cache=True,
             eos_token_id=eos_id,
             pad_token_id=eos_id,
+            stopping_criteria=StoppingCriteriaList([stopper] if stopper else []),
         )
     new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()  # (B, new)
     answers = []
-    for row, (_, _, budget) in zip(new_tokens, items, strict=True):
+    for index, (row, (_, _, budget)) in enumerate(zip(new_tokens, items, strict=True)):
+        length, rule = stopper.stopped.get(index, (budget + 1, None)) if stopper else (budget + 1, None)
+        if length <= budget:  # finished by the loop check; the padding after it is eos, which is no stop
+            kept = row[:length]
+            text = processor.tokenizer.decode(kept, skip_special_tokens=False)
+            answers.append(Generation(text=text, stopped=False, new_tokens=length, loop=rule))
+            continue
         kept, stopped = cut_at_eos(row[:budget], eos_id)
         text = processor.tokenizer.decode(kept, skip_special_tokens=False)
         answers.append(Generation(text=text, stopped=stopped, new_tokens=len(kept) + int(stopped)))

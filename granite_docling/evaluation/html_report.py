@@ -1,9 +1,10 @@
 """report.html: one evaluation on one page, light and self-contained (no script, no network; opens from disk).
 
     report.html      the headline metrics (before -> after when evaluate.py ran with compare_to), the metric
-                     table per dataset and source, the training loss of the run the checkpoint came from
-                     (drawn by loss_curve.py), and a few samples side by side: page image | reference rendered |
-                     prediction rendered, followed by a word diff of the two
+                     table per dataset and source, the answers that loop (loops.py), the training loss of the run
+                     the checkpoint came from (drawn by loss_curve.py), and a few samples side by side: page image |
+                     reference rendered | prediction rendered, followed by a word diff of the two; a looping
+                     sample is marked
     report_files/    the page images it shows, as WebP thumbnails (~50 KB a page), loaded lazily
 
 Answers are rendered by docling-core's HTML export: the files :func:`~granite_docling.evaluation.report.write_outputs`
@@ -88,7 +89,7 @@ iframe{width:100%;height:42em;border:1px solid #ddd;background:#fff}
 pre{white-space:pre-wrap;word-break:break-word;font-size:12px;max-height:24em;overflow:auto;background:#fafafa;
 border:1px solid #eee;padding:.5em;margin:.3em 0}del{background:#fdd;color:#8a1010}
 ins{background:#d7f5dc;color:#0b5a1c;text-decoration:none}details{margin-top:.4em}summary{cursor:pointer}
-.formula{font-size:1.3em;overflow-x:auto;padding:.3em 0}"""
+.formula{font-size:1.3em;overflow-x:auto;padding:.3em 0}.loop{color:#b3261e;font-weight:600}"""
 
 MATHML_TAGS = frozenset(
     "math mrow mi mn mo ms mtext mspace msub msup msubsup munder mover munderover mfrac msqrt mroot mstyle mpadded "
@@ -125,6 +126,7 @@ def write_report_page(after: Outputs, before: Outputs | None = None) -> Path:
         _headline(after.metrics, before.metrics if before else None),
         "<h2>Metrics</h2>",
         metrics_html(after.metrics, before.metrics if before else None),
+        loops_html(after.records, after.scores),
     ]
     parts.append(_loss_section(after.folder, run, after.checkpoint))
     previous = {(r.dataset, r.id): (r, s) for r, s in zip(before.records, before.scores, strict=True)} if before else {}
@@ -239,6 +241,31 @@ def _headline(after: Mapping[str, Any], before: Mapping[str, Any] | None) -> str
             f"<div class=value>{value:.3f}</div>{change}</div>"
         )
     return f"<div class=cards>{''.join(cards)}</div>"
+
+
+def loops_html(records: Sequence[Record], scores: Sequence[Mapping[str, Any] | None], limit: int = 100) -> str:
+    """The answers that end in a loop (scores' ``loop_rule``): how many, and the first ``limit`` of them by name,
+    rule and tokens."""
+    looping = [(r, s["loop_rule"]) for r, s in zip(records, scores, strict=True) if s and s.get("loop_rule")]
+    head = (
+        f"<h2>Loops</h2><p class=meta>{len(looping)} of {len(records)} answer(s) end in a loop, by docling's rules "
+        "(repeated_blocks: three or more same blocks at equal or evenly spaced boxes; repeated_tail: a unit of up "
+        "to 64 characters repeated over at least 320)"
+    )
+    if not looping:
+        return head + ".</p>"
+    items = []
+    for record, rule in looping[:limit]:
+        tokens = "" if record.new_tokens is None else f"{record.new_tokens} tokens"
+        tokens += "" if not tokens or record.max_new_tokens is None else f" of {record.max_new_tokens}"
+        stop = "stopped early" if record.loop_stopped else "cut at max_new_tokens" if record.stopped is False else ""
+        detail = "; ".join(part for part in (tokens, stop) if part)
+        items.append(
+            f"<li>{html.escape(record.dataset)} / {html.escape(record.id)}: <span class=loop>{html.escape(rule)}"
+            f"</span>{f' ({html.escape(detail)})' if detail else ''}</li>"
+        )
+    more = f"<li>… and {len(looping) - limit} more (scores.jsonl: loop_rule)</li>" if len(looping) > limit else ""
+    return f"{head}:</p><ul>{''.join(items)}{more}</ul>"
 
 
 def _header(after: Outputs, before: Outputs | None) -> str:
@@ -440,7 +467,12 @@ def sample_html(
 ) -> str:
     """One sample: a header with its scores, image | reference | prediction, and the diff (and the before one)."""
     stop = {True: "stopped with eos", False: "cut at max_new_tokens", None: "eos unknown"}[record.stopped]
+    if record.loop_stopped:
+        stop = "stopped early: it loops"
     title = f"{html.escape(record.dataset)} / {html.escape(record.id)}"
+    rule = (scores or {}).get("loop_rule")
+    if rule:
+        title += f" <span class=loop>loops ({html.escape(str(rule))})</span>"
     source = f"{html.escape(record.source)}; " if record.source else ""
     line = _scores_line(scores, before[1] if before else None)
     shown = (

@@ -5,7 +5,7 @@
 layout, the way docling-eval scores a page; anything else (formula, code, other short answers) is scored on the
 raw text, plus exact match. Metrics that do not apply to a sample are None.
 
-Per-sample keys (all floats or None, plus ``kind``):
+Per-sample keys (all floats or None, plus ``kind`` and ``loop_rule``):
 - text: ``edit_distance, precision, recall, f1, bleu, meteor`` (text_metrics.py), ``exact_match``;
 - tables: ``teds, teds_struct`` (teds.py; when the reference has OTSL tables), ``n_tables`` (reference tables);
 - layout: ``map`` (COCO mAP@[.5:.95]) and ``layout_precision, layout_recall, layout_f1`` (area coverage;
@@ -13,7 +13,10 @@ Per-sample keys (all floats or None, plus ``kind``):
 - health: ``doctags_parses`` (docling-core accepts the prediction), ``doctags_closed`` (every opened tag closed,
   and those the prompt opened: a formula crop's ``</formula>``),
   ``doctags_valid`` (both; for DocTags references only) and ``stopped_with_eos`` (generation ended with eos
-  rather than at max_new_tokens).
+  rather than at max_new_tokens);
+- loops: ``loops`` (1.0 when the answer ends in a loop by docling's rules, loops.py; every sample), with
+  ``loop_rule`` naming the rule (``repeated_blocks`` or ``repeated_tail``; None when it does not loop). The mean of
+  ``loops`` in metrics.json is the share of answers that loop.
 
 ``aggregate_metrics({dataset: {source: [sample dicts]}})`` gives the ``metrics.json`` structure::
 
@@ -46,6 +49,7 @@ from granite_docling.evaluation.doctags import (
     try_doctags_to_document,
 )
 from granite_docling.evaluation.layout import area_precision_recall_f1, coco_map
+from granite_docling.evaluation.loops import loops
 from granite_docling.evaluation.teds import paired_teds
 from granite_docling.evaluation.text_metrics import exact_match, text_metrics
 
@@ -73,8 +77,9 @@ EXTRA_METRICS = (
     "doctags_parses",
     "doctags_closed",
     "stopped_with_eos",
+    "loops",
 )
-"""Reported after REPORTED_METRICS: the parts behind doctags_valid, layout coverage and eos stops."""
+"""Reported after REPORTED_METRICS: the parts behind doctags_valid, layout coverage, eos stops and loops."""
 
 OVERALL_KEY = "overall"
 SOURCES_KEY = "sources"
@@ -104,6 +109,8 @@ def score_sample(
     scores["kind"] = kind
     scores["n_tables"] = 0
     scores["stopped_with_eos"] = float(saw_eos if stopped is None else stopped)
+    scores["loop_rule"] = loops(prediction)
+    scores["loops"] = float(scores["loop_rule"] is not None)
     scores["exact_match"] = exact_match(prediction, reference)
 
     is_doctags = kind == "page" or contains_doctags(reference)

@@ -8,6 +8,8 @@ image is one page; each page gets the training prompt "Convert this page to docl
 each input ``NAME`` the output folder ``OUT/NAME/`` holds ``page_NNN.doctags`` / ``.md`` / ``.html`` for every
 page and ``NAME.doctags`` / ``.md`` / ``.html`` / ``.json`` (DoclingDocument) for the whole document.
 A folder given as input stands for the PDFs and images directly inside it.
+``--stop-loops`` ends a page's answer once it loops by docling's repetition rules (loops.py) instead of letting it
+run to ``--max-new-tokens``; the answer is kept up to that point.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weight dtype (bfloat16 on a GPU is faster)",
     )
     parser.add_argument("--device", default=None, help="torch device; default: cuda when available, else cpu")
+    parser.add_argument(
+        "--stop-loops",
+        action="store_true",
+        help="stop a page's answer once it loops (docling's repetition rules), instead of at --max-new-tokens",
+    )
 
 
 def input_files(inputs: list[Path]) -> list[Path]:
@@ -81,6 +88,7 @@ def predict(
     scale: float = 2.0,
     dtype: str = "float32",
     device: str | None = None,
+    stop_loops: bool = False,
 ) -> dict[Path, Path]:
     """Convert every file; returns {input file: its output folder}."""
     from granite_docling.config import ModelConfig
@@ -94,8 +102,11 @@ def predict(
     for path, stem in zip(files, output_stems(files), strict=True):
         pages = render_pages(path, scale)
         prompts = [Prompt(images=[page], question=PAGE_PROMPT) for page in pages]
-        answers = generate(model, processor, prompts, max_new_tokens, batch_size, desc=path.name)
-        cut = [i + 1 for i, answer in enumerate(answers) if not answer.stopped]
+        answers = generate(model, processor, prompts, max_new_tokens, batch_size, desc=path.name, stop_loops=stop_loops)
+        looped = [i + 1 for i, answer in enumerate(answers) if answer.loop]
+        if looped:
+            log.warning("%s: page(s) %s looped and were stopped early (--stop-loops)", path.name, looped)
+        cut = [i + 1 for i, answer in enumerate(answers) if not answer.stopped and not answer.loop]
         if cut:
             log.warning("%s: page(s) %s reached --max-new-tokens %d before eos", path.name, cut, max_new_tokens)
         page_doctags = [answer.text for answer in answers]
@@ -120,7 +131,15 @@ def run(args: argparse.Namespace) -> int:
     files = input_files(args.inputs)
     args.out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, not after the first document
     written = predict(
-        args.checkpoint, files, args.out, args.batch_size, args.max_new_tokens, args.scale, args.dtype, args.device
+        args.checkpoint,
+        files,
+        args.out,
+        args.batch_size,
+        args.max_new_tokens,
+        args.scale,
+        args.dtype,
+        args.device,
+        args.stop_loops,
     )
     for path, folder in written.items():
         print(f"{path} -> {folder}/ ({folder.name}.md, {folder.name}.html, {folder.name}.doctags, page_NNN.*)")

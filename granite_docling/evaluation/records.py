@@ -22,7 +22,7 @@ from granite_docling.evaluation.metrics import EXTRA_METRICS, REPORTED_METRICS, 
 
 log = logging.getLogger(__name__)
 
-LOWER_IS_BETTER = frozenset({"edit_distance"})
+LOWER_IS_BETTER = frozenset({"edit_distance", "loops"})
 TABLE_METRICS = (*REPORTED_METRICS, *EXTRA_METRICS)
 UNKNOWN_SOURCE = "unknown"
 HEADLINE = (
@@ -30,6 +30,7 @@ HEADLINE = (
     ("f1", "F1", "{:.3f}"),
     ("doctags_parses", "DocTags that parse", "{:.0%}"),
     ("stopped_with_eos", "stopped with eos", "{:.0%}"),
+    ("loops", "answers that loop", "{:.0%}"),
 )
 """(metric, label, format) of the headline: report.html's cards and the before -> after lines of a comparison."""
 
@@ -48,6 +49,7 @@ class Record:
     images: list[str] = field(default_factory=list)  # image files; '' for images stored inline (parquet bytes)
     new_tokens: int | None = None  # tokens generated, eos included
     max_new_tokens: int | None = None  # the budget this answer had (see eval.reference_length_factor)
+    loop_stopped: str | None = None  # the loop rule that stopped generation early (eval.stop_loops), else None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Record:
@@ -73,6 +75,7 @@ class Record:
             images=list(images),
             new_tokens=data.get("new_tokens"),
             max_new_tokens=data.get("max_new_tokens"),
+            loop_stopped=None if data.get("loop_stopped") is None else str(data["loop_stopped"]),
         )
 
 

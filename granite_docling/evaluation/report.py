@@ -1,9 +1,10 @@
 """Everything an evaluation leaves in its run folder, from prediction records and their scores.
 
     predictions.jsonl   one line per sample: id, dataset, source, prompt, prediction, reference, stopped, images,
-                        new_tokens, max_new_tokens
-    scores.jsonl        the per-sample scores of metrics.py, keyed by dataset and id
-    metrics.json        aggregate_metrics: "overall" and one block per dataset (n; {mean, median, n} per metric)
+                        new_tokens, max_new_tokens, loop_stopped
+    scores.jsonl        the per-sample scores of metrics.py, keyed by dataset and id (loop_rule: how it loops)
+    metrics.json        aggregate_metrics: "overall" and one block per dataset (n; {mean, median, n} per metric;
+                        the mean of "loops" is the share of answers that loop)
     report.md           the metric tables (means and medians)
     metrics.png         mean of each metric, per dataset
     report.html         the evaluation on one page (html_report.py): metrics, the training loss curve, and a few

@@ -200,6 +200,7 @@ def generate_records(
                 image_longest_edge=edges.get(name),
                 progress=progress,
                 desc=desc,
+                stop_loops=e.stop_loops,
             )
         pairs = list(zip(mine, answers, strict=True))
         if world > 1:
@@ -221,6 +222,7 @@ def generate_records(
                     images=[str(ref) if isinstance(ref, Path) else "" for ref in sample.images],
                     new_tokens=answer.new_tokens,
                     max_new_tokens=budgets[index],
+                    loop_stopped=answer.loop,
                 )
             )
     del model
@@ -293,7 +295,7 @@ def score_side(target: str, folder: Path, records: list[Record], e: EvalConfig, 
     )
     if e.docling_eval_export:
         images = functools.partial(record_images, image_refs=image_refs)
-        exported = write_docling_eval_dataset(folder / DOCLING_EVAL_DIR, records, images)
+        exported = write_docling_eval_dataset(folder / DOCLING_EVAL_DIR, records, images, e.docling_eval_strip_loops)
         if exported is not None:
             outputs.files["docling_eval"] = exported
             log.info("docling-eval dataset of the page predictions: %s", exported)
