@@ -435,20 +435,22 @@ class DoclingEvalSource(Source):
             doc = DoclingDocument.model_validate_json(text)
         except ValidationError as error:
             raise RecordError("bad_document", str(error).splitlines()[0]) from error
+        except Exception as error:  # docling-core's own validators fail with IndexError, ZeroDivisionError...
+            raise RecordError("bad_document", f"{type(error).__name__}: {error}") from error
         pages, without = page_images(doc, record.get(PAGE_IMAGES) or [])
         return doc, [(page_no, image_bytes(image)) for page_no, image in pages], without
 
     def sample_of(self, doc, pages: list[tuple[int, bytes]], position: int, name: str) -> Sample:
         if self.options.unit == "document":
             numbers = [page_no for page_no, _ in pages]
-            turn = Turn(PAGE_PROMPT, document_doctags(doc, numbers), source=name)
+            turn = Turn(PAGE_PROMPT, exported(document_doctags, doc, numbers), source=name)
             sample = Sample(id=name, dataset=self.name, images=tuple(image for _, image in pages), turns=(turn,))
             return limit(sample, self.options)
         if position >= len(pages):
             raise RecordError("missing_page_image", f"the document has {len(pages)} page images, not {position + 1}")
         page_no, image = pages[position]
         page = f"{name}#page={page_no}"
-        turn = Turn(PAGE_PROMPT, page_doctags(doc, page_no), source=page)
+        turn = Turn(PAGE_PROMPT, exported(page_doctags, doc, page_no), source=page)
         return Sample(id=page, dataset=self.name, images=(image,), turns=(turn,))
 
     def records(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Sample | Problem]]:
@@ -481,6 +483,18 @@ class DoclingEvalSource(Source):
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
+
+
+def exported(export, doc, pages) -> str:
+    """``export(doc, pages)``: a document's DocTags, or :class:`RecordError` ``bad_document`` when docling-core
+    cannot write them (a page of size 0, a caption in docling-core 2.102-2.104...) or they are no valid Unicode."""
+    try:
+        doctags = export(doc, pages)
+    except Exception as error:
+        raise RecordError("bad_document", f"DocTags export failed: {type(error).__name__}: {error}") from error
+    if not is_unicode(doctags):
+        raise RecordError("bad_document", "the DocTags hold a lone surrogate (\\ud800-\\udfff)")
+    return doctags
 
 
 def check_split_folder(path: str | Path, split: str) -> None:

@@ -159,3 +159,17 @@ def test_train_py_trains_on_a_docling_eval_dataset(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "data index folder: rank 0 built 7 records (0 bad)" in (tmp_path / "run" / "train.log").read_text()
     assert (tmp_path / "run" / "final_model" / "model.safetensors").is_file()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # docling-core clamps every box to the 0-wide page
+def test_a_document_docling_core_fails_on_is_a_bad_document_not_a_traceback(tmp_path):
+    rows = docling_eval_rows(["code_and_formula", "multi_page"])
+    document = json.loads(rows[0]["GroundTruthDocument"])
+    document["pages"]["1"]["size"]["width"] = 0  # parses, then its DocTags export divides by the width
+    rows[0]["GroundTruthDocument"] = json.dumps(document)
+    samples, problems = read_dataset(write_docling_eval(tmp_path / "eval", rows), "x", ReadOptions(split="test"))
+    failed = "DocTags export failed: ZeroDivisionError: float division by zero"
+    assert [(p.file, p.reason, p.detail) for p in problems] == [
+        ("code_and_formula page image 0", "bad_document", failed)
+    ]
+    assert [s.id for s in samples] == ["code_and_formula#page=2"] + [f"multi_page#page={n}" for n in range(1, 6)]

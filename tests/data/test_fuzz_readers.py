@@ -1,11 +1,11 @@
-"""Fuzzing the readers: damaged images, annotations and parquet files are read or named, never raised.
+"""Fuzzing the readers: damaged images, annotations, parquet files and documents are read or named, never raised.
 
 Mutated images of every format PIL both writes and opens (byte flips, cuts, header bytes, inserted and deleted
-runs), mutated annotation JSONs (bytes and structure) and mutated parquet files (bytes and column types) go through
-``validate`` and the training reader (source -> index -> ExampleEncoder, the fast image path), which must agree:
-each sample is read or named with a reason of REASONS; a file that is no dataset at all is one
-:class:`DatasetNotFoundError` line. A quick run (fixed seed, a few hundred cases) is part of ``make test``; the
-full one (thousands) prints what it met::
+runs), mutated annotation JSONs (bytes and structure), mutated parquet files (bytes and column types) and
+docling-eval rows with a mutated GroundTruthDocument go through ``validate`` and the training reader (source ->
+index -> ExampleEncoder, the fast image path), which must agree: each sample is read or named with a reason of
+REASONS; a file that is no dataset at all is one :class:`DatasetNotFoundError` line. A quick run (fixed seed, a few
+hundred cases) is part of ``make test``; the full one (thousands) prints what it met::
 
     .venv/bin/python -m pytest -q -s -m slow tests/data/test_fuzz_readers.py
 """
@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fixture_data import docling_eval_rows, write_docling_eval
 from PIL import Image
 
 from granite_docling.data.examples import ExampleEncoder
@@ -48,11 +49,13 @@ class Budget:
     images: int
     annotations: int
     parquet_files: int
+    docling_eval_rows: int
 
 
-FULL = Budget(images=4000, annotations=2000, parquet_files=150)
+FULL = Budget(images=4000, annotations=2000, parquet_files=150, docling_eval_rows=600)
 QUICK_ANNOTATIONS = 300
 QUICK_PARQUET_FILES = 12
+QUICK_DOCLING_EVAL_ROWS = 30
 # The quick run mutates every base image once, with a seed whose cases all decode in well under a second: a GIF
 # whose header is mutated can be a legal 76 MP image that decodes (0.4 s, eight times over in this test), and the
 # full run meets those.
@@ -189,20 +192,20 @@ def mutated_table(rng: np.random.Generator, images: list[bytes]) -> pa.Table:
 # The two readers, and what each says of every sample
 
 
-def validate_outcomes(path: Path, processor) -> tuple[dict[str, str], int] | str:
+def validate_outcomes(path: Path, processor, split: str = "train") -> tuple[dict[str, str], int] | str:
     """(reason per bad sample, good samples) as ``validate`` reports them, or NO_DATASET."""
     try:
-        report = validate_dataset(path, processor)
+        report = validate_dataset(path, processor, split)
     except DatasetNotFoundError as error:
         assert "\n" not in str(error), str(error)
         return NO_DATASET
     return {p["file"]: p["reason"] for p in report["problems"]}, report["good"]
 
 
-def training_outcomes(path: Path, processor, cache: Path) -> tuple[dict[str, str], int] | str:
+def training_outcomes(path: Path, processor, cache: Path, split: str = "train") -> tuple[dict[str, str], int] | str:
     """(reason per bad sample, samples encoded) as training meets them: index, then the workers' encoder."""
     try:
-        source = open_source(path, "fuzz", ReadOptions(), cache_dir=cache)
+        source = open_source(path, "fuzz", ReadOptions(split=split), cache_dir=cache)
         index = load_or_build(source, processor, ImageSpec.from_processor(processor), cache)
     except DatasetNotFoundError as error:
         assert "\n" not in str(error), str(error)
@@ -239,10 +242,10 @@ def streaming_outcomes(path: Path, processor) -> tuple[dict[str, str], int] | st
     return reasons, len(items) - len(reasons)
 
 
-def agreeing_outcomes(path: Path, processor, cache: Path) -> tuple[dict[str, str], int] | str:
+def agreeing_outcomes(path: Path, processor, cache: Path, split: str = "train") -> tuple[dict[str, str], int] | str:
     """What validate and training say of ``path``, checked to be the same and to name only known reasons."""
-    validated = validate_outcomes(path, processor)
-    trained = training_outcomes(path, processor, cache)
+    validated = validate_outcomes(path, processor, split)
+    trained = training_outcomes(path, processor, cache, split)
     assert validated == trained, path
     if validated != NO_DATASET:
         assert set(validated[0].values()) <= set(REASONS), validated[0]
@@ -347,19 +350,51 @@ def fuzz_parquet(tmp_path: Path, processor, n: int, seed: int) -> Counter:
     return counts
 
 
+def fuzz_docling_eval(tmp_path: Path, processor, n: int, seed: int) -> Counter:
+    """``n`` docling-eval rows, most with their GroundTruthDocument mutated (bytes, or nodes replaced or dropped),
+    as one dataset through both readers, a sample per page."""
+    rng = np.random.default_rng(seed)
+    base = docling_eval_rows(["2305.03393v1-pg9", "code_and_formula"])
+    rows = []
+    for k in range(n):
+        row = dict(base[k % len(base)])
+        draw = rng.random()
+        if draw < 0.2:
+            pass  # a good row among the damaged ones
+        elif draw < 0.4:
+            row["GroundTruthDocument"] = mutate(row["GroundTruthDocument"].encode(), rng).decode("utf-8", "replace")
+        else:
+            document = json.loads(row["GroundTruthDocument"])
+            for _ in range(int(rng.integers(1, 4))):
+                parent, key = _random_node(document, rng)
+                if rng.random() < 0.7:
+                    parent[key] = ODD_VALUES[int(rng.integers(len(ODD_VALUES)))]
+                else:
+                    del parent[key]
+            row["GroundTruthDocument"] = json.dumps(document)
+        rows.append({**row, "document_id": f"doc{k:05d}"})
+    outcome = agreeing_outcomes(write_docling_eval(tmp_path / "docling_eval", rows), processor, tmp_path / "c", "test")
+    assert outcome != NO_DATASET
+    counts = Counter()
+    tally(outcome, counts)
+    return counts
+
+
 def run_fuzz(tmp_path: Path, processor, budget: Budget, seed: int) -> dict[str, Counter]:
     return {
         "images": fuzz_images(tmp_path / "i", processor, budget.images, seed),
         "annotations": fuzz_annotations(tmp_path / "a", processor, budget.annotations, seed),
         "parquet": fuzz_parquet(tmp_path / "p", processor, budget.parquet_files, seed),
+        "docling-eval rows": fuzz_docling_eval(tmp_path / "d", processor, budget.docling_eval_rows, seed),
     }
 
 
 def test_every_mutated_input_is_read_or_named(tmp_path, tiny_processor):
-    quick = Budget(images=len(base_images()), annotations=QUICK_ANNOTATIONS, parquet_files=QUICK_PARQUET_FILES)
+    quick = Budget(len(base_images()), QUICK_ANNOTATIONS, QUICK_PARQUET_FILES, QUICK_DOCLING_EVAL_ROWS)
     found = run_fuzz(tmp_path, tiny_processor, quick, seed=QUICK_SEED)
     assert found["images"][READ] > 0 and found["images"]["unreadable_image"] > 0  # the mutations hit both ways
     assert found["annotations"][READ] > 0 and found["annotations"]["invalid_json"] > 0
+    assert found["docling-eval rows"][READ] > 0 and found["docling-eval rows"]["bad_document"] > 0
 
 
 @pytest.mark.slow
