@@ -4,6 +4,7 @@
     granite-docling prepare INPUT... --out OUT [--unit page|document] [--scale 2.0] [--overwrite]
     granite-docling validate PATH... [--json] [--max-length N]
     granite-docling predict CHECKPOINT INPUT... --out DIR
+    granite-docling export mlx CHECKPOINT OUT [--quantize 4|8]
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> int`` (the exit code). Modules are imported only when their command runs,
@@ -24,6 +25,7 @@ COMMANDS = {
     "prepare": ("granite_docling.data.prepare", "turn PDFs / page images + DoclingDocument JSON into a dataset"),
     "validate": ("granite_docling.data.validate", "check every sample of one or more datasets"),
     "predict": ("granite_docling.evaluation.predict", "convert PDFs / page images to DocTags, Markdown and HTML"),
+    "export": ("granite_docling.export", "a checkpoint in another runtime's format (MLX), by that runtime's converter"),
 }
 
 

@@ -34,6 +34,8 @@ USER_ERRORS = {  # module -> its exceptions that are the user's to fix; their me
     "granite_docling.data.prepare": ("PrepareError",),
     "granite_docling.evaluation.records": ("PredictionsFileError",),
     "granite_docling.evaluation.server": ("ServerError",),
+    "granite_docling.export": ("ExportError",),
+    "granite_docling.export.untied": ("UntiedCopyError",),
 }
 
 

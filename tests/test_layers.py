@@ -38,6 +38,8 @@ LAYERS = {
         "granite_docling.slurm",
         "granite_docling.errors",
         "granite_docling.cli",
+        "granite_docling.export",
+        "granite_docling.export.*",
     ],
 }
 
