@@ -8,7 +8,7 @@ DEMO_TRAIN ?= data/demo/train
 DEMO_EVAL ?= data/demo/eval
 DEMO_FORMULAS ?= 1000
 
-.PHONY: setup demo test test-slow test-shared test-docling test-vllm serve test-browser bench learning-curve lint format clean
+.PHONY: setup demo test test-slow test-shared test-docling test-vllm test-mlx serve test-browser bench learning-curve lint format clean
 
 setup: $(VENV)/.installed
 
@@ -68,6 +68,19 @@ test-docling:
 
 test-vllm: .venv-vllm/.installed
 	.venv-vllm/bin/python -m pytest -q -m vllm tests/evaluation/test_vllm_serving.py
+
+# `granite-docling export mlx` on a checkpoint trained by train.py, served by mlx-vlm's OpenAI-compatible server and
+# scored by evaluate.py eval.engine=server against the transformers engine (the 8- and 4-bit exports' metric deltas
+# are printed). mlx-vlm pins its own transformers, and on Linux MLX runs on the CPU (mlx[cpu]): its own venv.
+MLX_SPEC ?= mlx[cpu]==0.32.4
+.venv-mlx/.installed: pyproject.toml
+	test -x .venv-mlx/bin/python || python3 -m venv .venv-mlx
+	.venv-mlx/bin/python -m pip install --quiet --upgrade pip
+	.venv-mlx/bin/python -m pip install --quiet "torch==2.13.0" "$(MLX_SPEC)" "mlx-vlm==0.7.10" -e ".[dev]"
+	touch $@
+
+test-mlx: .venv-mlx/.installed
+	.venv-mlx/bin/python -m pytest -q -rP -m mlx tests/evaluation/test_mlx_serving.py
 
 # An OpenAI-compatible vLLM server for a saved model folder, for `evaluate.py eval.engine=server
 # eval.server_url=http://localhost:$(PORT)` (and docling's API VLM options). On a CPU: float32, eager; on a GPU drop
