@@ -36,6 +36,7 @@ USER_ERRORS = {  # module -> its exceptions that are the user's to fix; their me
     "granite_docling.evaluation.server": ("ServerError",),
     "granite_docling.export": ("ExportError",),
     "granite_docling.export.untied": ("UntiedCopyError",),
+    "granite_docling.optimization": ("OutOfMemoryError",),  # a micro-batch that does not fit: what to change
 }
 
 

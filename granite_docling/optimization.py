@@ -2,25 +2,38 @@
 micro-batches with the loss normalised by the step's supervised tokens, the clipped update and its schedule.
 
     optimizer, scheduler = make_optimizer(model, cfg.training, cfg.optimizer, total_steps)
-    step_loss = backward_step(accelerator, loss_module, micro_batches)
+    memory_probe(accelerator, loss_module, optimizer, heaviest_micro_batch)   # before the first step, if needed
+    with optimizer_state_held(optimizer):    # zeros the size of the optimizer's state, until it has one
+        step_loss = backward_step(accelerator, loss_module, micro_batches)
     grad_norm = optimizer_step(accelerator, loss_module, optimizer, scheduler, max_grad_norm=1.0)
+
+A micro-batch that runs out of memory (``torch.OutOfMemoryError`` on a GPU, the CPU allocator's "can't allocate
+memory") raises :class:`OutOfMemoryError`: one line naming its samples, their tokens and what to change. The
+memory probe (or a first step that holds the heaviest micro-batch) meets it in a run's first minute: a run killed
+for memory instead (the kernel's OOM killer gives no error to catch) dies there too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
 
+from granite_docling.checkpoint import rng_state, set_rng_state
 from granite_docling.config import LoraConfig, OptimizerConfig, TrainingConfig
 from granite_docling.data.encoding import IGNORE_INDEX
 from granite_docling.data.image_tiles import batch_pixel_values
+from granite_docling.flops import batch_shape
 from granite_docling.loss import TokenLoss
 from granite_docling.model import apply_lora, parameter_groups
+
+log = logging.getLogger(__name__)
 
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "pixel_attention_mask")
 
@@ -55,6 +68,52 @@ def model_inputs(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
     return inputs
 
 
+class OutOfMemoryError(Exception):
+    """A micro-batch did not fit in memory; the message names its samples and what to change."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the device, or the CPU allocator, running out of memory."""
+    message = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in message or "can't allocate" in message
+
+
+def memory_advice(t: TrainingConfig, image_longest_edge: int | None) -> str:
+    """What to change when a micro-batch does not fit, for this run's settings."""
+    changes = [] if t.gradient_checkpointing else ["training.gradient_checkpointing=true"]
+    if t.batch_tokens:
+        changes.append(f"a lower training.batch_tokens (now {t.batch_tokens})")
+    else:
+        changes.append(f"training.batch_tokens, or a lower training.batch_size (now {t.batch_size})")
+    limit = f", now {t.max_length}" if t.max_length else ""
+    changes.append(f"training.max_length below the sample's tokens (drops the longer samples{limit})")
+    edge = f" (now {image_longest_edge} px)" if image_longest_edge else ""
+    changes.append(f"a smaller model.image_longest_edge{edge}")
+    return "Change one of: " + "; ".join(changes)
+
+
+def describe_micro_batch(batch: dict, shown: int = 3) -> str:
+    """``N sample(s), P padded tokens: id (T tokens, I image tiles), ...``, the longest ``shown`` samples of a
+    collated batch."""
+    shapes = sorted(zip(batch["ids"], batch_shape(batch), strict=True), key=lambda item: -item[1][0])
+    named = [f"{sample_id} ({tokens} tokens, {tiles} image tiles)" for sample_id, (tokens, tiles, _) in shapes]
+    more = f" and {len(named) - shown} more" if len(named) > shown else ""
+    padded = batch["input_ids"].numel() if named else 0
+    return f"{len(named)} sample(s), {padded} padded tokens: {', '.join(named[:shown])}{more}"
+
+
+@contextlib.contextmanager
+def naming_out_of_memory(batch: dict, device: torch.device, advice: str) -> Iterator[None]:
+    """Running out of memory inside becomes one :class:`OutOfMemoryError` line that names ``batch``."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+        what = describe_micro_batch(batch) if batch["ids"] else "an empty micro-batch"
+        raise OutOfMemoryError(f"out of memory on {device} training a micro-batch of {what}. {advice}") from error
+
+
 class StepLoss(NamedTuple):
     loss: float  # mean loss per supervised token over the whole step, all processes
     tokens: int  # supervised tokens of the step, all processes
@@ -62,7 +121,11 @@ class StepLoss(NamedTuple):
 
 
 def backward_step(
-    accelerator: Accelerator, loss_module: torch.nn.Module, group: list[dict], datasets: Sequence[str] = ()
+    accelerator: Accelerator,
+    loss_module: torch.nn.Module,
+    group: list[dict],
+    datasets: Sequence[str] = (),
+    advice: str = "",
 ) -> StepLoss:
     """Forward and backward over one optimizer step's micro-batches.
 
@@ -70,6 +133,7 @@ def backward_step(
     micro-batches and all processes, and multiplied by the number of processes (DDP averages gradients): the
     gradient equals that of one batch holding every sample of the step. ``datasets``: the run's dataset names
     (the same on every process) whose own mean loss to report; one all-reduce sums everything across processes.
+    A micro-batch that runs out of memory raises :class:`OutOfMemoryError`, its message ending in ``advice``.
     """
     world = accelerator.num_processes
     local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group if b["ids"])
@@ -79,7 +143,8 @@ def backward_step(
     dataset_tokens = dict.fromkeys(datasets, 0)  # on this process
     for micro_step, batch in enumerate(group):
         sync = micro_step == len(group) - 1
-        with contextlib.nullcontext() if sync else accelerator.no_sync(loss_module):
+        no_sync = contextlib.nullcontext() if sync else accelerator.no_sync(loss_module)
+        with no_sync, naming_out_of_memory(batch, accelerator.device, advice):
             if batch["ids"]:
                 inputs = model_inputs(batch, accelerator.device)
                 row_sums, _ = loss_module(**inputs)
@@ -101,6 +166,40 @@ def backward_step(
     tokens = totals[1 + len(datasets) :]
     by_dataset = {name: total / count for name, total, count in zip(dataset_sums, sums, tokens, strict=True) if count}
     return StepLoss(totals[0] / max(global_tokens, 1), int(global_tokens), by_dataset)
+
+
+@contextlib.contextmanager
+def optimizer_state_held(optimizer) -> Iterator[list[torch.Tensor]]:
+    """Zeros the size of AdamW's two moments per trainable parameter, held inside while the optimizer has no
+    state yet (it makes it at its first update): a first step, or a probe, holds the memory every later step
+    holds, so that it fails if they would. Nothing once the optimizer has its state."""
+    trainable = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    moments = [] if optimizer.state else [torch.zeros_like(p) for p in trainable for _ in range(2)]
+    try:
+        yield moments
+    finally:
+        moments.clear()
+
+
+def memory_probe(
+    accelerator: Accelerator, loss_module: torch.nn.Module, optimizer, batch: dict, advice: str = ""
+) -> None:
+    """Forward and backward over ``batch`` (a run's heaviest micro-batch ahead, where its first step does not
+    hold it), with the optimizer's state held (:func:`optimizer_state_held`), then everything put back: the
+    gradients dropped, the RNG states restored, no weight, optimizer or schedule touched. A run that cannot fit
+    fails here (:class:`OutOfMemoryError`, or the kernel's OOM killer), before its first step. Every process
+    calls it (its backward all-reduces like a step's)."""
+    started = time.time()
+    rng = rng_state()
+    try:
+        with optimizer_state_held(optimizer):
+            backward_step(accelerator, loss_module, [batch], advice=advice)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        set_rng_state(rng)
+    if batch["ids"]:
+        seconds = time.time() - started
+        log.info("memory probe: the heaviest micro-batch ahead fits (%s; %.1f s)", describe_micro_batch(batch), seconds)
 
 
 def validation_loss(accelerator: Accelerator, loss_module: TokenLoss, loader) -> float:

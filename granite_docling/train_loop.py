@@ -10,10 +10,16 @@ Vocabulary: ``step`` is an optimizer step, ``batch_size x gradient_accumulation_
 them make a step) or, with ``training.batch_tokens``, of as many samples as fit that many padded tokens (as many
 micro-steps as the step's samples need); ``epoch`` a pass over the training split.
 
+Every epoch's first step holds its longest sample (:mod:`granite_docling.data.sampler`); where the first step of
+a run, fresh or resumed, does not hold the heaviest micro-batch ahead, a memory probe trains and drops it before
+(:func:`~granite_docling.optimization.memory_probe`): a run that cannot fit fails in its first minute, not hours in.
+
 Exit codes: 0 done; :data:`EXIT_INTERRUPTED` (75) stopped by SIGTERM / Ctrl-C after writing a checkpoint,
 resume with ``training.resume=auto`` (same ``hydra.run.dir``) or ``training.resume=PATH``; 1 on errors,
 including too many non-finite losses in a row and a checkpoint that could not be saved (a full disk: every
-process stops, the earlier checkpoints are intact).
+process stops, the earlier checkpoints are intact); 2 (through train.py's ``error:`` line) for a micro-batch
+that does not fit in memory, and for a run that trained no sample in an epoch or in all its steps (every one
+it met was bad).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from granite_docling.checkpoint_files import latest_checkpoint
 from granite_docling.config import Config, TrainingConfig
 from granite_docling.data.loading import build_data
 from granite_docling.data.policy import Data, DataPolicy
+from granite_docling.data.sources import DatasetNotFoundError
 from granite_docling.data.steps import training_steps, validation_loader
 from granite_docling.evaluation.generate import evaluate_generation
 from granite_docling.evaluation.loss_curve import draw_loss_curve
@@ -43,6 +50,9 @@ from granite_docling.optimization import (
     any_process_true,
     backward_step,
     make_optimizer,
+    memory_advice,
+    memory_probe,
+    optimizer_state_held,
     optimizer_step,
     prepare_for_training,
     sum_over_processes,
@@ -105,6 +115,15 @@ def generation_eval(accelerator: Accelerator, loss_module, processor, data: Data
     accelerator.wait_for_everyone()
 
 
+def nothing_trained(steps: int, bad_samples: Path) -> DatasetNotFoundError:
+    """The error of a run whose ``steps`` steps trained no sample: every sample it met was bad."""
+    return DatasetNotFoundError(
+        f"no training sample could be read: {steps} step(s) trained nothing, every sample they met was bad "
+        f"(each is listed in {bad_samples} with the reason); fix or remove them (granite-docling validate lists "
+        "them too) and train again"
+    )
+
+
 @dataclass
 class TrainResult:
     exit_code: int  # 0 done, EXIT_INTERRUPTED, 1 on errors
@@ -163,6 +182,13 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
     if t.save_initial and resume_from is None:  # the weights training starts from, for before/after evaluations
         checkpoints.save_model(final_dir.parent / "initial_model")
 
+    # ---- the heaviest micro-batch ahead comes first: a run that cannot fit fails now, not hours in
+    loss_module.train()
+    advice = memory_advice(t, cfg.model.image_longest_edge)  # what to change, should a micro-batch not fit
+    ahead = train_steps.heaviest(state.epoch, state.samples_in_epoch)  # None for streamed data
+    if ahead is not None and state.step < total_steps and any_process(not ahead.next_step):
+        memory_probe(accelerator, loss_module, optimizer, ahead.batch, advice)  # trained and dropped
+
     # ---- the loop
     stop = StopRequest()
     stop.install()
@@ -170,11 +196,14 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
     window = ThroughputWindow(model, device_peak_flops(t.peak_tflops))
     steps = None
     exit_code = 0
-    loss_module.train()
+    first_step = state.step
+    trained_tokens = 0  # supervised tokens this run trained, all processes: 0 when every sample it met was bad
     while state.step < total_steps:
         steps = steps or train_steps.epoch(state.epoch, state.samples_in_epoch)  # from the exact position
         step = window.next_step(steps)  # this process's micro-batches of the step, and the position after it
         if step is None:  # end of epoch
+            if state.step > first_step and not trained_tokens:  # an epoch's worth of steps, nothing read
+                break
             state.epoch += 1
             state.samples_in_epoch = 0
             steps = None
@@ -187,7 +216,8 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
 
         group, state.samples_in_epoch = step
         problems = [p for batch in group for p in batch["problems"]]  # bad samples travel in the batches
-        step_loss = backward_step(accelerator, loss_module, group, mixed_datasets)
+        with optimizer_state_held(optimizer):  # zeros of its size until the first update makes it
+            step_loss = backward_step(accelerator, loss_module, group, mixed_datasets, advice)
         if not math.isfinite(step_loss.loss):
             optimizer.zero_grad(set_to_none=True)
             if exit_code := skip_nonfinite_step(state, step_loss.loss, t.max_nonfinite_steps):
@@ -195,6 +225,7 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
             continue
         grad_norm = optimizer_step(accelerator, loss_module, optimizer, scheduler, t.max_grad_norm)
         state.step += 1
+        trained_tokens += step_loss.tokens
         state.loss_sum += step_loss.loss
         state.loss_steps += 1
         state.nonfinite_in_a_row = 0
@@ -224,6 +255,9 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
 
     progress.close()
     stop.uninstall()
+    if exit_code == 0 and state.step > first_step and not trained_tokens:
+        tracker.finish()
+        raise nothing_trained(state.step - first_step, run_dir / "bad_samples.jsonl")
     if exit_code == 0:
         validate(accelerator, loss_module, val_loader, state, tracker)  # the final model's (the sweep objective)
         exit_code = _finish(cfg, accelerator, loss_module, processor, final_dir, run_dir, state)

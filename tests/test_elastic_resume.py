@@ -139,3 +139,23 @@ def test_a_docling_eval_dataset_resumes_on_another_number_of_processes(tmp_path)
     assert sorted(got) == sorted(expected) == list(range(1, 9))
     for step, loss in expected.items():
         assert got[step] == pytest.approx(loss, abs=1e-4), f"step {step}"
+
+
+@pytest.mark.slow  # make test-slow: ~45 s of three runs, one of them on two processes
+def test_a_resume_on_two_processes_probes_the_heaviest_micro_batch_left_on_each_and_changes_no_loss(tmp_path):
+    from test_fail_fast import growing_answers
+
+    # 66 samples: the 2 longest lead the epoch; resumed after 4 steps (16 samples), the heaviest micro-batches
+    # left are the last step's, one on each process: both probe theirs (each probe all-reduces), then train.
+    data = growing_answers(tmp_path / "growing", 66)
+    train(data, tmp_path / "whole", 1, 8)
+    train(data, tmp_path / "first", 1, 4)
+    checkpoint = tmp_path / "first" / "checkpoints" / "checkpoint_step_4"
+    train(data, tmp_path / "second", 2, 8, f"training.resume={checkpoint}")
+    probes = [re.search(r"memory probe: .*?: (\S+) \(", (tmp_path / "second" / log).read_text())
+              for log in ("train.log", "train_rank1.log")]  # fmt: skip
+    assert [found.group(1) if found else None for found in probes] == ["anns/train/062.json", "anns/train/063.json"]
+    expected, got = losses(tmp_path / "whole"), losses(tmp_path / "first") | losses(tmp_path / "second")
+    assert sorted(got) == sorted(expected) == list(range(1, 9))
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, abs=1e-5), f"step {step}"

@@ -7,8 +7,9 @@
   blocks shuffled. Still a function of (seed, epoch) and the lengths only.
 * Whenever the lengths are known, the epoch starts with its longest sample (:func:`longest_first`): the block
   that holds it leads, longest first (without grouping the sample swaps places with the first), so a run that
-  cannot fit its longest sample fails at its first step, not hours in at the end of an epoch. A run that starts
-  mid-epoch (a resume) is covered by the loop's memory probe on :meth:`GlobalBatchSampler.heaviest_batch`.
+  cannot fit its longest sample fails at its first step, not hours in at the end of an epoch. Where another
+  micro-batch ahead is heavier (a run resumed mid-epoch, a token budget), the loop's memory probe trains it
+  before the first step (:meth:`GlobalBatchSampler.heaviest_batch`).
 * :class:`GlobalBatchSampler` cuts the order into steps of ``batch_size x accumulation x processes`` samples (the
   global batch). A step's samples are sorted by length and cut into micro-batches: ``batch_size`` samples each,
   or, with a token budget (``training.batch_tokens``), as many consecutive samples as fit the budget in padded
@@ -219,22 +220,23 @@ class GlobalBatchSampler(Sampler[list[int]]):
             return self.accumulation
         return len(self.step_batches(self.order()[position : position + self.global_batch]))
 
-    def heaviest_batch(self, start: int = 0) -> list[int]:
+    def heaviest_batch(self, start: int = 0) -> tuple[list[int], int]:
         """This process's micro-batch with the most padded tokens (its samples x the longest of them, image tokens
         included, as :func:`pack_by_tokens` counts), of equals the one with the longest sample, then the first,
-        among the steps from global sample ``start`` to the end of the epoch: the micro-batch a memory probe
-        trains before a run's first step. [] when this process has none, or without lengths."""
+        among the steps from global sample ``start`` to the end of the epoch; and the position of its step. The
+        micro-batch a memory probe trains before a run's first step; ``([], start)`` when this process has none,
+        or without lengths."""
         if self.lengths is None:
-            return []
+            return [], start
         tokens = self.lengths[0]
         order = self.order()
-        heaviest: list[int] = []
+        heaviest: tuple[list[int], int] = ([], start)
         weight = (0, 0)  # (padded tokens, longest sample's tokens)
         for position in range(start, len(order), self.global_batch):
             for batch in self.step_batches(order[position : position + self.global_batch]):
                 longest_tokens = max((int(tokens[i]) for i in batch), default=0)
                 if (len(batch) * longest_tokens, longest_tokens) > weight:
-                    heaviest = batch
+                    heaviest = (batch, position)
                     weight = (len(batch) * longest_tokens, longest_tokens)
         return heaviest
 

@@ -8,19 +8,26 @@ process's micro-batches and the position after it.
   of the processes differ in length, so the epoch ends, on every process, at the first step any process cannot
   fill; the position is this process's micro-batches, exact on the same processes and workers only.
 
-Both give :meth:`planned_steps` (steps per epoch, for the schedule) and :meth:`epoch` (the steps from a
-position); the loop never asks which kind it has.
+Both give :meth:`planned_steps` (steps per epoch, for the schedule), :meth:`epoch` (the steps from a position)
+and :meth:`heaviest` (the micro-batch a memory probe trains before the first step: indexed data only, a stream's
+lengths are unknown until read); the loop never asks which kind it has.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from granite_docling.data.loading import make_loader
 from granite_docling.data.policy import Data
 
 Step = tuple[list[dict], int]  # this process's micro-batches of one step, and the position after it
+
+
+class Heaviest(NamedTuple):
+    batch: dict  # this process's heaviest micro-batch ahead, collated (no ``ids`` where it has none)
+    next_step: bool  # whether the next step holds it
 
 
 class IndexedSteps:
@@ -40,6 +47,17 @@ class IndexedSteps:
         while group := list(itertools.islice(batches, self.sampler.micro_steps(position))):
             position = self.sampler.advance(position)
             yield group, position
+
+    def heaviest(self, epoch: int, position: int) -> Heaviest:
+        """This process's micro-batch with the most padded tokens from ``position`` to the end of the epoch (the
+        next epoch's, at the end of this one), read and collated, and whether the next step holds it."""
+        if position >= self.sampler.epoch_size:
+            epoch += 1
+            position = 0
+        self.sampler.set_epoch(epoch, position)
+        indices, step_position = self.sampler.heaviest_batch(position)
+        batch = self.loader.collate_fn([self.loader.dataset[i] for i in indices])
+        return Heaviest(batch, step_position == position)
 
 
 class StreamedSteps:
@@ -65,6 +83,10 @@ class StreamedSteps:
                 return
             position += len(group)
             yield group, position
+
+    def heaviest(self, epoch: int, position: int) -> None:
+        """None: a stream's lengths are unknown until it is read, so there is nothing to probe ahead."""
+        return None
 
 
 def validation_loader(data: Data, batch_size: int, num_workers: int, pad_id: int, rank: int, world_size: int):

@@ -249,9 +249,11 @@ def test_the_heaviest_batch_is_the_most_padded_tokens_from_a_position_on_every_p
                 s.set_epoch(1, start)
                 batches = [b for b in s if b]
                 weights = [(len(b) * int(lengths[0][b].max()), int(lengths[0][b].max())) for b in batches]
-                assert s.heaviest_batch(start) == batches[weights.index(max(weights))]  # of equals, the first
+                heaviest, position = s.heaviest_batch(start)
+                assert heaviest == batches[weights.index(max(weights))]  # of equals, the first
+                assert heaviest in s.step_batches(s.order()[position : position + s.global_batch])
     crops_and_a_page = (np.array([400] * 20 + [3000]), np.array([5] * 20 + [17]))
     packed = GlobalBatchSampler([21], [None], 0, 1, 21, lengths=crops_and_a_page, batch_tokens=8000)
     packed.set_epoch(0)
-    assert len(packed.heaviest_batch()) == 20  # 20 crops are 8,000 padded tokens, the page alone 3,000
-    assert packed.heaviest_batch(21) == []  # nothing left in the epoch
+    assert len(packed.heaviest_batch()[0]) == 20  # 20 crops are 8,000 padded tokens, the page alone 3,000
+    assert packed.heaviest_batch(21) == ([], 21)  # nothing left in the epoch
