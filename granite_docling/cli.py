@@ -5,6 +5,7 @@
     granite-docling validate PATH... [--json] [--max-length N]
     granite-docling predict CHECKPOINT INPUT... --out DIR
     granite-docling export mlx CHECKPOINT OUT [--quantize 4|8]
+    granite-docling export gguf CHECKPOINT OUT [--type f16|q8_0]
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> int`` (the exit code). Modules are imported only when their command runs,
@@ -25,7 +26,7 @@ COMMANDS = {
     "prepare": ("granite_docling.data.prepare", "turn PDFs / page images + DoclingDocument JSON into a dataset"),
     "validate": ("granite_docling.data.validate", "check every sample of one or more datasets"),
     "predict": ("granite_docling.evaluation.predict", "convert PDFs / page images to DocTags, Markdown and HTML"),
-    "export": ("granite_docling.export", "a checkpoint in another runtime's format (MLX), by that runtime's converter"),
+    "export": ("granite_docling.export", "a checkpoint in another runtime's format (MLX, GGUF), by its converter"),
 }
 
 

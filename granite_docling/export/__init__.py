@@ -1,8 +1,10 @@
 """``granite-docling export RUNTIME CHECKPOINT OUT``: a checkpoint of ours in another runtime's own format.
 
     granite-docling export mlx outputs/run/final_model outputs/run/final_model-mlx [--quantize 4|8]
+    granite-docling export gguf outputs/run/final_model outputs/run/final_model-gguf [--type f16|q8_0]
 
-Each runtime's module (``mlx``: mlx-vlm, for Apple silicon and docling's MLX pipeline) writes the form its
+Each runtime's module (``mlx``: mlx-vlm, for Apple silicon and docling's MLX pipeline; ``gguf``: llama.cpp, for
+llama-server, Ollama and LM Studio) writes the form its
 converter reads (:mod:`~granite_docling.export.untied`) into a temporary folder, calls the runtime's own converter
 there, and publishes the result as OUT, whole or not at all. The checkpoint is only read. A folder that is not a
 granite-docling model, a damaged checkpoint, an OUT that holds files (without ``--overwrite``) or a runtime that is
@@ -19,6 +21,7 @@ import importlib
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from granite_docling.checkpoint_files import MODEL_HINT, check_whole, model_fold
 # runtime -> (module, one-line help)
 RUNTIMES = {
     "mlx": ("granite_docling.export.mlx", "MLX (Apple silicon; docling's MLX VLM pipeline), with mlx-vlm's converter"),
+    "gguf": ("granite_docling.export.gguf", "GGUF (llama.cpp, Ollama, LM Studio), with llama.cpp's converter"),
 }
 EXPORT_HINT = "give a model folder saved by train.py (e.g. outputs/<run>/final_model)"
 EXPORT_INFO = "export.json"  # written into OUT: where it came from, which converter, what the copy changed
@@ -96,6 +100,30 @@ def run_converter(command: list[str], what: str) -> None:
 def converter_environment() -> dict[str, str]:
     """The converters read local folders only: no hub look-ups (an offline machine would wait on them)."""
     return {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def runtime_python(given: Path | None, default: Path, probe, install: str) -> tuple[str, str]:
+    """(the Python that runs a runtime's converter, what ``probe`` found in it): ``given``, else this interpreter,
+    else ``default`` (the venv its make target builds). ``probe(python)`` returns (a non-empty finding such as the
+    runtime's version, or None; what is wrong when None). :class:`ExportError` in one line ending in ``install``
+    when no candidate has the runtime."""
+    if given is not None and not given.is_file():
+        raise ExportError(f"--python {given}: no such file; give the python of an environment with the converter")
+    candidates = [given] if given is not None else [Path(sys.executable), default]
+    problems = []
+    for python in candidates:
+        if not python.is_file():
+            continue
+        found, problem = probe(str(python))
+        if found is not None:
+            return os.path.abspath(python), found
+        problems.append(problem)
+    raise ExportError(f"{'; '.join(problems)}: {install}")
+
+
+def folder_size(folder: Path) -> int:
+    """Bytes in the files under ``folder``."""
+    return sum(file.stat().st_size for file in folder.rglob("*") if file.is_file())
 
 
 def write_export_info(out: Path, info: dict) -> None:

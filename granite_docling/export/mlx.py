@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 from granite_docling.durable import publish
-from granite_docling.export import ExportError, run_converter, staging_folder, write_export_info
+from granite_docling.export import folder_size, run_converter, runtime_python, staging_folder, write_export_info
 from granite_docling.export.untied import write_untied_copy
 
 log = logging.getLogger(__name__)
@@ -78,7 +76,7 @@ def export(checkpoint: Path, out: Path, args: argparse.Namespace) -> list[str]:
             },
         )
         publish(converted, out)
-    size = sum(file.stat().st_size for file in out.rglob("*") if file.is_file())
+    size = folder_size(out)
     form = f"{args.quantize}-bit" if args.quantize else (args.dtype or "the checkpoint's dtype")
     return [
         f"MLX model ({form}, mlx-vlm {version}): {out} ({size / 1e6:.1f} MB)",
@@ -97,18 +95,7 @@ def convert_options(quantize: int | None, dtype: str | None) -> list[str]:
 def mlx_python(given: Path | None) -> tuple[str, str]:
     """(the Python that runs mlx-vlm, mlx-vlm's version): ``given``, else this interpreter, else
     ``.venv-mlx/bin/python``. :class:`ExportError` in one line when none of them has a working mlx-vlm."""
-    if given is not None and not given.is_file():
-        raise ExportError(f"--python {given}: no such file; give the python of an environment with mlx-vlm")
-    candidates = [given] if given is not None else [Path(sys.executable), DEFAULT_PYTHON]
-    problems = []
-    for python in candidates:
-        if not python.is_file():
-            continue
-        version, problem = probe(str(python))
-        if version is not None:
-            return os.path.abspath(python), version
-        problems.append(problem)
-    raise ExportError(f"{'; '.join(problems)}: {INSTALL}")
+    return runtime_python(given, DEFAULT_PYTHON, probe, INSTALL)
 
 
 def probe(python: str) -> tuple[str | None, str]:

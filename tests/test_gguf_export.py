@@ -1,0 +1,90 @@
+"""``granite-docling export gguf``: what needs no llama.cpp. A missing llama.cpp folder, one without gguf-py, or a
+Python without the converter's modules each end the command in one ``error:`` line that says what to install,
+before anything is written and without touching the checkpoint; the command's own options are checked.
+
+The conversion itself and its answers through llama-server are ``tests/evaluation/test_gguf_serving.py``
+(``make test-gguf``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+from conftest import compose_config
+from test_model_export import export, one_error_line
+
+from granite_docling.checkpoint import save_checkpoint
+from granite_docling.durable import file_records
+from granite_docling.export.gguf import CONVERTER
+from granite_docling.model import load_model_and_processor
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    model, processor = load_model_and_processor(compose_config("model=tiny").model)
+    return save_checkpoint(tmp_path_factory.mktemp("run") / "final_model", model, processor)
+
+
+def nothing_written(tmp_path, checkpoint, before) -> bool:
+    return (
+        not (tmp_path / "out").exists()
+        and not list(tmp_path.glob(".out.export-*"))
+        and (file_records(checkpoint) == before)
+    )
+
+
+def test_a_missing_llama_cpp_is_one_line_that_says_what_to_install(checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no .llama.cpp/ here
+    before = file_records(checkpoint)
+    code, out, err = export(capsys, "gguf", str(checkpoint), str(tmp_path / "out"))
+    line = one_error_line(code, err)
+    assert line == (
+        f"error: llama.cpp's {CONVERTER} is not in .llama.cpp/src (the default): run make llama.cpp (the pinned "
+        "release, into .llama.cpp/) or pass --llama-cpp PATH/TO/llama.cpp"
+    )
+    assert out == "" and nothing_written(tmp_path, checkpoint, before)
+
+    code, _, err = export(capsys, "gguf", str(checkpoint), str(tmp_path / "out"), "--llama-cpp", str(tmp_path))
+    assert f"is not in --llama-cpp {tmp_path}: run make llama.cpp" in one_error_line(code, err)
+
+
+def test_a_llama_cpp_folder_without_gguf_py_is_one_line(checkpoint, tmp_path, capsys):
+    llama_cpp = tmp_path / "llama.cpp"
+    llama_cpp.mkdir()
+    (llama_cpp / CONVERTER).write_text("")
+    code, _, err = export(capsys, "gguf", str(checkpoint), str(tmp_path / "out"), "--llama-cpp", str(llama_cpp))
+    assert f"{llama_cpp} has {CONVERTER} but no gguf-py/gguf beside it" in one_error_line(code, err)
+
+
+def test_a_python_without_the_converters_modules_is_one_line(checkpoint, tmp_path, capsys):
+    if importlib.util.find_spec("mistral_common") is not None:
+        pytest.skip("this Python has mistral-common (the .venv-gguf of make test-gguf)")
+    llama_cpp = tmp_path / "llama.cpp"
+    (llama_cpp / "gguf-py" / "gguf").mkdir(parents=True)
+    (llama_cpp / CONVERTER).write_text("")  # a folder of the right shape: the Python is checked before it runs
+    before = file_records(checkpoint)
+    code, _, err = export(
+        capsys, "gguf", str(checkpoint), str(tmp_path / "out"), "--llama-cpp", str(llama_cpp), "--python",
+        sys.executable,
+    )  # fmt: skip
+    line = one_error_line(code, err)
+    assert line.startswith(f"error: {sys.executable} lacks what llama.cpp's converter imports (mistral_common)")
+    assert "pip install torch transformers mistral-common" in line and line.endswith("--python PATH/TO/bin/python")
+    assert nothing_written(tmp_path, checkpoint, before)
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (["--type", "q4_0"], "argument --type: invalid choice: 'q4_0'"),
+        (["--quantize", "8"], "unrecognized arguments: --quantize 8"),  # mlx's option, not gguf's
+    ],
+)
+def test_the_commands_options_are_checked(checkpoint, tmp_path, capsys, options, expected):
+    with pytest.raises(SystemExit) as stop:
+        export(capsys, "gguf", str(checkpoint), str(tmp_path / "out"), *options)
+    assert stop.value.code == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
