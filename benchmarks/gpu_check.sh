@@ -5,7 +5,7 @@
 #   step  benchmarks/gpu_step.py: optimizer steps on 2048 px pages (17 tiles) in bf16, batch 1, 4, 8 with the
 #         vision encoder trained: samples/s, tokens/s, MFU, peak memory, data-wait share.
 #   mix   benchmarks/token_budget.py: the seed's mix (documents of 1-3 pages beside ~9 formula crops per document),
-#         one epoch at the seed's global batch 1 x 8, one sample per pass against training.batch_tokens, with
+#         one epoch at the seed's global batch 1 x 8, one sample per pass against data.batch_tokens, with
 #         training.mixed_precision=auto: passes, samples/s, MFU, data wait, peak memory, for both.
 #   trl   benchmarks/vs_trl.py --bf16: our loop against TRL's SFTTrainer on the same real pages, whole epochs,
 #         bf16 autocast on both sides: samples/s, supervised tokens/s, peak GPU memory, losses.

@@ -89,7 +89,6 @@ def run_configuration(accelerator, loss_module, cfg, processor, flops, batch_siz
     from accelerate.utils import set_seed
 
     from granite_docling.data.loading import build_data, make_loader
-    from granite_docling.data.policy import DataPolicy
     from granite_docling.flops import batch_shape
     from granite_docling.model import component_of, parameter_groups
     from granite_docling.optimization import backward_step
@@ -102,8 +101,9 @@ def run_configuration(accelerator, loss_module, cfg, processor, flops, batch_siz
     cfg = copy.deepcopy(cfg)
     cfg.training.batch_size = batch_size
     set_seed(t.seed)
-    data = build_data(cfg.dataset, processor, DataPolicy.from_training(cfg.training))
-    loader = make_loader(data.train, data.train_sampler, batch_size, t.num_workers, processor.tokenizer.pad_token_id)
+    data = build_data(cfg.dataset, processor, cfg.data, seed=t.seed, batch_size=batch_size,
+                      accumulation=t.gradient_accumulation_steps)  # fmt: skip
+    loader = make_loader(data.train, data.train_sampler, batch_size, data.num_workers, processor.tokenizer.pad_token_id)
     rates = {"vision": t.lr_vision, "text": t.lr_text, "connector": t.lr_connector}
     fused = accelerator.device.type == "cuda"
     optimizer = torch.optim.AdamW(parameter_groups(model, rates, t.weight_decay), fused=fused)
@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose(*preset, "dataset=[folder]", f"dataset.folder.path={data}", "dataset.folder.max_turns=1",
                       f"training.mixed_precision={precision}", "training.gradient_checkpointing=false",
                       f"training.batch_size={max(batch_sizes)}", "training.gradient_accumulation_steps=1",
-                      f"training.num_workers={args.num_workers}", "training.val_ratio=0",
-                      f"training.length_cache_dir={Path(tmp) / 'lengths'}", *args.override)  # fmt: skip
+                      f"data.num_workers={args.num_workers}", "data.val_ratio=0",
+                      f"data.index_cache_dir={Path(tmp) / 'lengths'}", *args.override)  # fmt: skip
         accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
         set_seed(cfg.training.seed)
         model, processor = load_model_and_processor(cfg.model)

@@ -64,7 +64,7 @@ sys.path.insert(0, str(REPO))
 REAL_DOCS = REPO / "tests" / "fixtures" / "real_docs"
 DEFAULT_PLAN = "hub:500,hub:8000,folder:500,folder:8000,folder:100000"
 QUICK_PLAN = "hub:50,folder:50,folder:200"
-CACHE_KEY = "training.index_cache_dir"  # training.length_cache_dir before the index
+CACHE_KEY = "data.index_cache_dir"  # training.index_cache_dir before the data section, length_cache_dir before that
 LAYOUTS = ("hub", "folder")
 MAX_PAGES_PER_SAMPLE = 3
 ROWS_PER_SHARD = 1000
@@ -75,7 +75,7 @@ SAMPLER_SHARE = 0.25  # the most of one core that memory sampling may take
 STOP_GRACE_S = 20.0
 TRAIN_OVERRIDES = (
     "model=tiny", "dataset=[folder]", f"training.max_steps={STEPS}", "training.batch_size=2",
-    "training.gradient_accumulation_steps=1", "training.num_workers=2", "training.val_ratio=0.05",
+    "training.gradient_accumulation_steps=1", "data.num_workers=2", "data.val_ratio=0.05",
     "training.log_interval=1", "training.save_interval=0", "training.gradient_checkpointing=false",
 )  # fmt: skip
 INDEX_BUILT = re.compile(r"data index (?P<name>\S+?):? .*?built (?P<records>\d+) records.*? in (?P<seconds>[\d.]+) ?s\b"

@@ -43,7 +43,6 @@ def profile(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
     from granite_docling.data.loading import build_data, make_loader
-    from granite_docling.data.policy import DataPolicy
     from granite_docling.data.prepare import prepare_dataset
     from granite_docling.launch import compose_config
     from granite_docling.loss import TokenLoss
@@ -53,14 +52,21 @@ def profile(args: argparse.Namespace, work: Path) -> dict:
     data_dir = work / "pages"
     prepare_dataset(sorted(glob.glob(str(REAL_DOCS / "*.pdf"))), data_dir, unit="page", scale=2.0)
     edge = [f"model.image_longest_edge={args.image_edge}"] if args.image_edge else []
-    dataset = [f"dataset.folder.path={data_dir}", "dataset.folder.max_turns=1", "training.val_ratio=0"]
-    cache = f"training.index_cache_dir={work / 'index'}"
+    dataset = [f"dataset.folder.path={data_dir}", "dataset.folder.max_turns=1", "data.val_ratio=0"]
+    cache = f"data.index_cache_dir={work / 'index'}"
     cfg = compose_config(
         REPO / "conf", f"model={args.preset}", "model.random_init=true", *edge, "dataset=[folder]", *dataset, cache
     )
     torch.manual_seed(0)
     model, processor = load_model_and_processor(cfg.model)
-    data = build_data(cfg.dataset, processor, DataPolicy.from_training(cfg.training))
+    data = build_data(
+        cfg.dataset,
+        processor,
+        cfg.data,
+        seed=cfg.training.seed,
+        batch_size=cfg.training.batch_size,
+        accumulation=cfg.training.gradient_accumulation_steps,
+    )
     loader = make_loader(data.train, range(len(data.train)), 1, 0, processor.tokenizer.pad_token_id)
     t = cfg.training
     groups = parameter_groups(model, {"vision": t.lr_vision, "text": t.lr_text, "connector": t.lr_connector}, 0.01)

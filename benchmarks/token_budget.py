@@ -10,7 +10,7 @@ The seed guide's own config trains one DoclingMatix shard (~1,150 documents) bes
 :func:`granite_docling.train_loop.train` at the seed's global batch (1 x 8 accumulation, one process):
 
 * ``batch 1``: one sample per forward / backward pass, as the seed's config does;
-* ``budget``: ``training.batch_tokens`` set to the longest sample's length (image tokens included), so no
+* ``budget``: ``data.batch_tokens`` set to the longest sample's length (image tokens included), so no
   micro-batch holds more padded tokens than the longest sample alone.
 
 Reported for each: forward / backward passes over the epoch (all, and per dataset: the passes that hold its
@@ -57,13 +57,13 @@ def compose(args: argparse.Namespace, paths: dict[str, Path], run_dir: Path, *ex
         "training.num_epochs=1",
         "training.batch_size=1",
         "training.gradient_accumulation_steps=8",
-        "training.val_ratio=0",
+        "data.val_ratio=0",
         "training.save_interval=0",
         "training.log_interval=1",
         "training.gradient_checkpointing=false",
         "training.mixed_precision=no",
-        f"training.num_workers={args.num_workers}",
-        f"training.index_cache_dir={run_dir.parent / 'index'}",
+        f"data.num_workers={args.num_workers}",
+        f"data.index_cache_dir={run_dir.parent / 'index'}",
         *args.override,
         *extra,
     )
@@ -72,11 +72,17 @@ def compose(args: argparse.Namespace, paths: dict[str, Path], run_dir: Path, *ex
 def passes(cfg) -> dict:
     """Forward / backward passes of one epoch from the sampler, overall and per dataset, and the largest one."""
     from granite_docling.data.loading import build_data
-    from granite_docling.data.policy import DataPolicy
     from granite_docling.model import load_model_config, load_processor
 
     processor = load_processor(cfg.model, load_model_config(cfg.model))
-    data = build_data(cfg.dataset, processor, DataPolicy.from_training(cfg.training))
+    data = build_data(
+        cfg.dataset,
+        processor,
+        cfg.data,
+        seed=cfg.training.seed,
+        batch_size=cfg.training.batch_size,
+        accumulation=cfg.training.gradient_accumulation_steps,
+    )
     sampler, tokens = data.train_sampler, data.train_sampler.lengths[0]
     names = [name for name, size in zip(data.train.source_names, data.train.sizes, strict=True) for _ in range(size)]
     sampler.set_epoch(0)
@@ -143,7 +149,7 @@ def main() -> None:
         plain = compose(args, paths, work / "batch1")
         plan = {"batch1": passes(plain)}
         budget = plan["batch1"]["longest_sample"]
-        budgeted = compose(args, paths, work / "budget", f"training.batch_tokens={budget}")
+        budgeted = compose(args, paths, work / "budget", f"data.batch_tokens={budget}")
         plan["budget"] = passes(budgeted)
         result = {"preset": args.preset, "batch_tokens": budget}
         for name, cfg in (("batch1", plain), ("budget", budgeted)):

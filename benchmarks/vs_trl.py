@@ -11,7 +11,7 @@ masked, so both sides supervise the same tokens from the same weights; ``max_ste
 relative difference of the two sides' per-step losses (ours must agree within 1%).
 
 ``--override`` applies any config override to both sides (the model preset, the page size, ...);
-``--ours-batch-size`` gives our side another global batch (say 8 under ``training.batch_tokens``, where TRL's
+``--ours-batch-size`` gives our side another global batch (say 8 under ``data.batch_tokens``, where TRL's
 batch is as large as its memory allows). ``--epochs N``
 trains whole epochs on both sides, so both see every sample the same number of times; a run of ``--steps`` sees
 the first steps' samples of each side's own order, which differ (ours groups by length), and the result says
@@ -84,14 +84,14 @@ def config_overrides(args: argparse.Namespace, data: Path, run_dir: Path, batch_
     return [
         f"model={args.preset}", "dataset=[folder]", f"dataset.folder.path={data}", "dataset.folder.max_turns=1",
         *length, f"training.batch_size={batch_size}",
-        "training.gradient_accumulation_steps=1", f"training.num_workers={args.num_workers}",
+        "training.gradient_accumulation_steps=1", f"data.num_workers={args.num_workers}",
         "training.gradient_checkpointing=false", f"training.mixed_precision={'bf16' if args.bf16 else 'no'}",
-        "training.val_ratio=0",
+        "data.val_ratio=0",
         f"training.lr_vision={lr}", f"training.lr_text={lr}", f"training.lr_connector={lr}",
         f"training.min_lr={lr}",  # min_lr == lr: a constant schedule, like TRL's lr_scheduler_type=constant
         "training.warmup_steps=0", "training.weight_decay=0.01", "training.max_grad_norm=1.0",
         "training.log_interval=1", "training.save_interval=0",
-        f"training.seed={args.seed}", f"training.index_cache_dir={run_dir / 'index'}", *args.override,
+        f"training.seed={args.seed}", f"data.index_cache_dir={run_dir / 'index'}", *args.override,
     ]  # fmt: skip
 
 

@@ -8,7 +8,9 @@ composition, naming the key, before any data or model is touched::
     python train.py training.lr_conector=1e-3      # -> Key 'lr_conector' not in 'TrainingConfig'
 
 Field names under ``training`` and ``wandb`` are the seed's (the original ``get_config()`` dicts), so users'
-muscle memory and old configs carry over. Derived values (effective batch size, steps per epoch) are computed
+muscle memory and old configs carry over; the seed's data settings (``training.val_ratio``, ``training.num_workers``
+...) live under ``data`` (:data:`MOVED_TO_DATA`): legacy files are mapped, an override with the old name fails
+naming the new one. Derived values (effective batch size, steps per epoch) are computed
 where they are needed, never stored here.
 """
 
@@ -124,8 +126,6 @@ class TrainingConfig:
     max_steps: Optional[int] = None  # optimizer steps to run; overrides num_epochs
     batch_size: int = 1  # samples per device per micro-step
     gradient_accumulation_steps: int = 8  # micro-steps per optimizer step
-    batch_tokens: Optional[int] = None  # micro-batches of <= N padded tokens (images included); null: batch_size each
-    val_ratio: float = 0.05  # share of every source held out for validation; 0 = no validation split
     lr_vision: float = 5e-5  # peak learning rate of the vision encoder
     lr_text: float = 5e-5  # peak learning rate of the text model
     lr_connector: float = 5e-4  # peak learning rate of the connector (new task, higher)
@@ -136,13 +136,11 @@ class TrainingConfig:
     gradient_checkpointing: bool = True  # recompute activations in backward to save memory
     mixed_precision: str = "auto"  # auto (what the device computes fast: granite_docling/precision.py), no, bf16, fp16
     compile: bool = False  # torch.compile the model
-    num_workers: int = 4  # DataLoader worker processes per device
     log_interval: int = 10  # console / metrics line every N optimizer steps
     report_to: List[str] = field(default_factory=list)  # trackers besides metrics.jsonl: tensorboard, mlflow, ...
     objective: str = "auto"  # metric train.py returns to sweepers; auto = final val/loss, else last train/loss
     val_interval: int = 1  # validate every N epochs
     val_steps: Optional[int] = None  # also validate every N optimizer steps
-    val_max_samples: Optional[int] = 64  # score at most N held-out samples per dataset (seeded); null = all
     save_interval: int = 1  # checkpoint every N epochs
     save_steps: Optional[int] = None  # also checkpoint every N optimizer steps
     save_initial: bool = False  # also save the untrained start as initial_model/ beside final_model/ (before/after)
@@ -151,12 +149,9 @@ class TrainingConfig:
     gen_eval_max_new_tokens: int = 512  # answer budget of gen_eval_steps, in tokens
     max_checkpoints: Optional[int] = 3  # keep only the newest N checkpoints; null keeps all
     save_dir: Optional[str] = None  # checkpoint folder; null = checkpoints/ inside the run folder
-    seed: int = 42  # seeds model init, data order and the validation split
+    seed: int = 42  # seeds model init, data order and the validation split (the data side is given it)
     resume: Optional[str] = None  # checkpoint folder to continue from, or 'auto' (newest in save_dir)
     trust_checkpoint: bool = False  # also resume from an older pickled training_state.pt (plain data only)
-    max_samples_per_dataset: Optional[int] = None  # cap on every source (a dataset's own max_samples also applies)
-    max_length: Optional[int] = None  # drop samples longer than this many tokens, image tokens included
-    on_bad_sample: str = "skip"  # skip (count and report) or error (stop at the first, naming it)
     max_nonfinite_steps: int = 5  # stop after this many optimizer steps in a row with a NaN / Inf loss
     peak_tflops: Optional[float] = None  # device peak for the MFU estimate; null = looked up by GPU name
     loss_chunk_size: int = 2048  # supervised positions per chunk of the output layer + loss (bounds logits memory)
@@ -164,10 +159,34 @@ class TrainingConfig:
     push_to_hub: bool = False  # upload final_model/ to the hub at the end
     hub_repo_id: Optional[str] = None  # hub repository to push to, e.g. my-org/granite-docling-invoices
     hub_private: bool = True  # create the hub repository as private
-    image_path: str = "fast"  # fast (uint8 pages through the loader, tiles made on the device) or stock (processor)
+
+
+@dataclass
+class DataConfig:
+    """What decides how samples become batches: which samples are read, held out and dropped, how they are cut
+    into micro-batches and by how many workers. The data side gets this section as it is (``build_data``), with
+    the run's seed, batch size and accumulation beside it; ARCHITECTURE.md says why each field is here."""
+
+    val_ratio: float = 0.05  # share of every source held out for validation; 0 = no validation split
+    val_max_samples: Optional[int] = 64  # score at most N held-out samples per dataset (seeded); null = all
+    max_samples_per_dataset: Optional[int] = None  # cap on every source (a dataset's own max_samples also applies)
+    max_length: Optional[int] = None  # drop samples longer than this many tokens, image tokens included
+    on_bad_sample: str = "skip"  # skip (count and report) or error (stop at the first, naming it)
+    batch_tokens: Optional[int] = None  # micro-batches of <= N padded tokens (images included); null: batch_size each
     length_grouping: bool = True  # batch samples of similar (tokens, tiles) together; false = plain random batches
+    image_path: str = "fast"  # fast (uint8 pages through the loader, tiles made on the device) or stock (processor)
+    num_workers: int = 4  # DataLoader worker processes per device
     index_cache_dir: Optional[str] = None  # cache of dataset indexes; null = ~/.cache/granite_docling/index
-    length_cache_dir: Optional[str] = None  # the older name of index_cache_dir (used when that is null)
+
+
+# The seed's names under ``training`` -> their field under ``data``; length_cache_dir is index_cache_dir's older name
+MOVED_TO_DATA = {f.name: f.name for f in fields(DataConfig)} | {"length_cache_dir": "index_cache_dir"}
+
+
+def moved_key(key: str) -> Optional[str]:
+    """The name a moved key has now (``training.val_ratio`` -> ``data.val_ratio``); None for any other key."""
+    section, _, name = key.partition(".")
+    return f"data.{MOVED_TO_DATA[name]}" if section == "training" and name in MOVED_TO_DATA else None
 
 
 @dataclass
@@ -183,12 +202,14 @@ class WandbConfig:
 
 @dataclass
 class Config:
-    """One experiment: what the Hydra groups ``model``, ``dataset``, ``optimizer``, ``trainer`` compose into."""
+    """One experiment: what the Hydra groups ``model``, ``dataset``, ``optimizer``, ``trainer`` compose into
+    (``trainer`` sets ``training`` and ``data``)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: Dict[str, DatasetConfig] = field(default_factory=dict)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -217,8 +238,9 @@ def tracker_problems(report_to: List[str]) -> list[str]:
 def validate(cfg: Config) -> None:
     """Check everything that spans fields; raise one :class:`ConfigError` listing every problem."""
     problems = model_problems(cfg.model, cfg.training.mixed_precision)
-    problems += dataset_problems(cfg.dataset, cfg.training.batch_tokens)
+    problems += dataset_problems(cfg.dataset, cfg.data.batch_tokens)
     problems += training_problems(cfg.training)
+    problems += data_problems(cfg.data, cfg.training.objective)
     problems += choice_problem("wandb.mode", cfg.wandb.mode, ("online", "offline", "disabled"))
     problems += choice_problem("optimizer.name", cfg.optimizer.name, ("adamw",))
     raise_problems(problems)
@@ -295,32 +317,18 @@ def dataset_problems(datasets: Dict[str, DatasetConfig], batch_tokens: Optional[
         )
     if streamed and batch_tokens is not None:
         problems.append(
-            "training.batch_tokens needs indexed data: a stream's sample lengths are not known before it is read "
+            "data.batch_tokens needs indexed data: a stream's sample lengths are not known before it is read "
             "(set it to null, or index the data: dataset.<name>.streaming=false)"
         )
     return problems
 
 
-POSITIVE_OR_NULL = (
-    "max_steps",
-    "save_steps",
-    "val_steps",
-    "gen_eval_steps",
-    "max_length",
-    "max_checkpoints",
-    "max_samples_per_dataset",
-    "val_max_samples",
-    "batch_tokens",
-)  # training fields that are at least 1, or null
+POSITIVE_OR_NULL = ("max_steps", "save_steps", "val_steps", "gen_eval_steps", "max_checkpoints")  # training.*: >= 1
 
 
 def training_problems(training: TrainingConfig) -> list[str]:
     problems = choice_problem("training.mixed_precision", training.mixed_precision, MIXED_PRECISION)
-    problems += choice_problem("training.on_bad_sample", training.on_bad_sample, BAD_SAMPLE_POLICIES)
-    problems += choice_problem("training.image_path", training.image_path, ("fast", "stock"))
     problems += tracker_problems(training.report_to)
-    if training.objective == "val/loss" and training.val_ratio == 0:
-        problems.append("training.objective=val/loss needs a validation split: set training.val_ratio > 0")
     for name in ("batch_size", "gradient_accumulation_steps", "num_epochs", "log_interval", "val_interval"):
         if getattr(training, name) < 1:
             problems.append(f"training.{name}={getattr(training, name)} must be at least 1")
@@ -330,15 +338,13 @@ def training_problems(training: TrainingConfig) -> list[str]:
             problems.append(f"training.{name}={value} must be at least 1 (or null)")
     if training.save_interval < 0:
         problems.append("training.save_interval must be >= 0 (0 = no epoch checkpoints)")
-    if not 0 <= training.val_ratio < 1:
-        problems.append(f"training.val_ratio={training.val_ratio} must be in [0, 1)")
     learning_rates = {name: getattr(training, name) for name in ("lr_vision", "lr_text", "lr_connector")}
     for name, value in learning_rates.items():
         if value <= 0:
             problems.append(f"training.{name}={value} must be positive (freeze the component instead)")
     if training.min_lr < 0 or training.min_lr > min(learning_rates.values()):
         problems.append(f"training.min_lr={training.min_lr} must be between 0 and the smallest learning rate")
-    for name in ("weight_decay", "max_grad_norm", "warmup_steps", "num_workers"):
+    for name in ("weight_decay", "max_grad_norm", "warmup_steps"):
         if getattr(training, name) < 0:
             problems.append(f"training.{name}={getattr(training, name)} must not be negative")
     if training.push_to_hub and not training.hub_repo_id:
@@ -347,6 +353,22 @@ def training_problems(training: TrainingConfig) -> list[str]:
         problems.append("training.max_nonfinite_steps and training.loss_chunk_size must be at least 1")
     if training.resume not in (None, "auto") and not Path(training.resume).is_dir():
         problems.append(f"training.resume={training.resume!r} is not a folder: give a checkpoint folder or 'auto'")
+    return problems
+
+
+def data_problems(data: DataConfig, objective: str) -> list[str]:
+    problems = choice_problem("data.on_bad_sample", data.on_bad_sample, BAD_SAMPLE_POLICIES)
+    problems += choice_problem("data.image_path", data.image_path, ("fast", "stock"))
+    if not 0 <= data.val_ratio < 1:
+        problems.append(f"data.val_ratio={data.val_ratio} must be in [0, 1)")
+    elif objective == "val/loss" and data.val_ratio == 0:
+        problems.append("training.objective=val/loss needs a validation split: set data.val_ratio > 0")
+    for name in ("max_length", "max_samples_per_dataset", "val_max_samples", "batch_tokens"):
+        value = getattr(data, name)
+        if value is not None and value < 1:
+            problems.append(f"data.{name}={value} must be at least 1 (or null)")
+    if data.num_workers < 0:
+        problems.append(f"data.num_workers={data.num_workers} must not be negative")
     return problems
 
 

@@ -6,6 +6,7 @@ cannot be read or saved, an output folder that cannot be written, as one line. O
 ``HYDRA_FULL_ERROR=1``, keep their traceback::
 
     python train.py training.lr_conector=1e-3    # error: training.lr_conector: Key 'lr_conector' not in ...
+    python train.py training.val_ratio=0.1       # error: training.val_ratio is now data.val_ratio: ...
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
 from typing import Any, NoReturn
 
-from granite_docling.config import did_you_mean
+from granite_docling.config import did_you_mean, moved_key
 
 EXIT_USER_ERROR = 2  # a mistake in the command, the config or the data (as argparse's usage errors)
 _user_full_error: bool | None = None  # HYDRA_FULL_ERROR=1 as the user set it; None outside user_errors()
@@ -55,6 +57,8 @@ def user_error_message(error: BaseException) -> str | None:
 
     if isinstance(error, user_error_types()):
         return str(error)
+    if (line := _moved_key_line(error)) is not None:
+        return line
     if isinstance(error, OSError) and error.errno in _FOLDER_ERRNOS and error.filename is not None:
         return _os_error_line(error)
     if isinstance(error, OmegaConfBaseException):  # e.g. a bad ${interpolation}, met when the config is resolved
@@ -100,6 +104,26 @@ def _omegaconf_line(error: BaseException, with_key: bool = True) -> str:
         line += did_you_mean(str(key), [f.name for f in fields(schema)])
     full_key = getattr(error, "full_key", None)
     return f"{full_key}: {line}" if with_key and full_key else line
+
+
+def _moved_key_line(error: BaseException) -> str | None:
+    """``training.val_ratio is now data.val_ratio: ...`` for a key of the seed's that moved (an override or a
+    config file that sets it under its old name); None for any other error."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    key_errors = (ConfigKeyError, ConfigAttributeError)
+    cause = error if isinstance(error, key_errors) else error.__cause__ or error.__context__
+    if not isinstance(cause, key_errors):
+        return None
+    old = str(getattr(cause, "full_key", None) or "")
+    new = moved_key(old)
+    if new is None:
+        return None
+    given = re.search(rf"\+{re.escape(old)}=(.*)$", str(error))  # Hydra's hint repeats an override's value
+    fix = f"write {new}={given.group(1)}" if given else f"set {new} instead"
+    where = re.match(r"In '[^']+': ", str(error))  # a config file of the user's, e.g. In 'experiment/mine'
+    line = f"{old} is now {new} (the data section holds what decides how samples become batches): {fix}"
+    return (where.group(0) if where else "") + line
 
 
 def _traces_wanted() -> bool:

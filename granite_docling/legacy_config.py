@@ -5,7 +5,9 @@
 
 ``translate_legacy_argv`` turns ``--config FILE.py [--resume CKPT]`` into a generated primary config that lists
 our schema and groups, then the legacy values, so Hydra's run folder, ``--cfg job`` and overrides all behave as
-for a native config. Unknown keys at any level fail with a "did you mean".
+for a native config. Unknown keys at any level fail with a "did you mean". The seed's data settings under
+``training`` (``val_ratio``, ``num_workers``, ...) land under ``data``, where the schema keeps them now;
+``length_cache_dir`` becomes ``data.index_cache_dir`` unless the file also sets ``index_cache_dir``.
 """
 
 from __future__ import annotations
@@ -21,13 +23,31 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from granite_docling.config import ConfigError, DatasetConfig, ModelConfig, TrainingConfig, WandbConfig, did_you_mean
+from granite_docling.config import (
+    MOVED_TO_DATA,
+    ConfigError,
+    DatasetConfig,
+    ModelConfig,
+    TrainingConfig,
+    WandbConfig,
+    did_you_mean,
+)
 
 LEGACY_SECTIONS = {"model": ModelConfig, "datasets": DatasetConfig, "training": TrainingConfig, "wandb": WandbConfig}
 
 
 def _field_names(schema: type) -> list[str]:
-    return [f.name for f in fields(schema)]
+    names = [f.name for f in fields(schema)]
+    return names + list(MOVED_TO_DATA) if schema is TrainingConfig else names
+
+
+def _data_section(training: dict[str, Any]) -> dict[str, Any]:
+    """The ``data`` section of a legacy ``training`` dict's data keys, taken out of it (``training`` is changed)."""
+    moved = {name: training.pop(name) for name in list(training) if name in MOVED_TO_DATA}
+    older = moved.pop("length_cache_dir", None)
+    if moved.get("index_cache_dir") is None and older is not None:
+        moved["index_cache_dir"] = older  # the older name counts where the newer one is unset, as it always did
+    return moved
 
 
 def _unknown_key_error(where: str, key: str, known: list[str]) -> str:
@@ -74,6 +94,8 @@ def load_legacy_config(path: str | Path) -> dict[str, Any]:
         problems += [_unknown_key_error(f"{path}: '{section}'", k, known) for k in values if k not in known]
         if values:
             mapped[section] = dict(values)
+    if "training" in mapped and (data := _data_section(mapped["training"])):
+        mapped["data"] = data
 
     datasets: dict[str, Any] = {}
     known = _field_names(DatasetConfig)

@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 
 from granite_docling.checkpoint import rng_state, set_rng_state
-from granite_docling.config import LoraConfig, OptimizerConfig, TrainingConfig
+from granite_docling.config import DataConfig, LoraConfig, OptimizerConfig, TrainingConfig
 from granite_docling.data.encoding import IGNORE_INDEX
 from granite_docling.data.image_tiles import batch_pixel_values
 from granite_docling.flops import batch_shape
@@ -78,15 +78,15 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in message or "can't allocate" in message
 
 
-def memory_advice(t: TrainingConfig, image_longest_edge: int | None) -> str:
+def memory_advice(t: TrainingConfig, data: DataConfig, image_longest_edge: int | None) -> str:
     """What to change when a micro-batch does not fit, for this run's settings."""
     changes = [] if t.gradient_checkpointing else ["training.gradient_checkpointing=true"]
-    if t.batch_tokens:
-        changes.append(f"a lower training.batch_tokens (now {t.batch_tokens})")
+    if data.batch_tokens:
+        changes.append(f"a lower data.batch_tokens (now {data.batch_tokens})")
     else:
-        changes.append(f"training.batch_tokens, or a lower training.batch_size (now {t.batch_size})")
-    limit = f", now {t.max_length}" if t.max_length else ""
-    changes.append(f"training.max_length below the sample's tokens (drops the longer samples{limit})")
+        changes.append(f"data.batch_tokens, or a lower training.batch_size (now {t.batch_size})")
+    limit = f", now {data.max_length}" if data.max_length else ""
+    changes.append(f"data.max_length below the sample's tokens (drops the longer samples{limit})")
     edge = f" (now {image_longest_edge} px)" if image_longest_edge else ""
     changes.append(f"a smaller model.image_longest_edge{edge}")
     return "Change one of: " + "; ".join(changes)

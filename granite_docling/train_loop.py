@@ -7,7 +7,7 @@ saving, stopping and resuming (:mod:`granite_docling.run_control`), and what a s
 
 Vocabulary: ``step`` is an optimizer step, ``batch_size x gradient_accumulation_steps x processes`` samples;
 ``micro_step`` one forward/backward per process, of ``batch_size`` samples (``gradient_accumulation_steps`` of
-them make a step) or, with ``training.batch_tokens``, of as many samples as fit that many padded tokens (as many
+them make a step) or, with ``data.batch_tokens``, of as many samples as fit that many padded tokens (as many
 micro-steps as the step's samples need); ``epoch`` a pass over the training split.
 
 Every epoch's first step holds its longest sample (:mod:`granite_docling.data.sampler`); where the first step of
@@ -39,7 +39,7 @@ from granite_docling.checkpoint import LoopState, push_to_hub, save_checkpoint
 from granite_docling.checkpoint_files import latest_checkpoint
 from granite_docling.config import Config, TrainingConfig
 from granite_docling.data.loading import build_data
-from granite_docling.data.policy import Data, DataPolicy
+from granite_docling.data.policy import Data
 from granite_docling.data.sources import DatasetNotFoundError
 from granite_docling.data.steps import training_steps, validation_loader
 from granite_docling.evaluation.generate import evaluate_generation
@@ -150,14 +150,23 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
     model, processor = load_model_and_processor(cfg.model)
     model = prepare_for_training(model, cfg.model.lora, t.gradient_checkpointing)
     pad_id = processor.tokenizer.pad_token_id
-    data = build_data(cfg.dataset, processor, DataPolicy.from_training(t), rank, world)
+    data = build_data(
+        cfg.dataset,
+        processor,
+        cfg.data,
+        seed=t.seed,
+        batch_size=t.batch_size,
+        accumulation=t.gradient_accumulation_steps,
+        rank=rank,
+        world_size=world,
+    )
     mixed_datasets = list(data.sizes) if len(data.sizes) > 1 else []  # a mix: each dataset's loss is logged
     bad_samples = BadSampleList(run_dir / "bad_samples.jsonl", accelerator.is_main_process)
     bad_samples.add(data.problems)
 
     any_process = functools.partial(any_process_true, accelerator)
-    train_steps = training_steps(data, t.batch_size, t.gradient_accumulation_steps, t.num_workers, pad_id, any_process)
-    val_loader = validation_loader(data, t.batch_size, t.num_workers, pad_id, rank, world)
+    train_steps = training_steps(data, pad_id, any_process)
+    val_loader = validation_loader(data, pad_id, rank, world)
     global_batch = t.batch_size * t.gradient_accumulation_steps * world
     epoch_steps = train_steps.planned_steps(t.num_epochs)
     total_steps = t.max_steps or sum(epoch_steps)
@@ -172,7 +181,7 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
     resume_from = latest_checkpoint(checkpoint_root) if t.resume == "auto" else t.resume
     if t.resume == "auto" and resume_from is None:
         log.info("training.resume=auto: no checkpoint in %s yet, starting from scratch", checkpoint_root)
-    state = LoopState(global_batch=global_batch, processes=world, workers=t.num_workers)
+    state = LoopState(global_batch=global_batch, processes=world, workers=cfg.data.num_workers)
     if resume_from is not None:
         state = restore(Path(resume_from), accelerator, loss_module, optimizer, scheduler, t, train_steps, state)
     tracker = NullTracker()
@@ -184,7 +193,7 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
 
     # ---- the heaviest micro-batch ahead comes first: a run that cannot fit fails now, not hours in
     loss_module.train()
-    advice = memory_advice(t, cfg.model.image_longest_edge)  # what to change, should a micro-batch not fit
+    advice = memory_advice(t, cfg.data, cfg.model.image_longest_edge)  # what to change, should a micro-batch not fit
     ahead = train_steps.heaviest(state.epoch, state.samples_in_epoch)  # None for streamed data
     if ahead is not None and state.step < total_steps and any_process(not ahead.next_step):
         memory_probe(accelerator, loss_module, optimizer, ahead.batch, advice)  # trained and dropped

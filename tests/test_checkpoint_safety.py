@@ -27,7 +27,7 @@ from granite_docling.run_control import EXIT_INTERRUPTED
 
 def args(data, run_dir, *extra):
     return ["train.py", "experiment=quick", f"dataset.sample.path={data}", "training.batch_size=2",
-            "training.val_ratio=0", "training.num_workers=0", "training.log_interval=1", f"hydra.run.dir={run_dir}",
+            "data.val_ratio=0", "data.num_workers=0", "training.log_interval=1", f"hydra.run.dir={run_dir}",
             *extra]  # fmt: skip
 
 

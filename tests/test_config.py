@@ -44,7 +44,8 @@ def test_defaults_are_the_seeds_full_run():
     cfg = compose_config()
     assert cfg.model.checkpoint == "ibm-granite/granite-docling-258M"
     t = cfg.training
-    assert (t.num_epochs, t.batch_size, t.gradient_accumulation_steps, t.val_ratio) == (3, 1, 8, 0.05)
+    assert (t.num_epochs, t.batch_size, t.gradient_accumulation_steps, cfg.data.val_ratio) == (3, 1, 8, 0.05)
+    assert (cfg.data.val_max_samples, cfg.data.num_workers, cfg.data.on_bad_sample) == (64, 8, "skip")
     assert (t.lr_vision, t.lr_text, t.lr_connector) == (5e-5, 5e-5, 5e-4)
     assert (t.weight_decay, t.max_grad_norm, t.min_lr, t.gradient_checkpointing) == (0.01, 1.0, 1e-6, True)
     validate(cfg)
@@ -53,7 +54,7 @@ def test_defaults_are_the_seeds_full_run():
 def test_quick_test_trainer_caps_every_dataset():
     cfg = compose_config("trainer=test")
     assert cfg.training.num_epochs == 1
-    assert cfg.training.max_samples_per_dataset == 100
+    assert cfg.data.max_samples_per_dataset == 100
     assert cfg.training.lr_connector == 5e-4  # inherited from trainer/default
 
 
@@ -87,11 +88,11 @@ def test_quick_experiment_is_tiny_and_on_sample_data():
 def test_validate_reports_every_problem_at_once():
     cfg = compose_config(
         "training.mixed_precision=fp8",
-        "training.val_ratio=1.5",
+        "data.val_ratio=1.5",
         "training.batch_size=0",
         "model.checkpoint=null",
-        "training.on_bad_sample=ignore",
-        "training.image_path=gpu",
+        "data.on_bad_sample=ignore",
+        "data.image_path=gpu",
     )
     with pytest.raises(ConfigError) as error:
         validate(cfg)
@@ -222,16 +223,16 @@ def test_the_trainer_defaults_choose_the_precision_by_device():
 
 
 def test_a_token_budget_needs_indexed_data_and_a_positive_size():
-    cfg = compose_config("model=tiny", "dataset=[sample]", "dataset.sample.path=/data", "training.batch_tokens=0")
-    with pytest.raises(ConfigError, match=r"training.batch_tokens=0 must be at least 1"):
+    cfg = compose_config("model=tiny", "dataset=[sample]", "dataset.sample.path=/data", "data.batch_tokens=0")
+    with pytest.raises(ConfigError, match=r"data.batch_tokens=0 must be at least 1"):
         validate(cfg)
     streamed = compose_config(
         "model=tiny",
         "dataset=[sample]",
         "dataset.sample.path=/data",
         "dataset.sample.streaming=true",
-        "training.batch_tokens=4096",
-        "training.val_ratio=0",
+        "data.batch_tokens=4096",
+        "data.val_ratio=0",
     )
-    with pytest.raises(ConfigError, match="training.batch_tokens needs indexed data"):
+    with pytest.raises(ConfigError, match="data.batch_tokens needs indexed data"):
         validate(streamed)

@@ -23,7 +23,7 @@ def fresh_accelerator_state():
 
 def test_save_initial_writes_the_untrained_start_as_a_stock_model(tmp_path):
     data = good_dataset(tmp_path / "data", 2)
-    cfg = compose_config("experiment=quick", "model=tiny", f"dataset.sample.path={data}", "training.num_workers=0",
+    cfg = compose_config("experiment=quick", "model=tiny", f"dataset.sample.path={data}", "data.num_workers=0",
                          "training.batch_size=2", "training.max_steps=1", "training.save_initial=true")  # fmt: skip
     assert train_loop.train(cfg, tmp_path / "run").exit_code == 0
 

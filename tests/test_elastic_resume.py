@@ -29,7 +29,7 @@ def train(data, run_dir, processes: int, max_steps: int, *extra: str, accumulati
     accumulation = accumulation or 4 // processes  # global batch 4 on either shape
     overrides = ["experiment=quick", f"dataset.sample.path={data}", f"training.max_steps={max_steps}",
                  "training.batch_size=1", f"training.gradient_accumulation_steps={accumulation}",
-                 "training.val_ratio=0", "training.num_workers=0", "training.save_steps=4", "training.warmup_steps=0",
+                 "data.val_ratio=0", "data.num_workers=0", "training.save_steps=4", "training.warmup_steps=0",
                  "training.min_lr=3e-3", "training.log_interval=1", f"hydra.run.dir={run_dir}", *extra]  # fmt: skip
     launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
     result = run_script(*launch, str(REPO / "train.py"), *overrides, timeout=400)
@@ -46,7 +46,7 @@ def uninterrupted(data, tmp_path_factory):
 
 # 2 -> 1 with a token budget in the default run; without one, and 1 -> 2 (same code path, the other way), with
 # make test-slow, to keep make test short.
-# With a token budget (training.batch_tokens) a step holds the same samples, cut into fewer micro-batches: the
+# With a token budget (data.batch_tokens) a step holds the same samples, cut into fewer micro-batches: the
 # losses are those of the uninterrupted run without a budget.
 @pytest.mark.parametrize(
     ("before", "after", "batch_tokens"),
@@ -60,8 +60,8 @@ def uninterrupted(data, tmp_path_factory):
 def test_resume_on_another_number_of_processes_gives_the_same_losses(
     data, tmp_path, uninterrupted, before, after, batch_tokens
 ):
-    budget = f"training.batch_tokens={batch_tokens or 'null'}"
-    first = train(data, tmp_path / "first", before, 4, f"training.index_cache_dir={tmp_path / 'cache'}", budget)
+    budget = f"data.batch_tokens={batch_tokens or 'null'}"
+    first = train(data, tmp_path / "first", before, 4, f"data.index_cache_dir={tmp_path / 'cache'}", budget)
     if before == 2:  # a fresh cache: one of the two processes builds the index, the other waits and maps it
         log = (tmp_path / "first" / "train.log").read_text() + (tmp_path / "first" / "train_rank1.log").read_text()
         built = re.findall(r"data index sample: rank (\d) built 24 records", log)
@@ -80,7 +80,7 @@ def test_resume_on_another_number_of_processes_gives_the_same_losses(
 
 @pytest.mark.slow  # make test-slow: the default run stays under 10 minutes
 def test_a_token_budget_resumes_exactly_on_the_same_processes(data, tmp_path, uninterrupted):
-    budget = "training.batch_tokens=200"  # ~2 samples per micro-batch
+    budget = "data.batch_tokens=200"  # ~2 samples per micro-batch
     train(data, tmp_path / "first", 1, 4, budget)
     checkpoint = tmp_path / "first" / "checkpoints" / "checkpoint_step_4"
     train(data, tmp_path / "second", 1, 8, f"training.resume={checkpoint}", budget)
@@ -113,7 +113,7 @@ def test_a_streaming_run_resumes_exactly_through_train_py(data, tmp_path):
     for i in range(3):  # 3 files x 2 row groups: units for 2 workers
         pq.write_table(pa.Table.from_pylist(rows[i * 8 : (i + 1) * 8]), shards / f"train-{i:05d}-of-00003.parquet",
                        row_group_size=4)  # fmt: skip
-    stream = [f"dataset.sample.path={shards}", "dataset.sample.streaming=true", "training.num_workers=2"]
+    stream = [f"dataset.sample.path={shards}", "dataset.sample.streaming=true", "data.num_workers=2"]
     train(data, tmp_path / "whole", 1, 5, *stream)
     train(data, tmp_path / "first", 1, 4, *stream)
     checkpoint = tmp_path / "first" / "checkpoints" / "checkpoint_step_4"

@@ -50,8 +50,8 @@ def sixty_six(tmp_path_factory):
 
 
 def config(data, *overrides: str):
-    return compose_config("experiment=quick", f"dataset.sample.path={data}", "training.num_workers=0",
-                          "training.batch_size=2", "training.val_ratio=0", "training.log_interval=1",
+    return compose_config("experiment=quick", f"dataset.sample.path={data}", "data.num_workers=0",
+                          "training.batch_size=2", "data.val_ratio=0", "training.log_interval=1",
                           *overrides)  # fmt: skip
 
 
@@ -178,7 +178,7 @@ def test_running_out_of_memory_names_the_samples_their_tokens_and_what_to_change
             raise error
 
     monkeypatch.setattr(optimization, "TokenLoss", FullMemory)
-    cfg = config(four_samples, "training.max_steps=2", "training.batch_tokens=4096", "training.max_length=4000",
+    cfg = config(four_samples, "training.max_steps=2", "data.batch_tokens=4096", "data.max_length=4000",
                  "model.image_longest_edge=128")  # fmt: skip
     with pytest.raises(OutOfMemoryError) as raised:
         train_loop.train(cfg, tmp_path)
@@ -188,7 +188,7 @@ def test_running_out_of_memory_names_the_samples_their_tokens_and_what_to_change
     assert line == (
         "out of memory on cpu training a micro-batch of 2 sample(s), 114 padded tokens: anns/train/001.json (57 "
         "tokens, 5 image tiles), anns/train/003.json (57 tokens, 5 image tiles). Change one of: "
-        "training.gradient_checkpointing=true; a lower training.batch_tokens (now 4096); training.max_length below "
+        "training.gradient_checkpointing=true; a lower data.batch_tokens (now 4096); data.max_length below "
         "the sample's tokens (drops the longer samples, now 4000); a smaller model.image_longest_edge (now 128 px)"
     )
 
@@ -218,7 +218,7 @@ def unreadable_pages(root, n: int):
 def test_a_run_that_can_read_no_sample_stops_with_one_line(tmp_path):
     data = unreadable_pages(tmp_path / "data", 6)
     result = run_script("train.py", "experiment=quick", f"dataset.sample.path={data}", "training.batch_size=2",
-                        "training.val_ratio=0", "training.num_workers=0", f"hydra.run.dir={tmp_path / 'run'}",
+                        "data.val_ratio=0", "data.num_workers=0", f"hydra.run.dir={tmp_path / 'run'}",
                         timeout=300)  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr

@@ -209,7 +209,7 @@ def job_with_a_free_port() -> int:
 def test_srun_tasks_train_as_one_run_with_the_losses_of_torchrun(tmp_path):
     data = good_dataset(tmp_path / "data", 4)
     train = [str(REPO / "train.py"), "experiment=quick", f"dataset.sample.path={data}", "training.max_steps=3",
-             "training.batch_size=1", "training.val_ratio=0", "training.num_workers=0", "training.warmup_steps=0",
+             "training.batch_size=1", "data.val_ratio=0", "data.num_workers=0", "training.warmup_steps=0",
              "training.log_interval=1"]  # fmt: skip
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     # One after the other: started beside the srun tasks, the torchrun agent sometimes never returned on 2 cores.

@@ -197,7 +197,7 @@ def test_tiny_model_memorises_and_stock_inference_reproduces_every_target(tmp_pa
     run = tmp_path / "run"
     result = run_script(
         "train.py", "experiment=quick", f"dataset.sample.path={data}", f"model.image_longest_edge={IMAGE_EDGE}",
-        "training.max_steps=120", f"training.batch_size={n_samples}", "training.val_ratio=0", "training.num_workers=0",
+        "training.max_steps=120", f"training.batch_size={n_samples}", "data.val_ratio=0", "data.num_workers=0",
         "training.warmup_steps=0", "training.min_lr=1e-3", "training.log_interval=40", f"hydra.run.dir={run}",
         timeout=600,
     )  # fmt: skip

@@ -24,7 +24,7 @@ def data(tmp_path_factory):
 
 def args(data, run_dir, *extra):
     return ["train.py", "experiment=quick", f"dataset.sample.path={data}", "training.max_steps=24",
-            "training.batch_size=2", "training.val_ratio=0", "training.num_workers=0", "training.save_steps=10",
+            "training.batch_size=2", "data.val_ratio=0", "data.num_workers=0", "training.save_steps=10",
             "training.log_interval=5", f"hydra.run.dir={run_dir}", *extra]  # fmt: skip
 
 

@@ -58,7 +58,7 @@ def test_report_to_names_and_config_checks():
     cfg.training.report_to = ["tensorbored"]
     with pytest.raises(ConfigError, match="'tensorbored'; choose from .*tensorboard"):
         validate(cfg)
-    cfg.training.report_to, cfg.training.val_ratio, cfg.training.objective = [], 0.0, "val/loss"
+    cfg.training.report_to, cfg.data.val_ratio, cfg.training.objective = [], 0.0, "val/loss"
     with pytest.raises(ConfigError, match="objective=val/loss needs a validation split"):
         validate(cfg)
 
@@ -81,8 +81,8 @@ def test_tensorboard_and_mlflow_equal_metrics_jsonl_and_a_resume_sends_no_step_t
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     data = good_dataset(tmp_path / "data", 6)
     run = tmp_path / "run"
-    overrides = ["experiment=quick", f"dataset.sample.path={data}", "training.num_workers=0", "training.batch_size=2",
-                 "training.val_ratio=0.3", "training.val_steps=2", "training.save_steps=2", "training.max_steps=5",
+    overrides = ["experiment=quick", f"dataset.sample.path={data}", "data.num_workers=0", "training.batch_size=2",
+                 "data.val_ratio=0.3", "training.val_steps=2", "training.save_steps=2", "training.max_steps=5",
                  "training.max_checkpoints=5", "training.report_to=[tensorboard,mlflow]"]  # fmt: skip
     assert train_loop.train(compose_config(*overrides), run).exit_code == 0
     first_run_id = json.loads((run / TRACKER_IDS).read_text())["mlflow"]

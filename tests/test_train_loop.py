@@ -207,8 +207,8 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
 
 
 def demo_config(data, *overrides: str):
-    return compose_config("experiment=quick", f"dataset.sample.path={data}", "training.num_workers=0",
-                          "training.batch_size=2", "training.val_ratio=0", *overrides)  # fmt: skip
+    return compose_config("experiment=quick", f"dataset.sample.path={data}", "data.num_workers=0",
+                          "training.batch_size=2", "data.val_ratio=0", *overrides)  # fmt: skip
 
 
 def test_smoke_run_changes_every_trainable_parameter_and_saves_a_stock_model(four_samples, tmp_path):
@@ -310,7 +310,7 @@ def test_push_to_hub_creates_the_repo_and_uploads_the_final_model(tmp_path, monk
 def test_bad_samples_are_skipped_and_reported_and_error_mode_names_the_first(tmp_path):
     data = dataset_with_bad_samples(tmp_path / "bad", n_good=4)
     common = ["experiment=quick", f"dataset.sample.path={data}", "training.max_steps=4", "training.batch_size=2",
-              "training.val_ratio=0", "training.num_workers=1"]  # fmt: skip
+              "data.val_ratio=0", "data.num_workers=1"]  # fmt: skip
     result = run_script("train.py", *common, f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr[-3000:]
     listed = {}
@@ -320,7 +320,7 @@ def test_bad_samples_are_skipped_and_reported_and_error_mode_names_the_first(tmp
     assert listed == BAD_FILES
     assert "bad sample(s) skipped" in result.stderr + result.stdout
 
-    failed = run_script("train.py", *common, "training.on_bad_sample=error", f"hydra.run.dir={tmp_path / 'run2'}")
+    failed = run_script("train.py", *common, "data.on_bad_sample=error", f"hydra.run.dir={tmp_path / 'run2'}")
     assert failed.returncode != 0
     assert "anns/train/b_bomb.json: image_too_large" in failed.stderr or "anns/train/b_" in failed.stderr
     assert not (tmp_path / "run2" / "final_model").exists()
@@ -331,7 +331,7 @@ def test_optuna_sweep_optimises_the_returned_objective_and_gives_complete_run_fo
     result = run_script("train.py", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
                         "hydra.sweeper.sampler.seed=0", "training.lr_connector=interval(1e-4,1e-2)", "experiment=quick",
                         "training.max_steps=2", f"dataset.sample.path={data}", "training.batch_size=2",
-                        "training.val_ratio=0", "training.num_workers=0", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                        "data.val_ratio=0", "data.num_workers=0", f"hydra.sweep.dir={tmp_path / 'sweep'}",
                         timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     final_losses = {}
@@ -357,7 +357,7 @@ def test_torchrun_two_processes_share_one_run_folder(tmp_path):
     work.mkdir()
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py")]
     overrides = ["experiment=quick", f"dataset.sample.path={data}", "training.max_steps=2", "training.batch_size=1",
-                 "training.val_ratio=0", "training.num_workers=0"]  # fmt: skip
+                 "data.val_ratio=0", "data.num_workers=0"]  # fmt: skip
     result = run_script(*launch, *overrides, cwd=work, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = [p.parent for p in (work / "outputs").rglob(".hydra")]
@@ -376,7 +376,7 @@ def test_wandb_offline_and_gradient_checkpointing(four_samples, tmp_path):
 
 def test_generation_eval_during_training_is_logged(four_samples, tmp_path):
     data = good_dataset(tmp_path / "data", 6)
-    cfg = demo_config(data, "training.max_steps=2", "training.val_ratio=0.3", "training.gen_eval_steps=2",
+    cfg = demo_config(data, "training.max_steps=2", "data.val_ratio=0.3", "training.gen_eval_steps=2",
                       "training.gen_eval_samples=2", "training.gen_eval_max_new_tokens=8")  # fmt: skip
     assert train_loop.train(cfg, tmp_path / "run").exit_code == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -1,6 +1,6 @@
 """One sample -> one encoded example, the same for indexed and streamed data; examples -> one padded batch.
 
-:class:`ExampleEncoder` decodes a sample's images and encodes its conversation (``training.image_path=fast``
+:class:`ExampleEncoder` decodes a sample's images and encodes its conversation (``data.image_path=fast``
 ships uint8 pages, tiled later on the device; ``stock`` runs the processor). A sample that cannot be used
 becomes a :class:`Problem` that travels in the batch, or stops the run with ``on_bad_sample=error``.
 """
@@ -29,7 +29,7 @@ class ExampleEncoder:
         image_path: str = "stock",
     ):
         if image_path not in IMAGE_PATHS:
-            raise ValueError(f"training.image_path={image_path!r} is not one of {', '.join(IMAGE_PATHS)}")
+            raise ValueError(f"data.image_path={image_path!r} is not one of {', '.join(IMAGE_PATHS)}")
         self.processor = processor
         self.image_longest_edge = dict(image_longest_edge)
         self.max_length = max_length

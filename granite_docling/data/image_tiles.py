@@ -16,7 +16,7 @@ the loader float32 tiles: ~49 MB and ~0.3 s of CPU per 1224x1584 page. Here
 Two direct resizes instead of the stock chain of three move pixel values by ~0.2 grey levels on average (99th
 percentile 4 levels on the real-docs pages); token ids and the tile layout are identical, because the prompt is
 expanded by the processor's own ``replace_image_token`` from the same rows and columns. Measured in
-``benchmarks/image_path.py``; ``training.image_path=stock`` keeps the processor.
+``benchmarks/image_path.py``; ``data.image_path=stock`` keeps the processor.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class ImageSpec:
             raise ValueError(
                 f"the fast image path reproduces the stock Idefics3 settings (resize with Lanczos, rescale, normalise,"
                 f" pad); this processor has {', '.join(unsupported) or 'resample'} changed: "
-                "use training.image_path=stock"
+                "use data.image_path=stock"
             )
         size = ip.size if isinstance(ip.size, dict) else ip.size.__dict__
         return cls(

@@ -13,7 +13,7 @@ record. Records are read and parsed in loader workers, by locator.
   this machine, at most :data:`MAX_PROCESSES`); small sources are counted in the calling process.
 * **Shared.** A file lock beside the entry lets one process build while every other process that needs the same
   entry waits, then maps what the first wrote: one build per node, or per shared filesystem when
-  ``training.index_cache_dir`` is on one (``flock``, which NFS carries between hosts; Lustre needs its ``flock``
+  ``data.index_cache_dir`` is on one (``flock``, which NFS carries between hosts; Lustre needs its ``flock``
   mount option). The kernel drops the lock of a process that dies, so a killed builder never blocks a start.
 * **Whole or absent.** Entries are written to a temporary folder, flushed to the disk and renamed into place
   (:mod:`granite_docling.durable`); ``meta.json``, written last, lists every file's size, and an entry whose
@@ -309,7 +309,7 @@ def _write(
 
 
 def cache_root(configured: str | None) -> Path:
-    """``training.index_cache_dir``, or the default under ~/.cache."""
+    """``data.index_cache_dir``, or the default under ~/.cache."""
     return Path(configured).expanduser() if configured else default_cache_dir()
 
 

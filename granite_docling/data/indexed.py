@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from granite_docling.config import DatasetConfig
+from granite_docling.config import DataConfig, DatasetConfig
 from granite_docling.data.examples import ExampleEncoder
 from granite_docling.data.image_tiles import ImageSpec
 from granite_docling.data.index import SourceIndex, cache_root, load_or_build
-from granite_docling.data.policy import Data, DataPolicy, image_edges, read_options, source_name
+from granite_docling.data.policy import Data, image_edges, read_options, source_name
 from granite_docling.data.problems import summarise
 from granite_docling.data.sample import BadSampleError, Problem, Sample
 from granite_docling.data.sampler import GlobalBatchSampler
@@ -171,23 +171,30 @@ def fitting(index: SourceIndex, positions: np.ndarray, max_length: int | None) -
 
 
 def build_indexed_data(
-    datasets: Mapping[str, DatasetConfig], encoder: ExampleEncoder, policy: DataPolicy, rank: int, world_size: int
+    datasets: Mapping[str, DatasetConfig],
+    encoder: ExampleEncoder,
+    data: DataConfig,
+    seed: int,
+    batch_size: int,
+    accumulation: int,
+    rank: int,
+    world_size: int,
 ) -> Data:
     """Steps 1-4 for every source of ``datasets``; the training and validation datasets read through ``encoder``."""
-    cache = cache_root(policy.index_cache)
+    cache = cache_root(data.index_cache_dir)
     train_parts = []
     val_parts = []
     problems = []
     sizes = {}
     for source, index in indexed_sources(
-        datasets, encoder.processor, cache, policy.on_bad_sample, policy.max_samples_per_dataset, rank
+        datasets, encoder.processor, cache, data.on_bad_sample, data.max_samples_per_dataset, rank
     ):
         problems += index.problems
-        train, val = split_positions(len(index), policy.val_ratio, policy.seed, source.name)
-        problems += too_long(source, index, train, policy.max_length) + too_long(source, index, val, policy.max_length)
-        train = fitting(index, train, policy.max_length)
-        val = fitting(index, val, policy.max_length)
-        scored = scored_validation(val, policy.val_max_samples, policy.seed, source.name)
+        train, val = split_positions(len(index), data.val_ratio, seed, source.name)
+        problems += too_long(source, index, train, data.max_length) + too_long(source, index, val, data.max_length)
+        train = fitting(index, train, data.max_length)
+        val = fitting(index, val, data.max_length)
+        scored = scored_validation(val, data.val_max_samples, seed, source.name)
         train_parts.append(Part(source, train, index))
         val_parts.append(Part(source, scored, index))
         sizes[source.name] = (len(train), len(scored))
@@ -200,16 +207,34 @@ def build_indexed_data(
         train=ConversationDataset(train_parts, encoder),
         val=ConversationDataset(val_parts, encoder) if val_parts else None,
         train_sampler=training_sampler(
-            train_parts, [source.weight for source in datasets.values()], policy, rank, world_size
+            train_parts,
+            [source.weight for source in datasets.values()],
+            data,
+            seed=seed,
+            batch_size=batch_size,
+            accumulation=accumulation,
+            rank=rank,
+            world_size=world_size,
         ),
         image_edges=encoder.image_longest_edge,
+        batch_size=batch_size,
+        accumulation=accumulation,
+        num_workers=data.num_workers,
         problems=problems,
         sizes=sizes,
     )
 
 
 def training_sampler(
-    parts: Sequence[Part], weights: Sequence[float | None], policy: DataPolicy, rank: int, world_size: int
+    parts: Sequence[Part],
+    weights: Sequence[float | None],
+    data: DataConfig,
+    *,
+    seed: int,
+    batch_size: int,
+    accumulation: int,
+    rank: int,
+    world_size: int,
 ) -> GlobalBatchSampler:
     """The sampler of the training parts, which knows every sample's (tokens, tiles) from the index: to group and
     budget them, and to start each epoch with its longest sample."""
@@ -217,19 +242,19 @@ def training_sampler(
         np.concatenate([np.asarray(getattr(part.index, key))[part.positions] for part in parts])
         for key in ("tokens", "tiles")
     )
-    if policy.batch_tokens and (longer := int((lengths[0] > policy.batch_tokens).sum())):
+    if data.batch_tokens and (longer := int((lengths[0] > data.batch_tokens).sum())):
         longest = int(lengths[0].max())
-        message = "%d training sample(s) are longer than training.batch_tokens=%d (the longest: %d tokens)"
-        log.warning(message + ": each runs alone in its micro-batch", longer, policy.batch_tokens, longest)
+        message = "%d training sample(s) are longer than data.batch_tokens=%d (the longest: %d tokens)"
+        log.warning(message + ": each runs alone in its micro-batch", longer, data.batch_tokens, longest)
     return GlobalBatchSampler(
         sizes=[len(part.positions) for part in parts],
         weights=weights,
-        seed=policy.seed,
-        batch_size=policy.batch_size,
-        accumulation=policy.accumulation,
+        seed=seed,
+        batch_size=batch_size,
+        accumulation=accumulation,
         rank=rank,
         world_size=world_size,
         lengths=lengths,
-        group_by_length=policy.length_grouping,
-        batch_tokens=policy.batch_tokens,
+        group_by_length=data.length_grouping,
+        batch_tokens=data.batch_tokens,
     )

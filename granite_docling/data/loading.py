@@ -12,13 +12,13 @@
 4. **Sampler**: one global order per epoch, independent of the number of processes, cut into optimizer steps
    (length-grouped by default). The position is global: resuming on another number of processes continues it.
 5. **Loader**: workers read each record by its locator, decode its images and encode it
-   (``training.image_path=fast`` ships uint8 pages and tiles them on the device, ``stock`` runs the processor).
+   (``data.image_path=fast`` ships uint8 pages and tiles them on the device, ``stock`` runs the processor).
 
 ``dataset.<name>.streaming=true`` replaces steps 2-4 for data bigger than the disk
 (:mod:`granite_docling.data.streaming`). Both encode a record with the same
 :class:`~granite_docling.data.examples.ExampleEncoder`.
 
-Bad samples never kill a run with ``on_bad_sample=skip``: records found bad while indexing are reported at the
+Bad samples never kill a run with ``data.on_bad_sample=skip``: records found bad while indexing are reported at the
 start; images that fail to decode come out of the workers as :class:`Problem` entries in the batch, for the loop
 to list once in ``bad_samples.jsonl`` (:mod:`granite_docling.data.problems`).
 """
@@ -32,10 +32,10 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from granite_docling.config import DatasetConfig
+from granite_docling.config import DataConfig, DatasetConfig
 from granite_docling.data.examples import ExampleEncoder, collate_skipping_problems
 from granite_docling.data.indexed import build_indexed_data
-from granite_docling.data.policy import Data, DataPolicy, image_edges
+from granite_docling.data.policy import Data, image_edges
 from granite_docling.data.sampler import GlobalBatchSampler
 from granite_docling.data.streaming import build_streaming_data
 
@@ -43,16 +43,25 @@ log = logging.getLogger(__name__)
 
 
 def build_data(
-    datasets: Mapping[str, DatasetConfig], processor, policy: DataPolicy, rank: int = 0, world_size: int = 1
+    datasets: Mapping[str, DatasetConfig],
+    processor,
+    data: DataConfig,
+    *,
+    seed: int,
+    batch_size: int,
+    accumulation: int,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Data:
     """The training and validation data of ``datasets`` for process ``rank`` of ``world_size``: streamed when
-    the sources ask for it, else indexed."""
+    the sources ask for it, else indexed. ``seed`` (``training.seed``) draws the validation split and the order;
+    ``batch_size`` and ``accumulation`` (``training.*``) cut it into micro-batches and optimizer steps."""
     edges = image_edges(datasets)
     warn_about_image_sizes(edges, processor)
-    encoder = ExampleEncoder(processor, edges, policy.max_length, policy.on_bad_sample, policy.image_path)
+    encoder = ExampleEncoder(processor, edges, data.max_length, data.on_bad_sample, data.image_path)
     if any(source.streaming for source in datasets.values()):
-        return build_streaming_data(datasets, encoder, policy, rank, world_size)
-    return build_indexed_data(datasets, encoder, policy, rank, world_size)
+        return build_streaming_data(datasets, encoder, data, seed, batch_size, accumulation, rank, world_size)
+    return build_indexed_data(datasets, encoder, data, seed, batch_size, accumulation, rank, world_size)
 
 
 def warn_about_image_sizes(edges: dict[str, int | None], processor) -> None:

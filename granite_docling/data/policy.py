@@ -1,9 +1,10 @@
-"""What the data side is told by a run (:class:`DataPolicy`) and what it gives back to the loop (:class:`Data`).
+"""What the data side gives back to the loop (:class:`Data`), and the small helpers both kinds of data share.
 
 The data code never sees the whole experiment config: ``build_data`` takes the ``dataset.<name>`` entries, the
-processor and a DataPolicy, the handful of ``training.*`` values that decide what is read and how it is batched::
+processor, the ``data`` section as it is, and the three run values that cut the samples into steps::
 
-    data = build_data(cfg.dataset, processor, DataPolicy.from_training(cfg.training), rank, world_size)
+    data = build_data(cfg.dataset, processor, cfg.data, seed=t.seed, batch_size=t.batch_size,
+                      accumulation=t.gradient_accumulation_steps, rank=rank, world_size=world)
 """
 
 from __future__ import annotations
@@ -13,47 +14,10 @@ from dataclasses import dataclass, field
 
 from torch.utils.data import Dataset
 
-from granite_docling.config import DatasetConfig, TrainingConfig
+from granite_docling.config import DatasetConfig
 from granite_docling.data.sample import Problem
 from granite_docling.data.sampler import GlobalBatchSampler
 from granite_docling.data.sources import ReadOptions
-
-
-@dataclass(frozen=True)
-class DataPolicy:
-    """The ``training.*`` values the data side reads (their meaning: :class:`TrainingConfig`)."""
-
-    seed: int
-    val_ratio: float
-    val_max_samples: int | None
-    max_length: int | None
-    max_samples_per_dataset: int | None
-    on_bad_sample: str
-    image_path: str
-    batch_size: int
-    accumulation: int
-    num_workers: int
-    length_grouping: bool
-    batch_tokens: int | None
-    index_cache: str | None  # the index cache folder; null: ~/.cache/granite_docling/index
-
-    @classmethod
-    def from_training(cls, t: TrainingConfig) -> DataPolicy:
-        return cls(
-            seed=t.seed,
-            val_ratio=t.val_ratio,
-            val_max_samples=t.val_max_samples,
-            max_length=t.max_length,
-            max_samples_per_dataset=t.max_samples_per_dataset,
-            on_bad_sample=t.on_bad_sample,
-            image_path=t.image_path,
-            batch_size=t.batch_size,
-            accumulation=t.gradient_accumulation_steps,
-            num_workers=t.num_workers,
-            length_grouping=t.length_grouping,
-            batch_tokens=t.batch_tokens,
-            index_cache=t.index_cache_dir or t.length_cache_dir,
-        )
 
 
 @dataclass
@@ -64,6 +28,9 @@ class Data:
     val: Dataset | None  # a ConversationDataset
     train_sampler: GlobalBatchSampler | None  # None when streaming
     image_edges: dict[str, int | None]  # source -> its resize target (generation during training uses them too)
+    batch_size: int  # samples per micro-batch (under data.batch_tokens: the validation's; training packs by tokens)
+    accumulation: int  # micro-batches per optimizer step (a streamed step's count; the sampler knows its own)
+    num_workers: int  # DataLoader workers per process (a stream is cut for exactly this many)
     problems: list[Problem] = field(default_factory=list)  # found before training
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # source -> (train, val)
 

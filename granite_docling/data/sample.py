@@ -22,7 +22,7 @@ REASONS = {
     "unreadable_image": "an image is truncated, damaged or cannot be decoded",
     "image_too_large": "an image has more pixels than allowed (decompression-bomb guard)",
     "path_outside_root": "an image or annotation path resolves outside the dataset folder (refused)",
-    "too_long": "the sample is longer than training.max_length tokens, image tokens included",
+    "too_long": "the sample is longer than data.max_length tokens, image tokens included",
     "bad_document": "the ground-truth DoclingDocument (docling-eval's GroundTruthDocument) does not parse",
     "missing_page_image": "a page of the document has no page image",
     "unreadable_rows": "the rows cannot be read from their parquet file (damaged data pages)",
@@ -67,12 +67,12 @@ class Problem:
 
 
 class BadSampleError(RuntimeError):
-    """Raised with ``training.on_bad_sample=error`` at the first bad sample; names the file and the reason."""
+    """Raised with ``data.on_bad_sample=error`` at the first bad sample; names the file and the reason."""
 
     def __init__(self, problem: Problem):
         self.problem = problem
         detail = f" ({problem.detail})" if problem.detail else ""
         super().__init__(
             f"bad sample in dataset {problem.dataset!r}: {problem.file}: {problem.reason}{detail}. "
-            "Fix or remove it, or set training.on_bad_sample=skip to skip and report bad samples."
+            "Fix or remove it, or set data.on_bad_sample=skip to skip and report bad samples."
         )

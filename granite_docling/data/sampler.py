@@ -12,7 +12,7 @@
   before the first step (:meth:`GlobalBatchSampler.heaviest_batch`).
 * :class:`GlobalBatchSampler` cuts the order into steps of ``batch_size x accumulation x processes`` samples (the
   global batch). A step's samples are sorted by length and cut into micro-batches: ``batch_size`` samples each,
-  or, with a token budget (``training.batch_tokens``), as many consecutive samples as fit the budget in padded
+  or, with a token budget (``data.batch_tokens``), as many consecutive samples as fit the budget in padded
   tokens (image tokens included; :func:`pack_by_tokens`), so that one micro-batch holds many formula crops or one
   long document. Micro-batch ``k`` goes to process ``k % processes`` as its micro-step ``k // processes``: at
   each micro-step the processes hold batches of similar length. Every process runs as many micro-steps as the

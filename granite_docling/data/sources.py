@@ -14,7 +14,7 @@ Layouts (``dataset.<name>.format``; ``auto`` detects them):
 * ``hub``: the layout of HuggingFaceM4/DoclingMatix and ds4sd/SynthFormulaNet, an ``images`` list (encoded
   images) and a ``texts`` list of ``{user, assistant, source}`` per row: parquet files or a folder of them, a
   ``datasets.save_to_disk`` folder or Arrow files, or a hub id. Read through HF ``datasets`` as memory-mapped
-  Arrow: parquet and hub ids are converted once into its cache (under ``training.index_cache_dir``), Arrow files
+  Arrow: parquet and hub ids are converted once into its cache (under ``data.index_cache_dir``), Arrow files
   and ``save_to_disk`` folders are mapped where they are. Nothing is loaded into memory.
 
 A source addresses records by a *locator* (the annotation file's relative name, the row number, or row and page

@@ -2,7 +2,7 @@
 
 The same records are held out on every run and every process, and by ``evaluate.py eval.split=val``, which
 calls the same function on the same index. Positions are record numbers of the source's index, kept in order.
-Training scores at most ``training.val_max_samples`` of each source's held-out records (:func:`scored_validation`);
+Training scores at most ``data.val_max_samples`` of each source's held-out records (:func:`scored_validation`);
 the rest stay held out, never trained on.
 """
 

@@ -89,19 +89,18 @@ class StreamedSteps:
         return None
 
 
-def validation_loader(data: Data, batch_size: int, num_workers: int, pad_id: int, rank: int, world_size: int):
+def validation_loader(data: Data, pad_id: int, rank: int, world_size: int):
     """A DataLoader over this process's share of the validation split (no shuffling, no padding); None without
     one."""
     if data.val is None:
         return None
-    return make_loader(data.val, range(rank, len(data.val), world_size), batch_size, num_workers, pad_id)
+    shard = range(rank, len(data.val), world_size)
+    return make_loader(data.val, shard, data.batch_size, data.num_workers, pad_id)
 
 
-def training_steps(
-    data: Data, batch_size: int, accumulation: int, num_workers: int, pad_id: int, any_process: Callable[[bool], bool]
-) -> IndexedSteps | StreamedSteps:
-    """The training split's steps, over a DataLoader of ``num_workers`` workers."""
-    loader = make_loader(data.train, data.train_sampler, batch_size, num_workers, pad_id)
+def training_steps(data: Data, pad_id: int, any_process: Callable[[bool], bool]) -> IndexedSteps | StreamedSteps:
+    """The training split's steps, over a DataLoader of ``data.num_workers`` workers."""
+    loader = make_loader(data.train, data.train_sampler, data.batch_size, data.num_workers, pad_id)
     if data.train_sampler is None:
-        return StreamedSteps(data, loader, accumulation, any_process)
+        return StreamedSteps(data, loader, data.accumulation, any_process)
     return IndexedSteps(data, loader)

@@ -41,9 +41,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
-from granite_docling.config import ConfigError, DatasetConfig
+from granite_docling.config import ConfigError, DataConfig, DatasetConfig
 from granite_docling.data.examples import ExampleEncoder
-from granite_docling.data.policy import Data, DataPolicy, read_options, source_name
+from granite_docling.data.policy import Data, read_options, source_name
 from granite_docling.data.sample import Problem, Sample
 from granite_docling.data.sources import (
     DatasetNotFoundError,
@@ -356,7 +356,14 @@ class StreamingDataset(IterableDataset):
 
 
 def build_streaming_data(
-    datasets: Mapping[str, DatasetConfig], encoder: ExampleEncoder, policy: DataPolicy, rank: int, world_size: int
+    datasets: Mapping[str, DatasetConfig],
+    encoder: ExampleEncoder,
+    data: DataConfig,
+    seed: int,
+    batch_size: int,
+    accumulation: int,
+    rank: int,
+    world_size: int,
 ) -> Data:
     """:class:`Data` whose ``train`` is a :class:`StreamingDataset` over every (streaming) source."""
     if not all(source.streaming for source in datasets.values()):
@@ -366,7 +373,7 @@ def build_streaming_data(
     for key, config in datasets.items():
         if config.format == "docling":
             raise ConfigError(f"dataset {key}: streaming reads parquet in the hub layout, not a Docling folder")
-        options = read_options(config, policy.max_samples_per_dataset)
+        options = read_options(config, data.max_samples_per_dataset)
         source = open_stream_source(
             source_name(key, config), config.path, options, config.weight, config.shuffle_buffer
         )
@@ -379,12 +386,15 @@ def build_streaming_data(
             source.rows,
         )
         sources.append(source)
-    log.info("streaming: no validation split (training.val_ratio is ignored) and no length grouping")
-    train = StreamingDataset(sources, encoder, policy.seed, policy.batch_size, policy.num_workers, rank, world_size)
+    log.info("streaming: no validation split (data.val_ratio is ignored) and no length grouping")
+    train = StreamingDataset(sources, encoder, seed, batch_size, data.num_workers, rank, world_size)
     return Data(
         train=train,
         val=None,
         train_sampler=None,
         image_edges=encoder.image_longest_edge,
+        batch_size=batch_size,
+        accumulation=accumulation,
+        num_workers=data.num_workers,
         sizes={source.name: (source.rows, 0) for source in sources},
     )

@@ -30,7 +30,7 @@ from granite_docling.checkpoint_files import (
     is_pickled_checkpoint,
     read_manifest,
 )
-from granite_docling.config import DTYPES, DatasetConfig, TrainingConfig, raise_problems
+from granite_docling.config import DTYPES, DataConfig, DatasetConfig, TrainingConfig, raise_problems
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class EvalConfig:
     reference_length_factor: Optional[float] = 2.0  # also cut at this x the reference's tokens + 32; null = off
     stop_loops: bool = False  # end an answer once it loops (docling's rules, every 32 tokens); engine=transformers
     dtype: str = "float32"  # weight dtype for generation: float32, bfloat16 (GPU) or float16
-    val_ratio: Optional[float] = None  # training.val_ratio of the run; null = read from the run folder, else 0.05
+    val_ratio: Optional[float] = None  # data.val_ratio of the run; null = read from the run folder, else 0.05
     seed: Optional[int] = None  # training.seed of the run; null = read from the run folder, else 42
     predictions: Optional[str] = None  # score this predictions.jsonl instead of generating (no model is loaded)
     num_examples: int = 6  # samples shown side by side in samples.html
@@ -155,7 +155,8 @@ def training_split_settings(checkpoint: str | None, cfg: EvalConfig, trust_pickl
     if needed and checkpoint and Path(checkpoint).is_dir():
         found = _training_config(Path(checkpoint), trust_pickle)
     training = (found or {}).get("training") or {}
-    val_ratio = cfg.val_ratio if cfg.val_ratio is not None else training.get("val_ratio", defaults.val_ratio)
+    data = (found or {}).get("data") or training  # runs before the data section kept val_ratio under training
+    val_ratio = cfg.val_ratio if cfg.val_ratio is not None else data.get("val_ratio", DataConfig().val_ratio)
     seed = cfg.seed if cfg.seed is not None else training.get("seed", defaults.seed)
     return float(val_ratio), int(seed)
 

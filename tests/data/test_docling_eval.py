@@ -150,9 +150,9 @@ def test_train_py_trains_on_a_docling_eval_dataset(tmp_path):
         f"dataset.folder.path={root}",
         "dataset.folder.split=test",
         "training.max_steps=1",
-        "training.val_ratio=0",
-        "training.num_workers=0",
-        f"training.index_cache_dir={tmp_path / 'index'}",
+        "data.val_ratio=0",
+        "data.num_workers=0",
+        f"data.index_cache_dir={tmp_path / 'index'}",
         f"hydra.run.dir={tmp_path / 'run'}",
         timeout=300,
     )

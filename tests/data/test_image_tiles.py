@@ -215,14 +215,14 @@ def test_fast_batches_through_worker_processes_give_the_stock_loss(tmp_path):
     from granite_docling.optimization import model_inputs
 
     path = good_dataset(tmp_path / "data", 4)
-    overrides = ["model=tiny", "dataset=[folder]", f"dataset.folder.path={path}", "training.val_ratio=0",
+    overrides = ["model=tiny", "dataset=[folder]", f"dataset.folder.path={path}", "data.val_ratio=0",
                  "training.batch_size=4", "training.gradient_accumulation_steps=1"]  # fmt: skip
     torch.manual_seed(0)
     model, processor = load_model_and_processor(compose_config(*overrides).model)
     loss_module = TokenLoss(model).eval()
     losses = {}
     for image_path in ("fast", "stock"):
-        data = data_of(compose_config(*overrides, f"training.image_path={image_path}"), processor)
+        data = data_of(compose_config(*overrides, f"data.image_path={image_path}"), processor)
         data.train_sampler.set_epoch(0)
         loader = make_loader(data.train, data.train_sampler, 4, num_workers=1, pad_id=processor.tokenizer.pad_token_id)
         (batch,) = list(loader)

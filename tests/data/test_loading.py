@@ -50,7 +50,7 @@ def test_bad_records_are_found_while_indexing_or_in_the_workers(tmp_path, tiny_p
     root = dataset_with_bad_samples(tmp_path / "bad")
     good_dataset(tmp_path / "other", 6)
     cfg = compose_config("model=tiny", "dataset=[sample,folder]", f"dataset.folder.path={root}",
-                         f"dataset.sample.path={tmp_path / 'other'}", "training.val_ratio=0.2")  # fmt: skip
+                         f"dataset.sample.path={tmp_path / 'other'}", "data.val_ratio=0.2")  # fmt: skip
     data = data_of(cfg, tiny_processor)
     assert data.sizes == {"sample": (5, 1), "folder": (6, 2)}  # 4 good + 4 undecodable images
     assert {p.reason for p in data.problems} == {"invalid_json", "bad_schema", "empty_answer", "missing_image",
@@ -66,7 +66,7 @@ def test_bad_records_are_found_while_indexing_or_in_the_workers(tmp_path, tiny_p
 
 def test_a_record_broken_after_indexing_is_a_problem_in_the_worker(tmp_path, tiny_processor):
     root = good_dataset(tmp_path / "data", 4)
-    cfg = compose_config("model=tiny", "dataset=[folder]", f"dataset.folder.path={root}", "training.val_ratio=0")
+    cfg = compose_config("model=tiny", "dataset=[folder]", f"dataset.folder.path={root}", "data.val_ratio=0")
     data = data_of(cfg, tiny_processor)
     (root / "anns" / "train" / "001.json").write_text("{ not json")  # after the index was built
     items = [data.train[i] for i in range(len(data.train))]
@@ -76,22 +76,20 @@ def test_a_record_broken_after_indexing_is_a_problem_in_the_worker(tmp_path, tin
 
 def test_on_bad_sample_error_stops_at_the_first_naming_it(tmp_path, tiny_processor):
     root = dataset_with_bad_samples(tmp_path / "bad")
-    cfg = compose_config(
-        "model=tiny", "dataset=[folder]", f"dataset.folder.path={root}", "training.on_bad_sample=error"
-    )
+    cfg = compose_config("model=tiny", "dataset=[folder]", f"dataset.folder.path={root}", "data.on_bad_sample=error")
     with pytest.raises(BadSampleError, match=r"anns/train/b_\w+\.json: \w+"):
         data_of(cfg, tiny_processor)
 
 
 def test_max_length_drops_and_counts_long_samples_before_training(tmp_path, tiny_processor):
     root = good_dataset(tmp_path, 4)
-    base = ["model=tiny", "dataset=[folder]", f"dataset.folder.path={root}", "training.val_ratio=0"]
+    base = ["model=tiny", "dataset=[folder]", f"dataset.folder.path={root}", "data.val_ratio=0"]
     lengths = sorted(data_of(compose_config(*base), tiny_processor).train_sampler.lengths[0].tolist())
-    data = data_of(compose_config(*base, f"training.max_length={lengths[1]}"), tiny_processor)
+    data = data_of(compose_config(*base, f"data.max_length={lengths[1]}"), tiny_processor)
     assert len(data.train) == sum(n <= lengths[1] for n in lengths)
     assert [p.reason for p in data.problems] == ["too_long"] * (4 - len(data.train))
     with pytest.raises(ValueError, match="no training samples left: 4 bad sample"):
-        data_of(compose_config(*base, "training.max_length=10"), tiny_processor)
+        data_of(compose_config(*base, "data.max_length=10"), tiny_processor)
 
 
 def test_problem_log_lists_each_sample_once(tmp_path):
@@ -132,8 +130,8 @@ def test_a_validation_scores_a_seeded_cap_of_the_held_out_samples():
 
 def test_the_capped_validation_is_the_same_on_every_process_and_never_trained_on(tmp_path, tiny_processor, caplog):
     root = good_dataset(tmp_path / "data", 20)
-    overrides = ["model=tiny", "dataset=[folder]", f"dataset.folder.path={root}", "training.val_ratio=0.5",
-                 "training.val_max_samples=3"]  # fmt: skip
+    overrides = ["model=tiny", "dataset=[folder]", f"dataset.folder.path={root}", "data.val_ratio=0.5",
+                 "data.val_max_samples=3"]  # fmt: skip
     with caplog.at_level("INFO", logger="granite_docling.data"):
         one = data_of(compose_config(*overrides), tiny_processor)
     two = [data_of(compose_config(*overrides), tiny_processor, rank, 2) for rank in range(2)]

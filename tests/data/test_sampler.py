@@ -145,7 +145,7 @@ def test_build_data_groups_by_default_and_the_switch_restores_plain_batches(tmp_
     overrides = ["model=tiny", "dataset=[folder]", f"dataset.folder.path={path}", "training.batch_size=4"]
     grouped = data_of(compose_config(*overrides), tiny_processor)
     assert grouped.train_sampler.lengths is not None and grouped.train.encoder.image_path == "fast"
-    plain = data_of(compose_config(*overrides, "training.length_grouping=false", "training.image_path=stock"),
+    plain = data_of(compose_config(*overrides, "data.length_grouping=false", "data.image_path=stock"),
                        tiny_processor)  # fmt: skip
     assert not plain.train_sampler.group_by_length and plain.train.encoder.image_path == "stock"
     grouped.train_sampler.set_epoch(0)

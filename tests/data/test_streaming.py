@@ -162,7 +162,7 @@ def test_max_samples_keeps_the_first_rows_in_file_order(tmp_path):
 def test_build_data_streams_when_asked_and_refuses_a_mixture(tmp_path, tiny_processor):
     folder = write_shards(tmp_path / "d")
     overrides = ["model=tiny", f"dataset.folder.path={folder}", "dataset.folder.streaming=true",
-                 "training.num_workers=0", "training.batch_size=2"]  # fmt: skip
+                 "data.num_workers=0", "training.batch_size=2"]  # fmt: skip
     data = data_of(compose_config("dataset=[folder]", *overrides), tiny_processor)
     assert data.streaming and data.val is None and data.sizes == {"folder": (21, 0)}
     assert isinstance(data.train, StreamingDataset)

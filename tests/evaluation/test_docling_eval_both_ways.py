@@ -58,10 +58,10 @@ def test_a_docling_eval_dataset_trains_validates_and_evaluates(ground_truth, tmp
         "experiment=quick",
         *common,
         "training.max_steps=2",
-        "training.val_ratio=0",
-        "training.num_workers=0",
+        "data.val_ratio=0",
+        "data.num_workers=0",
         "model.image_longest_edge=128",
-        f"training.index_cache_dir={tmp_path / 'index'}",
+        f"data.index_cache_dir={tmp_path / 'index'}",
     ]
     first = run_script(*train, f"hydra.run.dir={tmp_path / 'first'}", timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]

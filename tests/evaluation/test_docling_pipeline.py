@@ -45,7 +45,7 @@ def test_a_trained_checkpoint_converts_a_page_inside_docling(tmp_path):
     assert main(["sample-data", str(tmp_path / "data"), "--pages", "2", "--formulas", "2"]) == 0
     run_dir = tmp_path / "run"
     trained = run_script(
-        "train.py", "experiment=quick", "training.max_steps=2", "training.val_ratio=0",
+        "train.py", "experiment=quick", "training.max_steps=2", "data.val_ratio=0",
         f"dataset.sample.path={tmp_path / 'data'}", f"hydra.run.dir={run_dir}", timeout=300,
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-3000:]

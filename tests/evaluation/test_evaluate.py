@@ -194,7 +194,7 @@ def test_the_val_split_is_the_one_training_held_out(checkpoints, eval_data, tmp_
 
     held_out = [s.id for s in evaluation_samples(cfg)["sample"]]
     training = data_of(compose_config("model=tiny", "dataset=[sample]", f"dataset.sample.path={eval_data}",
-                                         "training.val_ratio=0.5", "training.seed=7"), tiny_processor)  # fmt: skip
+                                         "data.val_ratio=0.5", "training.seed=7"), tiny_processor)  # fmt: skip
     assert held_out == [s.id for s in training.val.samples(100)] and len(held_out) == 2
 
 

@@ -42,7 +42,7 @@ def memorised(tmp_path_factory, tiny_processor):
     run = tmp_path / "run"
     trained = run_script(
         "train.py", "experiment=quick", f"dataset.sample.path={data}", f"model.image_longest_edge={IMAGE_EDGE}",
-        "training.max_steps=120", f"training.batch_size={len(files)}", "training.val_ratio=0", "training.num_workers=0",
+        "training.max_steps=120", f"training.batch_size={len(files)}", "data.val_ratio=0", "data.num_workers=0",
         "training.warmup_steps=0", "training.min_lr=1e-3", "training.log_interval=40", f"hydra.run.dir={run}",
         timeout=1200,
     )  # fmt: skip
