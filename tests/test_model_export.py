@@ -81,6 +81,22 @@ def test_the_untied_copy_is_the_same_model_with_its_output_layer_written_out(che
         assert torch.equal(untied(input_ids=ids).logits, original(input_ids=ids).logits)
 
 
+def test_a_sharded_checkpoint_becomes_one_untied_file(tmp_path):
+    model, processor = load_model_and_processor(compose_config("model=tiny").model)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="5MB")
+    processor.save_pretrained(tmp_path / "sharded")
+    shards = sorted(path.name for path in (tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+
+    write_untied_copy(tmp_path / "sharded", tmp_path / "untied")
+
+    weights = load_file(tmp_path / "untied" / "model.safetensors")
+    state = model.state_dict()
+    assert set(weights) == set(state)  # the model's state names lm_head.weight too (the tied embedding)
+    assert all(torch.equal(weights[name], state[name]) for name in weights)
+    assert not (tmp_path / "untied" / "model.safetensors.index.json").exists()  # it would name the shards
+
+
 def test_untied_config_on_literal_configs():
     tied = {"tie_word_embeddings": True, "text_config": {"rope_parameters": {"rope_theta": 100000.0}}}
     config, changes = untied_config(tied)
