@@ -184,10 +184,14 @@ def pack_state(tree: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     nothing but those types: reading a checkpoint runs no code from it.
     """
     tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()  # safetensors refuses tensors that share memory (8-bit AdamW's shared qmaps)
 
     def pack(value: Any, path: str) -> Any:
         if isinstance(value, torch.Tensor):
-            tensors[path] = value.detach().cpu().contiguous()
+            tensor = value.detach().cpu().contiguous()
+            shared = tensor.untyped_storage().data_ptr() in storages
+            storages.add(tensor.untyped_storage().data_ptr())
+            tensors[path] = tensor.clone() if shared else tensor
             return {_TENSOR: path}
         if isinstance(value, np.ndarray):
             return {_NDARRAY: value.tolist(), "dtype": value.dtype.str}

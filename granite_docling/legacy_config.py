@@ -135,6 +135,7 @@ def translate_legacy_argv(argv: list[str]) -> list[str]:
             "config_schema",
             {"model": "granite_docling_258m"},
             {"optimizer": "adamw"},
+            {"scheduler": "cosine"},
             {"trainer": "default"},
             "hydra_settings",
             "_self_",

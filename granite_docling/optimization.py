@@ -3,7 +3,7 @@ micro-batches with the loss normalised by the step's supervised tokens, the clip
 
     optimizer, scheduler = make_optimizer(model, cfg.training, cfg.optimizer, total_steps)
     memory_probe(accelerator, loss_module, optimizer, heaviest_micro_batch)   # before the first step, if needed
-    with optimizer_state_held(optimizer):    # zeros the size of the optimizer's state, until it has one
+    with optimizer_state_held(optimizer):    # zeros the size of its first state, until it has one
         step_loss = backward_step(accelerator, loss_module, micro_batches)
     grad_norm = optimizer_step(accelerator, loss_module, optimizer, scheduler, max_grad_norm=1.0)
 
@@ -17,33 +17,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
 
 from granite_docling.checkpoint import rng_state, set_rng_state
-from granite_docling.config import DataConfig, LoraConfig, OptimizerConfig, TrainingConfig
+from granite_docling.config import DataConfig, LoraConfig, TrainingConfig, scheduler_default
 from granite_docling.data.encoding import IGNORE_INDEX
 from granite_docling.data.image_tiles import batch_pixel_values
 from granite_docling.flops import batch_shape
 from granite_docling.loss import TokenLoss
 from granite_docling.model import apply_lora, parameter_groups
+from granite_docling.optimizers import build_optimizer, build_schedule, state_bytes
 
 log = logging.getLogger(__name__)
 
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "pixel_attention_mask")
-
-
-def lr_lambda(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Multiplier of the peak learning rate: linear warmup, then cosine down to ``min_ratio``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def sum_over_processes(accelerator: Accelerator, *values: float) -> list[float]:
@@ -170,15 +162,23 @@ def backward_step(
 
 @contextlib.contextmanager
 def optimizer_state_held(optimizer) -> Iterator[list[torch.Tensor]]:
-    """Zeros the size of AdamW's two moments per trainable parameter, held inside while the optimizer has no
-    state yet (it makes it at its first update): a first step, or a probe, holds the memory every later step
+    """Zeros the size of the state the optimizer makes at its first update (measured on the meta device,
+    :func:`~granite_docling.optimizers.state_bytes`; AdamW's two moments per trainable parameter where it cannot
+    be), held inside while it has no state yet: a first step, or a probe, holds the memory every later step
     holds, so that it fails if they would. Nothing once the optimizer has its state."""
-    trainable = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-    moments = [] if optimizer.state else [torch.zeros_like(p) for p in trainable for _ in range(2)]
+    held: list[torch.Tensor] = []
+    if not optimizer.state:
+        trainable = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        measured = state_bytes(optimizer)
+        total = 2 * sum(p.numel() * p.element_size() for p in trainable) if measured is None else measured
+        weights = sum(p.numel() * p.element_size() for p in trainable) or 1
+        for device in {p.device for p in trainable}:  # each device its share of the state, in bytes
+            share = sum(p.numel() * p.element_size() for p in trainable if p.device == device) * total // weights
+            held.append(torch.zeros(share, dtype=torch.uint8, device=device))
     try:
-        yield moments
+        yield held
     finally:
-        moments.clear()
+        held.clear()
 
 
 def memory_probe(
@@ -237,17 +237,20 @@ def token_loss(model: torch.nn.Module, t: TrainingConfig) -> torch.nn.Module:
 
 
 def make_optimizer(
-    model: torch.nn.Module, t: TrainingConfig, settings: OptimizerConfig, total_steps: int
+    model: torch.nn.Module,
+    t: TrainingConfig,
+    settings: Mapping,
+    total_steps: int,
+    schedule: Mapping | None = None,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the vision / connector / text parameter groups, each with its own peak learning rate, and
-    their schedule: linear warmup, then cosine down to ``training.min_lr`` at ``total_steps``."""
+    """The optimizer ``settings`` names (``cfg.optimizer``, by ``_target_``) over the vision / connector / text
+    parameter groups, each with its own peak learning rate and weight decay, and the schedule ``schedule``
+    names (``cfg.scheduler``; warmup + cosine when None), each group floored at ``training.min_lr``."""
     learning_rates = {"vision": t.lr_vision, "text": t.lr_text, "connector": t.lr_connector}
     groups = parameter_groups(model, learning_rates, t.weight_decay)
-    fused = settings.fused is not False  # null: fused, on CUDA and CPU alike
-    optimizer = torch.optim.AdamW(groups, betas=tuple(settings.betas), eps=settings.eps, fused=fused)
-    min_ratios = [t.min_lr / group["lr"] for group in groups]
-    schedules = [lambda step, r=r: lr_lambda(step, t.warmup_steps, total_steps, r) for r in min_ratios]
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
+    optimizer = build_optimizer(model, groups, settings)
+    scheduler = build_schedule(optimizer, schedule or scheduler_default(), t.warmup_steps, total_steps, t.min_lr)
+    return optimizer, scheduler
 
 
 def optimizer_step(accelerator: Accelerator, loss_module, optimizer, scheduler, max_grad_norm: float):

@@ -42,6 +42,7 @@ from granite_docling.config import TrainingConfig
 from granite_docling.data.problems import append_problems, listed_problems, summarise
 from granite_docling.data.sample import Problem
 from granite_docling.optimization import sum_over_processes
+from granite_docling.optimizers import evaluation_weights
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,8 @@ class Checkpoints:
             rotate_checkpoints(self.root, self.max_checkpoints)
             log.info("checkpoint saved: %s", folder)
 
-        failure = save_on_main(self.accelerator, save)
+        with evaluation_weights(self.optimizer):  # a schedule-free optimizer's average is what is saved
+            failure = save_on_main(self.accelerator, save)
         if failure:
             advice = "the earlier checkpoints are intact: once it can be written, resume with training.resume=auto"
             log.error("%s; stopping (%s)", failure, advice)
@@ -191,7 +193,8 @@ class Checkpoints:
 
     def save_model(self, folder: Path) -> None:
         """Save the model and processor alone (no training state); raises when it could not be written."""
-        failure = save_on_main(self.accelerator, lambda: save_checkpoint(folder, self.model, self.processor))
+        with evaluation_weights(self.optimizer):
+            failure = save_on_main(self.accelerator, lambda: save_checkpoint(folder, self.model, self.processor))
         if failure:
             raise CheckpointSaveError(failure)
         log.info("model saved: %s", folder)

@@ -59,6 +59,7 @@ from granite_docling.optimization import (
     token_loss,
     validation_loss,
 )
+from granite_docling.optimizers import evaluation_weights
 from granite_docling.precision import device_precision
 from granite_docling.progress import ThroughputWindow, progress_bar, progress_line, step_metrics
 from granite_docling.run_control import (
@@ -170,7 +171,7 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
     global_batch = t.batch_size * t.gradient_accumulation_steps * world
     epoch_steps = train_steps.planned_steps(t.num_epochs)
     total_steps = t.max_steps or sum(epoch_steps)
-    optimizer, scheduler = make_optimizer(model, t, cfg.optimizer, total_steps)
+    optimizer, scheduler = make_optimizer(model, t, cfg.optimizer, total_steps, cfg.scheduler)
     loss_module, optimizer = accelerator.prepare(token_loss(model, t), optimizer)
     log.info(
         f"{total_steps} optimizer steps ({epoch_steps[0]} per epoch; effective batch {global_batch} = "
@@ -193,6 +194,7 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
 
     # ---- the heaviest micro-batch ahead comes first: a run that cannot fit fails now, not hours in
     loss_module.train()
+    optimizer.train()  # schedule-free optimizers: their training point (a no-op for the others)
     advice = memory_advice(t, cfg.data, cfg.model.image_longest_edge)  # what to change, should a micro-batch not fit
     ahead = train_steps.heaviest(state.epoch, state.samples_in_epoch)  # None for streamed data
     if ahead is not None and state.step < total_steps and any_process(not ahead.next_step):
@@ -217,7 +219,8 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
             state.samples_in_epoch = 0
             steps = None
             if t.val_interval and state.epoch % t.val_interval == 0:
-                validate(accelerator, loss_module, val_loader, state, tracker)
+                with evaluation_weights(optimizer):
+                    validate(accelerator, loss_module, val_loader, state, tracker)
             if t.save_interval and state.epoch % t.save_interval == 0:
                 if exit_code := checkpoints.save(f"checkpoint_epoch_{state.epoch}", state):
                     break
@@ -249,9 +252,11 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
         tracker.log(metrics, step=state.step)
 
         if t.val_steps and state.step % t.val_steps == 0:
-            validate(accelerator, loss_module, val_loader, state, tracker)
+            with evaluation_weights(optimizer):
+                validate(accelerator, loss_module, val_loader, state, tracker)
         if t.gen_eval_steps and state.step % t.gen_eval_steps == 0:
-            generation_eval(accelerator, loss_module, processor, data, t, tracker, state.step)
+            with evaluation_weights(optimizer):
+                generation_eval(accelerator, loss_module, processor, data, t, tracker, state.step)
         if t.save_steps and state.step % t.save_steps == 0:
             if exit_code := checkpoints.save(f"checkpoint_step_{state.step}", state):
                 break
@@ -268,8 +273,9 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
         tracker.finish()
         raise nothing_trained(state.step - first_step, run_dir / "bad_samples.jsonl")
     if exit_code == 0:
-        validate(accelerator, loss_module, val_loader, state, tracker)  # the final model's (the sweep objective)
-        exit_code = _finish(cfg, accelerator, loss_module, processor, final_dir, run_dir, state)
+        with evaluation_weights(optimizer):  # the final model is a schedule-free optimizer's average
+            validate(accelerator, loss_module, val_loader, state, tracker)  # the final model's (the sweep objective)
+            exit_code = _finish(cfg, accelerator, loss_module, processor, final_dir, run_dir, state)
     tracker.finish()
     accelerator.end_training()
     return TrainResult(exit_code, tracker.latest)

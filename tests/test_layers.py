@@ -26,6 +26,7 @@ LAYERS = {
         "granite_docling.flops",
         "granite_docling.tracking",
         "granite_docling.optimization",
+        "granite_docling.optimizers",
         "granite_docling.progress",
         "granite_docling.run_control",
         "granite_docling.evaluation",

@@ -22,7 +22,8 @@ from granite_docling.data.indexed import ConversationDataset
 from granite_docling.data.sources import ReadOptions, read_dataset
 from granite_docling.loss import TokenLoss, row_cross_entropy, shift_labels, supervised_cross_entropy
 from granite_docling.model import load_model_and_processor
-from granite_docling.optimization import StepLoss, backward_step, lr_lambda, make_optimizer, model_inputs
+from granite_docling.optimization import StepLoss, backward_step, make_optimizer, model_inputs
+from granite_docling.optimizers import cosine as lr_lambda
 
 
 def tiny_loss_module(seed: int = 0):
