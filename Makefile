@@ -8,7 +8,7 @@ DEMO_TRAIN ?= data/demo/train
 DEMO_EVAL ?= data/demo/eval
 DEMO_FORMULAS ?= 1000
 
-.PHONY: setup demo test test-slow test-shared test-docling test-vllm test-mlx serve test-browser bench learning-curve lint format clean
+.PHONY: setup demo test test-slow test-shared test-docling test-vllm test-mlx llama.cpp test-gguf serve test-browser bench learning-curve lint format clean
 
 setup: $(VENV)/.installed
 
@@ -81,6 +81,38 @@ MLX_SPEC ?= mlx[cpu]==0.32.4
 
 test-mlx: .venv-mlx/.installed
 	.venv-mlx/bin/python -m pytest -q -rP -m mlx tests/evaluation/test_mlx_serving.py
+
+# llama.cpp from a pinned release: the llama-cpp-python source archive carries vendor/llama.cpp (its
+# convert_hf_to_gguf.py with gguf-py, and the sources of llama-server); only llama-server and llama-mtmd-cli are
+# built, with Debian's cmake and g++, into .llama.cpp/ (git-ignored; ~18 minutes on 2 shared cores). `granite-docling
+# export gguf` finds it there.
+LLAMA_CPP_PYTHON ?= 0.3.36
+LLAMA_CPP_DIR ?= .llama.cpp
+llama.cpp: $(LLAMA_CPP_DIR)/.built
+
+$(LLAMA_CPP_DIR)/.built:
+	command -v cmake >/dev/null && command -v g++ >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake g++; }
+	mkdir -p $(LLAMA_CPP_DIR)
+	python3 -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_CPP_PYTHON)" -d $(LLAMA_CPP_DIR)
+	rm -rf $(LLAMA_CPP_DIR)/src && mkdir -p $(LLAMA_CPP_DIR)/src
+	tar -xzf $(LLAMA_CPP_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_CPP_DIR)/src --strip-components=3 \
+		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
+	cmake -S $(LLAMA_CPP_DIR)/src -B $(LLAMA_CPP_DIR)/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+		-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+	cmake --build $(LLAMA_CPP_DIR)/build --config Release -j2 --target llama-server llama-mtmd-cli
+	touch $@
+
+# `granite-docling export gguf` (f16 and q8_0, model + mmproj) on a checkpoint trained by train.py, served by
+# llama.cpp's llama-server and scored by evaluate.py eval.engine=server against the transformers engine (the q8_0
+# export's metric deltas are printed). The converter imports mistral-common whatever the model: its own venv.
+.venv-gguf/.installed: pyproject.toml
+	test -x .venv-gguf/bin/python || python3 -m venv .venv-gguf
+	.venv-gguf/bin/python -m pip install --quiet --upgrade pip
+	.venv-gguf/bin/python -m pip install --quiet "torch==2.13.0" "mistral-common==1.13.1" -e ".[dev]"
+	touch $@
+
+test-gguf: .venv-gguf/.installed llama.cpp
+	.venv-gguf/bin/python -m pytest -q -rP -m gguf tests/evaluation/test_gguf_serving.py
 
 # An OpenAI-compatible vLLM server for a saved model folder, for `evaluate.py eval.engine=server
 # eval.server_url=http://localhost:$(PORT)` (and docling's API VLM options). On a CPU: float32, eager; on a GPU drop

@@ -9,6 +9,7 @@ The conversion itself and its answers through llama-server are ``tests/evaluatio
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 
 import pytest
@@ -17,7 +18,7 @@ from test_model_export import export, one_error_line
 
 from granite_docling.checkpoint import save_checkpoint
 from granite_docling.durable import file_records
-from granite_docling.export.gguf import CONVERTER
+from granite_docling.export.gguf import CONVERTER, drop_tokens_beyond_vocab
 from granite_docling.model import load_model_and_processor
 
 
@@ -88,3 +89,23 @@ def test_the_commands_options_are_checked(checkpoint, tmp_path, capsys, options,
     assert stop.value.code == 2
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_copys_tokenizer_loses_only_the_id_past_the_models_rows(checkpoint, tmp_path):
+    from transformers import AutoTokenizer
+
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(checkpoint / name, tmp_path / name)
+    before = AutoTokenizer.from_pretrained(checkpoint)
+    assert len(before) == 100353 and before.convert_ids_to_tokens(100352) == "<end_of_utterance>"
+
+    changes = drop_tokens_beyond_vocab(tmp_path)
+
+    assert changes == ["tokenizer: <end_of_utterance> dropped (ids past the model's 100352 rows)"]
+    after = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(after) == 100352 and len(after.get_added_vocab()) == len(before.get_added_vocab()) - 1
+    # the other added tokens stay whole tokens (an emptied added_tokens_decoder dropped them all: <|end_of_role|>
+    # became 9 pieces and the served answers nonsense)
+    prompt = "<|start_of_role|>user<|end_of_role|><formula><|end_of_text|>"
+    assert after(prompt)["input_ids"] == before(prompt)["input_ids"] == [100264, 882, 100265, 100275, 100257]
+    assert drop_tokens_beyond_vocab(tmp_path) == []  # nothing left to drop

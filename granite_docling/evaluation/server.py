@@ -12,7 +12,8 @@ in one line naming the flag).
 ``eval.server_concurrency`` requests are in flight at once, so the server can batch them.
 
 A reply that ends with ``finish_reason: stop`` stopped with eos (vLLM leaves the stop token out of the text, as
-:func:`~granite_docling.evaluation.generate.cut_at_eos` does); ``length`` means the budget cut it. A prompt whose
+:func:`~granite_docling.evaluation.generate.cut_at_eos` does; llama-server, which needs ``--special`` to keep the
+DocTags tags, writes it out, and it is cut here); ``length`` means the budget cut it. A prompt whose
 image cannot be read gets a :class:`Generation` with ``error`` set, as with the transformers engine; a server that
 cannot be reached or answers with an error stops the evaluation with one line naming the URL and the cause.
 """
@@ -30,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from tqdm.auto import tqdm
 
 from granite_docling.data.images import ImageError
+from granite_docling.evaluation.doctags import EOS_TOKEN
 from granite_docling.evaluation.generate import Generation, Prompt, load_image
 
 REQUEST_TIMEOUT_S = 600  # one answer of up to max_new_tokens on a busy CPU server
@@ -66,7 +68,10 @@ def answer_of(reply: dict) -> Generation:
     choice = reply["choices"][0]
     stopped = choice.get("finish_reason") == "stop"
     tokens = (reply.get("usage") or {}).get("completion_tokens", 0)
-    return Generation(text=choice["message"]["content"] or "", stopped=stopped, new_tokens=tokens)
+    text = choice["message"]["content"] or ""
+    if stopped:  # llama-server --special writes out the eos it stopped at; vLLM and mlx-vlm leave it out
+        text = text.removesuffix(EOS_TOKEN)
+    return Generation(text=text, stopped=stopped, new_tokens=tokens)
 
 
 def call(url: str, body: dict | None = None) -> dict:

@@ -11,10 +11,12 @@ current folder (``make llama.cpp`` unpacks the pinned release there and builds `
 runs in a Python with torch, transformers and mistral-common (which it imports whatever the model): ``--python
 PATH``, else this interpreter when it has them, else ``.venv-gguf/bin/python`` (what ``make test-gguf`` builds).
 
-The converter reads a copy (:mod:`~granite_docling.export.untied`) whose config has ``text_config.rope_theta``:
-it reads the RoPE base only there, and without it llama.cpp takes 10,000 instead of granite-docling's 100,000.
-Serve the result with ``llama-server -m OUT/model.gguf --mmproj OUT/mmproj.gguf`` (OpenAI-compatible;
-``evaluate.py eval.engine=server`` scores it), or load both files in Ollama or LM Studio.
+The converter reads the copy that ``export mlx`` writes (:mod:`~granite_docling.export.untied`; this converter
+would take the tied checkpoint and ``rope_parameters`` as they are, the copy does no harm), whose tokenizer here
+also leaves out the ids past the model's rows (:func:`drop_tokens_beyond_vocab`), which the converter refuses.
+Serve the result with ``llama-server -m OUT/model.gguf --mmproj OUT/mmproj.gguf --special`` (OpenAI-compatible;
+``evaluate.py eval.engine=server`` scores it; ``--special`` keeps the DocTags tags, which are special tokens, in
+the answers: llama-server does not read ``skip_special_tokens``), or load both files in Ollama or LM Studio.
 """
 
 from __future__ import annotations
@@ -107,7 +109,8 @@ def export(checkpoint: Path, out: Path, args: argparse.Namespace) -> list[str]:
     return [
         f"GGUF model ({args.type}, {folder_size(out) / 1e6:.1f} MB): {model} ({model.stat().st_size / 1e6:.1f} MB), "
         f"{mmproj} ({mmproj_type}, {mmproj.stat().st_size / 1e6:.1f} MB)",
-        f"serve it: llama-server --host 127.0.0.1 --port 8080 -m {model.resolve()} --mmproj {mmproj.resolve()}",
+        f"serve it: llama-server --host 127.0.0.1 --port 8080 --special -m {model.resolve()} "
+        f"--mmproj {mmproj.resolve()}",
     ]
 
 
@@ -131,8 +134,9 @@ def drop_tokens_beyond_vocab(folder: Path) -> list[str]:
         for key in ("extra_special_tokens", "additional_special_tokens"):
             if isinstance(settings.get(key), list):
                 settings[key] = [token for token in settings[key] if token not in dropped]
-        decoder = settings.get("added_tokens_decoder") or {}
-        settings["added_tokens_decoder"] = {key: value for key, value in decoder.items() if int(key) < vocab_size}
+        if isinstance(settings.get("added_tokens_decoder"), dict):  # an empty one would drop every added token
+            decoder = settings["added_tokens_decoder"]
+            settings["added_tokens_decoder"] = {key: value for key, value in decoder.items() if int(key) < vocab_size}
         settings_file.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return [f"tokenizer: {', '.join(dropped)} dropped (ids past the model's {vocab_size} rows)"]
 

@@ -34,8 +34,12 @@ QUANTISED = (8, 4)
 
 @pytest.fixture(scope="module")
 def memorised(tmp_path_factory, tiny_processor):
-    """(data folder, checkpoint): the tiny preset trained by train.py until it answers its samples by heart."""
     pytest.importorskip("mlx_vlm", reason="mlx-vlm is not installed (make test-mlx)")
+    return train_memorised(tmp_path_factory, tiny_processor)
+
+
+def train_memorised(tmp_path_factory, tiny_processor) -> tuple[Path, Path]:
+    """(data folder, checkpoint): the tiny preset trained by train.py until it answers its samples by heart."""
     tmp_path = tmp_path_factory.mktemp("memorised")
     data = make_memorisation_data(tmp_path / "data", tiny_processor)
     files = sorted((data / "anns" / "train").glob("*.json"))

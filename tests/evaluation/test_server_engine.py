@@ -100,6 +100,10 @@ def test_a_request_is_the_prompt_greedy_with_special_tokens_kept():
     )
     assert (stopped.text, stopped.stopped, stopped.new_tokens) == ("<doctag>", True, 4)
     assert not answer_of({"choices": [{"message": {"content": "x"}, "finish_reason": "length"}]}).stopped
+    # llama-server --special writes out the eos it stopped at: cut, as vLLM does; a budget-cut answer is left as is
+    ended = {"message": {"content": "<doctag></doctag><|end_of_text|>"}, "finish_reason": "stop"}
+    assert answer_of({"choices": [ended]}).text == "<doctag></doctag>"
+    assert answer_of({"choices": [{**ended, "finish_reason": "length"}]}).text == "<doctag></doctag><|end_of_text|>"
 
 
 def test_server_predictions_equal_the_transformers_engines(server, tmp_path):
