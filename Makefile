@@ -147,6 +147,8 @@ bench: setup
 	$(PY) benchmarks/metric_speed.py
 	$(PY) benchmarks/checkpoint_io.py
 	$(PY) benchmarks/checkpoint_hash.py
+	$(PY) -m pip install --quiet -e ".[optimizers]"
+	$(PY) benchmarks/optimizers.py
 	$(PY) benchmarks/token_budget.py
 	$(PY) benchmarks/step_profile.py
 

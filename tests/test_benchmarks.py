@@ -174,3 +174,12 @@ def test_step_profile_quick_mode_times_every_phase():
     assert set(result["share"]) == {"data", "inputs", "vision", "connector", "text", "loss", "backward", "optimizer"}
     assert all(seconds >= 0 for seconds in result["seconds_per_sample"].values())
     assert sum(result["share"].values()) == pytest.approx(1.0)
+
+
+def test_optimizers_quick_mode_trains_and_reports_each_run():
+    done = run_script("benchmarks/optimizers.py", "--optimizers", "sgd", "--schedules", "wsd", "--steps", "1",
+                      "--pages", "2", "--formulas", "4", timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = last_json_line(done.stdout)
+    assert (result["optimizer"], result["scheduler"], result["steps"], result["exit_code"]) == ("sgd", "wsd", 1, 0)
+    assert 0 < result["val_loss"] < 20 and result["seconds_per_step"] > 0
