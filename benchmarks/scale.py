@@ -152,10 +152,11 @@ def real_pages(work: Path) -> list[Page]:
     return pages
 
 
-def pages_of(index: int, count: int) -> list[int]:
-    """Which pages (indices into the page list) sample ``index`` holds: 1-3 consecutive ones, wrapping around."""
+def pages_of(index: int, count: int, max_pages: int) -> list[int]:
+    """Which pages (indices into the page list) sample ``index`` holds: 1 to ``max_pages`` consecutive ones,
+    wrapping around."""
     rng = random.Random(index)
-    size, start = rng.randint(1, MAX_PAGES_PER_SAMPLE), rng.randrange(count)
+    size, start = rng.randint(1, max_pages), rng.randrange(count)
     return [(start + k) % count for k in range(size)]
 
 
@@ -171,7 +172,7 @@ def sample_turn(pages: list[Page]) -> dict:
     return {"user": pages[0].user, "assistant": joined_answer(pages), "source": pages[0].source or "real_docs"}
 
 
-def write_folder(root: Path, samples: int, pages: list[Page]) -> None:
+def write_folder(root: Path, samples: int, pages: list[Page], max_pages: int) -> None:
     """``root/anns/train/NNNNNN.json``, all pointing at the 9 page PNGs written once into ``root/images/train``."""
     (root / "images" / "train").mkdir(parents=True)
     (root / "anns" / "train").mkdir(parents=True)
@@ -180,7 +181,7 @@ def write_folder(root: Path, samples: int, pages: list[Page]) -> None:
         paths.append(f"images/train/{page.name}.png")
         (root / paths[-1]).write_bytes(page.png)
     for index in range(samples):
-        chosen = pages_of(index, len(pages))
+        chosen = pages_of(index, len(pages), max_pages)
         record = {"img_pth": [paths[i] for i in chosen], "anns": [sample_turn([pages[i] for i in chosen])]}
         (root / "anns" / "train" / f"{index:06d}.json").write_text(json.dumps(record), encoding="utf-8")
 
@@ -193,12 +194,12 @@ def hub_schema():
     return pa.schema([("images", pa.list_(image)), ("texts", pa.list_(text))])
 
 
-def hub_row(index: int, pages: list[Page]) -> dict:
-    chosen = [pages[i] for i in pages_of(index, len(pages))]
+def hub_row(index: int, pages: list[Page], max_pages: int) -> dict:
+    chosen = [pages[i] for i in pages_of(index, len(pages), max_pages)]
     return {"images": [{"bytes": p.png, "path": f"{p.name}.png"} for p in chosen], "texts": [sample_turn(chosen)]}
 
 
-def write_hub(root: Path, samples: int, pages: list[Page]) -> None:
+def write_hub(root: Path, samples: int, pages: list[Page], max_pages: int) -> None:
     """``root/train-0000S-of-0000T.parquet``: ``ROWS_PER_SHARD`` rows a shard, written ``ROW_GROUP_SIZE`` rows at a
     time so that memory stays at one row group (~40 MB) whatever ``samples`` is."""
     import pyarrow as pa
@@ -211,7 +212,7 @@ def write_hub(root: Path, samples: int, pages: list[Page]) -> None:
         # No dictionary encoding: real datasets hold distinct images, and a dictionary would store ours once.
         with pq.ParquetWriter(root / f"train-{shard:05d}-of-{shards:05d}.parquet", schema, use_dictionary=False) as out:
             for start in range(rows.start, rows.stop, ROW_GROUP_SIZE):
-                batch = [hub_row(i, pages) for i in range(start, min(rows.stop, start + ROW_GROUP_SIZE))]
+                batch = [hub_row(i, pages, max_pages) for i in range(start, min(rows.stop, start + ROW_GROUP_SIZE))]
                 out.write_table(pa.Table.from_pylist(batch, schema=schema), row_group_size=ROW_GROUP_SIZE)
 
 
@@ -219,17 +220,18 @@ def disk_bytes(root: Path) -> int:
     return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
 
-def dataset(work: Path, layout: str, samples: int, pages: list[Page]) -> tuple[Path, dict, bool]:
+def dataset(work: Path, layout: str, samples: int, pages: list[Page], max_pages: int) -> tuple[Path, dict, bool]:
     """(root, {seconds, bytes}, built now) of one dataset, built into a temporary folder and renamed into place
     the first time; a later call finds it complete or not at all."""
-    root, meta_file = work / "data" / f"{layout}-{samples}", work / "data" / f"{layout}-{samples}.build.json"
+    name = f"{layout}-{samples}" if max_pages == MAX_PAGES_PER_SAMPLE else f"{layout}-{samples}-{max_pages}p"
+    root, meta_file = work / "data" / name, work / "data" / f"{name}.build.json"
     if root.is_dir() and meta_file.is_file():
         return root, json.loads(meta_file.read_text()), False
     partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
     started = time.perf_counter()
-    (write_hub if layout == "hub" else write_folder)(partial, samples, pages)
+    (write_hub if layout == "hub" else write_folder)(partial, samples, pages, max_pages)
     seconds = time.perf_counter() - started
     partial.rename(root)
     meta = {"seconds": round(seconds, 2), "bytes": disk_bytes(root)}
@@ -475,6 +477,8 @@ def main() -> int:
     parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose train.py runs (default: this one)")
     parser.add_argument("--cache-key", default=CACHE_KEY, help=f"cache folder override (default {CACHE_KEY})")
     parser.add_argument("--timeout", type=float, default=600, help="seconds a run may take to reach its 3rd step")
+    pages_help = "most real pages in one sample (1 keeps a smoke test's heaviest first step short)"
+    parser.add_argument("--max-pages", type=int, default=MAX_PAGES_PER_SAMPLE, help=pages_help)
     parser.add_argument("--build-only", action="store_true", help="build the plan's datasets, train nothing")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
@@ -486,7 +490,7 @@ def main() -> int:
         print(f"warning: {args.repo}/train.py imports {header['package']}, not its own package", file=sys.stderr)
     pages, cases = real_pages(args.work), []
     for layout, samples in parse_plan(QUICK_PLAN if args.quick else args.plan):
-        data, meta, built = dataset(args.work, layout, samples, pages)
+        data, meta, built = dataset(args.work, layout, samples, pages, args.max_pages)
         case = Case(layout, samples, str(data), meta["bytes"], meta["seconds"], built)
         if not args.json:
             print(f"{layout}-{samples}: {'built' if built else 'reused'} {data} ({meta['bytes'] / 1e9:.2f} GB, "
