@@ -284,10 +284,10 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
 
 def _leave(accelerator: Accelerator) -> None:
     """Every process leaves through a barrier and destroys the process group here, not wherever the DDP wrapper
-    happens to be freed: the group's destructor joins its gloo worker threads with the GIL held, and one still
-    finishing a collective then waits for good (rank 1 of an srun pair hung there after train() had returned,
-    rank 0 gone). Here no process is inside a collective, the prepared model (its reducer holds the group) is
-    released first, and the group goes while every process is alive."""
+    happens to be freed: the group's destructor joins its gloo worker threads, and rank 1 of an srun pair once
+    hung in that join after train() had returned, rank 0 gone (why its worker never finished is not proven).
+    Here no process is inside a collective, the prepared model (its reducer holds the group) is released first,
+    and the group goes while every process is alive."""
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # drops the accelerator's references to the prepared model and optimizer; gc
     accelerator.end_training()  # torch.distributed.destroy_process_group(): the last reference, threads joined
