@@ -28,6 +28,7 @@ def args(data, run_dir, *extra):
             "training.log_interval=5", f"hydra.run.dir={run_dir}", *extra]  # fmt: skip
 
 
+@pytest.mark.slow  # --resume's translation: test_launch; legacy files' data keys: test_data_section
 def test_legacy_resume_flag_continues_from_a_checkpoint(data, tmp_path):
     first = run_script(*args(data, tmp_path / "a", "training.max_steps=4", "training.save_steps=4"), timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
