@@ -94,6 +94,7 @@ def test_a_gpu_check_part_that_runs_past_its_slice_says_so(tmp_path):
     assert lines[2] == {"part": "trl", "skipped": "time budget"}
 
 
+@pytest.mark.slow  # vs_trl.py's quick mode runs in the default suite as the GPU check smoke test's trl part
 @pytest.mark.parametrize("same_order", [True])  # the other mode runs in the GPU check's smoke test above
 def test_vs_trl_smallest_run(tmp_path: Path, same_order: bool):
     from granite_docling.data.prepare import prepare_dataset
