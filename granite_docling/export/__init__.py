@@ -102,6 +102,12 @@ def converter_environment() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
+def run_probe(python: str, script: str) -> tuple[int, str, str]:
+    """Run ``script`` in ``python``: (its exit code, its stripped stdout, its last stderr line)."""
+    done = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=300)
+    return done.returncode, done.stdout.strip(), (done.stderr.strip().splitlines() or ["no output"])[-1]
+
+
 def runtime_python(given: Path | None, default: Path, probe, install: str) -> tuple[str, str]:
     """(the Python that runs a runtime's converter, what ``probe`` found in it): ``given``, else this interpreter,
     else ``default`` (the venv its make target builds). ``probe(python)`` returns (a non-empty finding such as the

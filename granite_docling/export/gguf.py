@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from pathlib import Path
 
 from granite_docling.durable import publish
@@ -31,6 +30,7 @@ from granite_docling.export import (
     ExportError,
     folder_size,
     run_converter,
+    run_probe,
     runtime_python,
     staging_folder,
     write_export_info,
@@ -156,11 +156,9 @@ def llama_cpp_converter(given: Path | None) -> Path:
 
 def probe(python: str) -> tuple[str | None, str]:
     """(the converter's transformers version in ``python``, or None; what is missing when None)."""
-    done = subprocess.run([python, "-c", PROBE], capture_output=True, text=True, timeout=300)
-    found = done.stdout.strip()
-    if done.returncode == 0 and found:
+    code, found, last = run_probe(python, PROBE)
+    if code == 0 and found:
         return found, ""
-    if done.returncode == 3:
+    if code == 3:
         return None, f"{python} lacks what llama.cpp's converter imports ({found})"
-    last = (done.stderr.strip().splitlines() or ["no output"])[-1]
     return None, f"{python} cannot run llama.cpp's converter ({last})"

@@ -15,11 +15,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import subprocess
 from pathlib import Path
 
 from granite_docling.durable import publish
-from granite_docling.export import folder_size, run_converter, runtime_python, staging_folder, write_export_info
+from granite_docling.export import (
+    folder_size,
+    run_converter,
+    run_probe,
+    runtime_python,
+    staging_folder,
+    write_export_info,
+)
 from granite_docling.export.untied import write_untied_copy
 
 log = logging.getLogger(__name__)
@@ -100,13 +106,11 @@ def mlx_python(given: Path | None) -> tuple[str, str]:
 
 def probe(python: str) -> tuple[str | None, str]:
     """(mlx-vlm's version in ``python``, or None; what is wrong when None)."""
-    done = subprocess.run([python, "-c", PROBE], capture_output=True, text=True, timeout=300)
-    version = done.stdout.strip()
-    if done.returncode == 0 and version:
+    code, version, last = run_probe(python, PROBE)
+    if code == 0 and version:
         return version, ""
-    if done.returncode == 3:
+    if code == 3:
         return None, f"mlx-vlm is not installed for {python}"
-    last = (done.stderr.strip().splitlines() or ["no output"])[-1]
     if version:
         return None, f"{python} has mlx-vlm {version}, but MLX does not load ({last})"
     return None, f"{python} cannot run mlx-vlm ({last})"
