@@ -8,7 +8,7 @@ DEMO_TRAIN ?= data/demo/train
 DEMO_EVAL ?= data/demo/eval
 DEMO_FORMULAS ?= 1000
 
-.PHONY: setup demo test test-slow test-shared test-docling test-vllm test-mlx llama.cpp test-gguf serve test-browser bench learning-curve lint format clean
+.PHONY: setup demo test test-slow test-shared test-docling test-docling-serving test-vllm test-mlx llama.cpp test-gguf serve test-browser bench learning-curve lint format clean
 
 setup: $(VENV)/.installed
 
@@ -49,10 +49,13 @@ test-shared: setup
 # own venv: its newest releases need a docling-core with the export_to_doctags regression, its torchvision needs
 # torch 2.14.1 on CPU, and docling-eval needs datasets < 5.
 # sacrebleu stands in for docling-eval's BLEU, a hub script this offline machine cannot fetch.
-test-docling:
+.venv-docling/.installed: pyproject.toml
 	test -x .venv-docling/bin/python || python3 -m venv .venv-docling
 	.venv-docling/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" "docling==2.141.0" \
 		"docling-core==2.101.1" "docling-eval==1.4.2" "sacrebleu>=2.4" -e ".[dev]"
+	touch $@
+
+test-docling: .venv-docling/.installed
 	.venv-docling/bin/python -m pytest -q -m slow tests/evaluation/test_docling_pipeline.py \
 		tests/evaluation/test_docling_eval_both_ways.py tests/evaluation/test_loops_docling.py
 
@@ -113,6 +116,12 @@ $(LLAMA_CPP_DIR)/.built:
 
 test-gguf: .venv-gguf/.installed llama.cpp
 	.venv-gguf/bin/python -m pytest -q -rP -m gguf tests/evaluation/test_gguf_serving.py
+
+# The README's "Use your model in docling" recipes through docling's VlmPipeline on a real page: in docling's
+# process (transformers), through vLLM and through llama-server on the GGUF export. The test runs in .venv-docling;
+# the servers run from their own venvs and build. ~15 minutes with everything built.
+test-docling-serving: .venv-docling/.installed .venv-vllm/.installed .venv-gguf/.installed llama.cpp
+	.venv-docling/bin/python -m pytest -q -rP -m docling_serving tests/evaluation/test_docling_serving.py
 
 # An OpenAI-compatible vLLM server for a saved model folder, for `evaluate.py eval.engine=server
 # eval.server_url=http://localhost:$(PORT)` (and docling's API VLM options). On a CPU: float32, eager; on a GPU drop
