@@ -37,23 +37,9 @@ from granite_docling.data.encoding import build_messages
 from granite_docling.data.images import ImageError, decode_image
 from granite_docling.data.sample import ImageRef, Sample, Turn
 from granite_docling.evaluation.loops import loops
-from granite_docling.evaluation.metrics import score_sample, summarize
+from granite_docling.evaluation.metrics import METRICS, score_sample, summarize
 
 log = logging.getLogger(__name__)
-
-GEN_METRICS = (
-    "edit_distance",
-    "f1",
-    "bleu",
-    "meteor",
-    "exact_match",
-    "teds",
-    "map",
-    "doctags_valid",
-    "stopped_with_eos",
-    "loops",
-)
-"""The metrics :func:`evaluate_generation` reports, as ``gen/<name>`` means."""
 
 LOOP_CHECK_EVERY = 32
 """New tokens between two loop checks of ``stop_loops`` (docling's ``DocTagsRepetitionStopper(N=32)``; its
@@ -258,7 +244,8 @@ def evaluate_generation(
     image_longest_edge: Mapping[str, int | None] | None = None,
     reference_length_factor: float | None = 2.0,
 ) -> dict[str, float]:
-    """Generate the first-turn answer of each sample and score it: ``{"gen/<metric>": mean, "gen/n": count}``.
+    """Generate the first-turn answer of each sample and score it: ``{"gen/<metric>": mean, "gen/n": count}`` for
+    the metrics of METRICS marked ``logged_in_training``.
 
     For the training loop, on a few validation samples: call it on the unwrapped model (not the DDP wrapper),
     on one process or on each process's own share. Metrics that apply to none of the samples (``teds`` without
@@ -288,6 +275,7 @@ def evaluate_generation(
                 scores.append(score_sample(answer.text, reference, stopped=answer.stopped))
             except ValueError as error:  # docling-core cannot read the reference
                 log.warning("not scored: %s", error)
-    summary = summarize(scores, GEN_METRICS)
-    metrics = {f"gen/{name}": summary[name]["mean"] for name in GEN_METRICS if summary[name]["mean"] is not None}
+    names = [name for name, metric in METRICS.items() if metric.logged_in_training]
+    summary = summarize(scores, names)
+    metrics = {f"gen/{name}": summary[name]["mean"] for name in names if summary[name]["mean"] is not None}
     return {**metrics, "gen/n": float(len(scores))}

@@ -40,11 +40,8 @@ from PIL import Image
 from granite_docling.evaluation.doctags import is_page_answer
 from granite_docling.evaluation.export import pages_to_document, split_pages
 from granite_docling.evaluation.loss_curve import checkpoint_step, draw_loss_curve, ema, ema_weight, training_run_folder
-from granite_docling.evaluation.metrics import OVERALL_KEY, SOURCES_KEY
+from granite_docling.evaluation.metrics import METRICS, OVERALL_KEY, SOURCES_KEY
 from granite_docling.evaluation.records import (
-    HEADLINE,
-    LOWER_IS_BETTER,
-    TABLE_METRICS,
     Outputs,
     Record,
     compare_metrics,
@@ -189,13 +186,13 @@ def _delta(delta: float | None, better: bool | None) -> str:
 
 
 def _arrow(name: str) -> str:
-    return "↓" if name in LOWER_IS_BETTER else "↑"
+    return METRICS[name].arrow
 
 
 def metrics_html(after: Mapping[str, Any], before: Mapping[str, Any] | None = None) -> str:
     """The metric table (means): a column per group, or before | after | delta per group with ``before``."""
     groups = metric_groups(after)
-    names = [n for n in TABLE_METRICS if any(block.get(n, {}).get("mean") is not None for block in groups.values())]
+    names = [n for n in METRICS if any(block.get(n, {}).get("mean") is not None for block in groups.values())]
     if before is None:
         head = "<tr><th>metric</th>" + "".join(f"<th>{html.escape(g)}</th>" for g in groups) + "</tr>"
         rows = ["<tr><td>samples</td>" + "".join(f"<td>{block['n']}</td>" for block in groups.values()) + "</tr>"]
@@ -228,9 +225,9 @@ def metrics_html(after: Mapping[str, Any], before: Mapping[str, Any] | None = No
 
 def _headline(after: Mapping[str, Any], before: Mapping[str, Any] | None) -> str:
     cards = []
-    for name, _, _ in HEADLINE:
+    for name, metric in METRICS.items():
         value = after[OVERALL_KEY].get(name, {}).get("mean")
-        if value is None:
+        if metric.headline is None or value is None:
             continue
         change = ""
         if before is not None:

@@ -1,4 +1,10 @@
-"""Per-sample scoring of a model answer and the ``metrics.json`` aggregation.
+"""The metrics, as one registry (:data:`METRICS`), the per-sample scoring and the ``metrics.json`` aggregation.
+
+Each :class:`Metric` names its function, its direction, whether it is a headline metric, whether metrics.png
+draws it and whether training logs it; scores.jsonl, metrics.json, report.md, report.html, the comparison and
+the training eval all list the metrics from :data:`METRICS`, in its order. Adding a metric is one function of
+an :class:`AnswerContext` (the answer and its reference read once, with the work metrics share: docling-core
+documents, Markdown text metrics, tables, layout boxes) and one entry in :data:`METRICS`.
 
 ``score_sample(prediction, reference)`` decides the kind of sample from the reference: a full-page conversion
 (the reference opens with ``<doctag>``) is converted through docling-core and scored on its Markdown, tables and
@@ -30,8 +36,10 @@ from __future__ import annotations
 
 import logging
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, NamedTuple
 
 from docling_core.types.doc.document import DoclingDocument
 from PIL import Image
@@ -55,36 +63,85 @@ from granite_docling.evaluation.text_metrics import exact_match, text_metrics
 
 _log = logging.getLogger(__name__)
 
-REPORTED_METRICS = (
-    "edit_distance",
-    "precision",
-    "recall",
-    "f1",
-    "bleu",
-    "meteor",
-    "exact_match",
-    "teds",
-    "teds_struct",
-    "map",
-    "doctags_valid",
-)
-"""The metrics every metrics.json group reports."""
-
-EXTRA_METRICS = (
-    "layout_precision",
-    "layout_recall",
-    "layout_f1",
-    "doctags_parses",
-    "doctags_closed",
-    "stopped_with_eos",
-    "loops",
-)
-"""Reported after REPORTED_METRICS: the parts behind doctags_valid, layout coverage, eos stops and loops."""
-
 OVERALL_KEY = "overall"
 SOURCES_KEY = "sources"
 
 Scores = dict[str, Any]
+
+
+class Headline(NamedTuple):
+    """How a headline metric is shown: a card in report.html and a ``before -> after`` line of a comparison."""
+
+    label: str  # the comparison line's name for it ("edit distance")
+    number: str  # the format of a value: "{:.3f}", or a share "{:.0%}" (its change is then said in points)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric: its name (the key in scores.jsonl and metrics.json), how one answer scores, how it is shown."""
+
+    name: str
+    score: Callable[[AnswerContext], float | None]  # None: the metric does not apply to this sample
+    lower_is_better: bool = False
+    headline: Headline | None = None  # None: not a headline metric
+    plotted: bool = True  # drawn in metrics.png (the parts and health counts after ``map`` are not)
+    logged_in_training: bool = False  # logged as ``gen/<name>`` by the training loop's generation eval
+
+    @property
+    def arrow(self) -> str:
+        """The direction mark the reports put after the name: ↓ lower is better, ↑ higher is better."""
+        return "↓" if self.lower_is_better else "↑"
+
+
+METRICS: dict[str, Metric] = {
+    metric.name: metric
+    for metric in (
+        Metric(
+            "edit_distance",
+            lambda answer: answer.text["edit_distance"],
+            lower_is_better=True,
+            headline=Headline("edit distance", "{:.3f}"),
+            logged_in_training=True,
+        ),
+        Metric("precision", lambda answer: answer.text["precision"]),
+        Metric("recall", lambda answer: answer.text["recall"]),
+        Metric("f1", lambda answer: answer.text["f1"], headline=Headline("F1", "{:.3f}"), logged_in_training=True),
+        Metric("bleu", lambda answer: answer.text["bleu"], logged_in_training=True),
+        Metric("meteor", lambda answer: answer.text["meteor"], logged_in_training=True),
+        Metric("exact_match", lambda answer: exact_match(answer.prediction, answer.reference), logged_in_training=True),
+        Metric("teds", lambda answer: answer.teds(structure_only=False), logged_in_training=True),
+        Metric("teds_struct", lambda answer: answer.teds(structure_only=True)),
+        Metric("map", lambda answer: answer.layout_map(), logged_in_training=True),
+        Metric("doctags_valid", lambda answer: answer.health.get("doctags_valid"), logged_in_training=True),
+        Metric("layout_precision", lambda answer: answer.layout_coverage.get("layout_precision"), plotted=False),
+        Metric("layout_recall", lambda answer: answer.layout_coverage.get("layout_recall"), plotted=False),
+        Metric("layout_f1", lambda answer: answer.layout_coverage.get("layout_f1"), plotted=False),
+        Metric(
+            "doctags_parses",
+            lambda answer: answer.health.get("doctags_parses"),
+            headline=Headline("DocTags that parse", "{:.0%}"),
+            plotted=False,
+        ),
+        Metric("doctags_closed", lambda answer: answer.health.get("doctags_closed"), plotted=False),
+        Metric(
+            "stopped_with_eos",
+            lambda answer: float(answer.stopped),
+            headline=Headline("stopped with eos", "{:.0%}"),
+            plotted=False,
+            logged_in_training=True,
+        ),
+        Metric(
+            "loops",
+            lambda answer: float(answer.loop_rule is not None),
+            lower_is_better=True,
+            headline=Headline("answers that loop", "{:.0%}"),
+            plotted=False,
+            logged_in_training=True,
+        ),
+    )
+}
+"""Every metric, in the order scores.jsonl, metrics.json and the reports list them. A new metric: a function of an
+AnswerContext returning a float (None where it does not apply) and one entry here, where its row should go."""
 
 
 def score_sample(
@@ -94,7 +151,8 @@ def score_sample(
     page_image: Image.Image | None = None,
     stopped: bool | None = None,
 ) -> Scores:
-    """Score one model answer against its ground truth; see the module docstring for the keys.
+    """Score one model answer against its ground truth: every metric of :data:`METRICS`, then ``kind``,
+    ``n_tables`` and ``loop_rule`` (see the module docstring).
 
     ``prediction`` may be the raw decoded generation: it is cut at the first ``<|end_of_text|>``. ``stopped`` says
     whether generation ended with eos; left None, it is read from the prediction (so pass the raw decode with
@@ -102,33 +160,105 @@ def score_sample(
     score depends on it and docling-core PNG-encodes it (~0.3 s per page and document): None is the fast choice.
     Raises ValueError when docling-core cannot parse the reference.
     """
-    prediction, saw_eos = split_at_eos(prediction)
-    reference, _ = split_at_eos(reference)
-    kind = "page" if is_page_answer(reference) else "short"
-    scores: Scores = dict.fromkeys((*REPORTED_METRICS, *EXTRA_METRICS))
-    scores["kind"] = kind
-    scores["n_tables"] = 0
-    scores["stopped_with_eos"] = float(saw_eos if stopped is None else stopped)
-    scores["loop_rule"] = loops(prediction)
-    scores["loops"] = float(scores["loop_rule"] is not None)
-    scores["exact_match"] = exact_match(prediction, reference)
-
-    is_doctags = kind == "page" or contains_doctags(reference)
-    reference_doc = doctags_to_document(reference, page_image, "reference") if is_doctags else None
-    prediction_doc = try_doctags_to_document(prediction, page_image, "prediction") if is_doctags else None
-
-    if kind == "page":
-        assert reference_doc is not None
-        predicted_markdown = document_markdown(prediction_doc) if prediction_doc is not None else ""
-        scores.update(text_metrics(predicted_markdown, document_markdown(reference_doc)))
-    else:
-        scores.update(text_metrics(prediction, reference))
-
-    if reference_doc is not None:
-        scores.update(_table_scores(reference_doc, prediction_doc))
-        scores.update(_layout_scores(reference_doc, prediction_doc))
-        scores.update(_health_scores(prediction, prediction_doc, opened_by_prompt(reference)))
+    answer = AnswerContext.read(prediction, reference, page_image, stopped)
+    scores: Scores = {name: metric.score(answer) for name, metric in METRICS.items()}
+    scores["kind"] = answer.kind
+    scores["n_tables"] = len(answer.tables[0]) if answer.tables is not None else 0
+    scores["loop_rule"] = answer.loop_rule
     return scores
+
+
+@dataclass
+class AnswerContext:
+    """One answer and its reference, read once, and the work several metrics share (each computed on first use)."""
+
+    prediction: str  # the answer, cut at eos
+    reference: str  # the ground truth, cut at eos
+    kind: str  # "page": a full-page conversion, scored on its Markdown; "short": scored on the raw text
+    stopped: bool  # generation ended with eos
+    reference_doc: DoclingDocument | None  # None: the reference holds no DocTags
+    prediction_doc: DoclingDocument | None  # None: no DocTags reference, or docling-core cannot read the answer
+
+    @classmethod
+    def read(
+        cls, prediction: str, reference: str, page_image: Image.Image | None = None, stopped: bool | None = None
+    ) -> AnswerContext:
+        """Cut both texts at eos and convert DocTags through docling-core (ValueError: the reference fails)."""
+        prediction, saw_eos = split_at_eos(prediction)
+        reference, _ = split_at_eos(reference)
+        kind = "page" if is_page_answer(reference) else "short"
+        is_doctags = kind == "page" or contains_doctags(reference)
+        reference_doc = doctags_to_document(reference, page_image, "reference") if is_doctags else None
+        prediction_doc = try_doctags_to_document(prediction, page_image, "prediction") if is_doctags else None
+        return cls(
+            prediction=prediction,
+            reference=reference,
+            kind=kind,
+            stopped=saw_eos if stopped is None else stopped,
+            reference_doc=reference_doc,
+            prediction_doc=prediction_doc,
+        )
+
+    @cached_property
+    def text(self) -> dict[str, float]:
+        """text_metrics of the answer: on the documents' Markdown for a page, on the raw text otherwise."""
+        if self.kind == "page":
+            assert self.reference_doc is not None
+            predicted = document_markdown(self.prediction_doc) if self.prediction_doc is not None else ""
+            return text_metrics(predicted, document_markdown(self.reference_doc))
+        return text_metrics(self.prediction, self.reference)
+
+    @cached_property
+    def loop_rule(self) -> str | None:
+        """The loop rule the answer ends in (loops.py), None when it does not loop."""
+        return loops(self.prediction)
+
+    @cached_property
+    def tables(self) -> tuple[list, list] | None:
+        """(reference tables, predicted tables); None when the reference holds no DocTags."""
+        if self.reference_doc is None:
+            return None
+        predicted = document_tables(self.prediction_doc) if self.prediction_doc is not None else []
+        return document_tables(self.reference_doc), predicted
+
+    def teds(self, structure_only: bool) -> float | None:
+        """Mean TEDS of the tables paired in order (teds.py); None without reference tables."""
+        return None if self.tables is None else paired_teds(*self.tables, structure_only=structure_only)
+
+    @cached_property
+    def boxes(self) -> tuple[list, list] | None:
+        """(reference boxes, predicted boxes); None when the reference has no located element."""
+        reference_boxes = document_boxes(self.reference_doc) if self.reference_doc is not None else []
+        if not reference_boxes:
+            return None
+        return reference_boxes, document_boxes(self.prediction_doc) if self.prediction_doc is not None else []
+
+    def layout_map(self) -> float | None:
+        """COCO mAP@[.5:.95] of the predicted boxes (layout.py); None when the reference has no boxes."""
+        return None if self.boxes is None else coco_map(*self.boxes)
+
+    @cached_property
+    def layout_coverage(self) -> dict[str, float]:
+        """``layout_precision, layout_recall, layout_f1`` (area coverage); empty when the reference has no boxes."""
+        if self.boxes is None:
+            return {}
+        precision, recall, f1 = area_precision_recall_f1(*self.boxes)
+        return {"layout_precision": precision, "layout_recall": recall, "layout_f1": f1}
+
+    @cached_property
+    def health(self) -> dict[str, float]:
+        """``doctags_parses, doctags_closed, doctags_valid``; empty when the reference holds no DocTags."""
+        if self.reference_doc is None:
+            return {}
+        # docling-core recovers from almost anything (even an empty string): the prediction must also be DocTags.
+        # The answer must also close what the prompt opened (a formula crop's answer ends in </formula>).
+        parses = self.prediction_doc is not None and contains_doctags(self.prediction)
+        closed = is_well_formed(self.prediction, opened_by_prompt(self.reference))
+        return {
+            "doctags_parses": float(parses),
+            "doctags_closed": float(closed),
+            "doctags_valid": float(parses and closed),
+        }
 
 
 def summarize(samples: Sequence[Mapping[str, Any]], metric_names: Sequence[str]) -> dict[str, Any]:
@@ -146,18 +276,20 @@ def summarize(samples: Sequence[Mapping[str, Any]], metric_names: Sequence[str])
 
 def aggregate_metrics(
     grouped: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]],
-    metric_names: Sequence[str] = (*REPORTED_METRICS, *EXTRA_METRICS),
+    metric_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The metrics.json structure from per-sample score dicts grouped as ``{dataset: {source: [scores, ...]}}``.
 
     Keys: ``overall`` and one per dataset, each a ``summarize`` block plus ``sources`` -> {source: block}. The
-    overall per-source blocks pool a source name across datasets.
+    overall per-source blocks pool a source name across datasets. ``metric_names``: every metric of
+    :data:`METRICS` unless given.
     """
     if OVERALL_KEY in grouped:
         raise ValueError(f"a dataset may not be called {OVERALL_KEY!r}: that key holds the totals in metrics.json")
-    report: dict[str, Any] = {OVERALL_KEY: _group_summary(_merge_sources(grouped.values()), metric_names)}
+    names = list(METRICS) if metric_names is None else metric_names
+    report: dict[str, Any] = {OVERALL_KEY: _group_summary(_merge_sources(grouped.values()), names)}
     for dataset, by_source in grouped.items():
-        report[dataset] = _group_summary(by_source, metric_names)
+        report[dataset] = _group_summary(by_source, names)
     return report
 
 
@@ -176,39 +308,3 @@ def _merge_sources(
         for source, samples in by_source.items():
             merged.setdefault(source, []).extend(samples)
     return merged
-
-
-def _table_scores(reference: DoclingDocument, prediction: DoclingDocument | None) -> Scores:
-    reference_tables = document_tables(reference)
-    predicted_tables = document_tables(prediction) if prediction is not None else []
-    return {
-        "n_tables": len(reference_tables),
-        "teds": paired_teds(reference_tables, predicted_tables),
-        "teds_struct": paired_teds(reference_tables, predicted_tables, structure_only=True),
-    }
-
-
-def _layout_scores(reference: DoclingDocument, prediction: DoclingDocument | None) -> Scores:
-    reference_boxes = document_boxes(reference)
-    if not reference_boxes:
-        return {}
-    predicted_boxes = document_boxes(prediction) if prediction is not None else []
-    precision, recall, f1 = area_precision_recall_f1(reference_boxes, predicted_boxes)
-    return {
-        "map": coco_map(reference_boxes, predicted_boxes),
-        "layout_precision": precision,
-        "layout_recall": recall,
-        "layout_f1": f1,
-    }
-
-
-def _health_scores(prediction: str, prediction_doc: DoclingDocument | None, opened: list[str]) -> Scores:
-    # docling-core recovers from almost anything (even an empty string): the prediction must also be DocTags.
-    # ``opened``: what the prompt opened, which the answer must close (a formula crop's answer ends in </formula>).
-    parses = prediction_doc is not None and contains_doctags(prediction)
-    closed = is_well_formed(prediction, opened)
-    return {
-        "doctags_parses": float(parses),
-        "doctags_closed": float(closed),
-        "doctags_valid": float(parses and closed),
-    }

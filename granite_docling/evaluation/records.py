@@ -1,5 +1,6 @@
 """What one evaluation is, in memory and on disk: its records (predictions.jsonl), where its files are
-(:class:`Outputs`), and the constants that :mod:`report` and :mod:`html_report` both read.
+(:class:`Outputs`), and the comparison of two evaluations' metrics that :mod:`report` and :mod:`html_report` both
+read.
 
     records = read_predictions(Path("outputs/eval/predictions.jsonl"), image_roots=["data/sample"])
 
@@ -18,21 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from granite_docling.data.images import ImageError, resolve_inside
-from granite_docling.evaluation.metrics import EXTRA_METRICS, REPORTED_METRICS, Scores
+from granite_docling.evaluation.metrics import METRICS, Scores
 
 log = logging.getLogger(__name__)
 
-LOWER_IS_BETTER = frozenset({"edit_distance", "loops"})
-TABLE_METRICS = (*REPORTED_METRICS, *EXTRA_METRICS)
 UNKNOWN_SOURCE = "unknown"
-HEADLINE = (
-    ("edit_distance", "edit distance", "{:.3f}"),
-    ("f1", "F1", "{:.3f}"),
-    ("doctags_parses", "DocTags that parse", "{:.0%}"),
-    ("stopped_with_eos", "stopped with eos", "{:.0%}"),
-    ("loops", "answers that loop", "{:.0%}"),
-)
-"""(metric, label, format) of the headline: report.html's cards and the before -> after lines of a comparison."""
 
 
 @dataclass
@@ -160,17 +151,17 @@ def safe_name(name: str) -> str:
 def compare_metrics(after: Mapping[str, Any], before: Mapping[str, Any]) -> dict[str, Any]:
     """``{group: {metric: {"before", "after", "delta", "better"}}}`` for the groups both evaluations have.
 
-    ``delta = after - before`` of the means; ``better`` is True when the change is an improvement (for
-    edit_distance, a decrease), None when either side is missing or nothing changed.
+    ``delta = after - before`` of the means, for every metric of METRICS; ``better`` is True when the change is an
+    improvement (for a metric where lower is better, a decrease), None when either side is missing or nothing changed.
     """
     comparison: dict[str, Any] = {}
     for group in (g for g in after if g in before):
         rows: dict[str, Any] = {"n": {"before": before[group]["n"], "after": after[group]["n"]}}
-        for name in TABLE_METRICS:
+        for name, metric in METRICS.items():
             a = after[group].get(name, {}).get("mean")
             b = before[group].get(name, {}).get("mean")
             delta = None if a is None or b is None else a - b
-            better = None if not delta else (delta < 0) == (name in LOWER_IS_BETTER)
+            better = None if not delta else (delta < 0) == metric.lower_is_better
             rows[name] = {"before": b, "after": a, "delta": delta, "better": better}
         comparison[group] = rows
     return comparison

@@ -32,10 +32,8 @@ from granite_docling.data.sample import ImageRef
 from granite_docling.evaluation.doctags import is_page_answer
 from granite_docling.evaluation.export import export_answer
 from granite_docling.evaluation.html_report import FILES_DIR, write_thumbnails
-from granite_docling.evaluation.metrics import OVERALL_KEY, REPORTED_METRICS, Scores, aggregate_metrics, score_sample
+from granite_docling.evaluation.metrics import METRICS, OVERALL_KEY, Scores, aggregate_metrics, score_sample
 from granite_docling.evaluation.records import (
-    LOWER_IS_BETTER,
-    TABLE_METRICS,
     UNKNOWN_SOURCE,
     Outputs,
     Record,
@@ -187,11 +185,10 @@ def metrics_table(metrics: Mapping[str, Any], statistic: str = "mean") -> str:
         "|---" * (len(groups) + 1) + "|",
         "| samples | " + " | ".join(str(metrics[g]["n"]) for g in groups) + " |",
     ]
-    for name in TABLE_METRICS:
+    for name, metric in METRICS.items():
         if any(name in metrics[g] for g in groups):
             cells = [_format(metrics[g].get(name, {}).get(statistic)) for g in groups]
-            arrow = "↓" if name in LOWER_IS_BETTER else "↑"
-            lines.append(f"| {name} {arrow} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} {metric.arrow} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -220,15 +217,14 @@ def comparison_report(comparison: Mapping[str, Any], after_name: str, before_nam
             "| metric | before | after | delta | |\n",
             "|---|---|---|---|---|\n",
         ]
-        for name in TABLE_METRICS:
+        for name, metric in METRICS.items():
             row = rows[name]
             if row["before"] is None and row["after"] is None:
                 continue
             mark = {True: "better", False: "worse", None: ""}[row["better"]]
             delta = "–" if row["delta"] is None else f"{row['delta']:+.4f}"
-            arrow = "↓" if name in LOWER_IS_BETTER else "↑"
             parts.append(
-                f"| {name} {arrow} | {_format(row['before'])} | {_format(row['after'])} | {delta} | {mark} |\n"
+                f"| {name} {metric.arrow} | {_format(row['before'])} | {_format(row['after'])} | {delta} | {mark} |\n"
             )
     return "".join(parts)
 
@@ -238,7 +234,7 @@ def comparison_report(comparison: Mapping[str, Any], after_name: str, before_nam
 
 
 def plot_metrics(evaluations: Mapping[str, Mapping[str, Any]], path: Path, group: str | None = None) -> Path:
-    """Horizontal bars of the mean of each reported metric.
+    """Horizontal bars of the mean of each plotted metric (``Metric.plotted``).
 
     One evaluation: one bar per group (overall and each dataset). Several (a comparison): one bar per
     evaluation, for ``group`` (default overall).
@@ -253,7 +249,8 @@ def plot_metrics(evaluations: Mapping[str, Mapping[str, Any]], path: Path, group
         series = {g: metrics[g] for g in metrics}
     else:
         series = {name: metrics[group or OVERALL_KEY] for name, metrics in evaluations.items()}
-    names = [n for n in REPORTED_METRICS if any(block.get(n, {}).get("mean") is not None for block in series.values())]
+    plotted = [name for name, metric in METRICS.items() if metric.plotted]
+    names = [n for n in plotted if any(block.get(n, {}).get("mean") is not None for block in series.values())]
     fig, ax = plt.subplots(figsize=(8, 0.45 * max(1, len(names)) * max(2, len(series)) / 2 + 1.5))
     height = 0.8 / max(1, len(series))
     for i, (label, block) in enumerate(series.items()):
@@ -261,7 +258,7 @@ def plot_metrics(evaluations: Mapping[str, Mapping[str, Any]], path: Path, group
         positions = [k + i * height for k in range(len(names))]
         ax.barh(positions, values, height=height, label=f"{label} (n={block['n']})")
     ax.set_yticks([k + height * (len(series) - 1) / 2 for k in range(len(names))])
-    ax.set_yticklabels([f"{n} {'↓' if n in LOWER_IS_BETTER else '↑'}" for n in names])
+    ax.set_yticklabels([f"{n} {METRICS[n].arrow}" for n in names])
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("mean over samples")

@@ -34,10 +34,8 @@ from granite_docling.evaluation.config import EvalConfig, EvaluateConfig, is_pre
 from granite_docling.evaluation.docling_eval_export import write_docling_eval_dataset
 from granite_docling.evaluation.generate import first_turn_prompt, generate, prompt_text, reference_budgets
 from granite_docling.evaluation.html_report import write_report_page
-from granite_docling.evaluation.metrics import OVERALL_KEY
+from granite_docling.evaluation.metrics import METRICS, OVERALL_KEY
 from granite_docling.evaluation.records import (
-    HEADLINE,
-    LOWER_IS_BETTER,
     Outputs,
     Record,
     compare_metrics,
@@ -86,13 +84,16 @@ class EvaluationResult:
 
 
 def headline(after: dict, before: dict) -> list[str]:
-    """``compare_to -> checkpoint`` lines for the HEADLINE metrics both sides have (overall means)."""
+    """``compare_to -> checkpoint`` lines for the headline metrics both sides have (overall means)."""
     lines = [f"before (compare_to) -> after (checkpoint), {after['n']} samples:"]
-    for name, label, number in HEADLINE:
+    for name, metric in METRICS.items():
+        if metric.headline is None:
+            continue
+        label, number = metric.headline
         b = before.get(name, {}).get("mean")
         a = after.get(name, {}).get("mean")
         if a is not None and b is not None:
-            verdict = "same" if a == b else "better" if (a < b) == (name in LOWER_IS_BETTER) else "worse"
+            verdict = "same" if a == b else "better" if (a < b) == metric.lower_is_better else "worse"
             change = f"{a - b:+.3f}" if "%" not in number else f"{100 * (a - b):+.0f} points"
             lines.append(f"  {label:<19} {number.format(b):>6} -> {number.format(a):<6} ({change}, {verdict})")
     return lines

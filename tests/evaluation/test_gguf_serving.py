@@ -26,7 +26,7 @@ from conftest import run_script
 from test_mlx_serving import evaluate, train_memorised
 
 from granite_docling.durable import file_records
-from granite_docling.evaluation.metrics import REPORTED_METRICS
+from granite_docling.evaluation.metrics import METRICS
 
 LLAMA_SERVER = Path(".llama.cpp") / "build" / "bin" / "llama-server"
 transformers_run = test_mlx_serving.transformers_run  # the fixture, on this module's memorised checkpoint
@@ -112,7 +112,7 @@ def test_the_q8_0_gguf_export_is_scored_against_transformers(memorised, transfor
     same = sum(a["prediction"] == b["prediction"] for a, b in zip(expected, served, strict=True))
     deltas = {
         name: metrics["overall"][name]["mean"] - reference["overall"][name]["mean"]
-        for name in REPORTED_METRICS
+        for name in METRICS
         if (metrics["overall"].get(name) or {}).get("mean") is not None
         and (reference["overall"].get(name) or {}).get("mean") is not None
     }

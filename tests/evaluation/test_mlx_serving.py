@@ -27,7 +27,7 @@ from conftest import run_script
 from test_memorisation import IMAGE_EDGE, make_memorisation_data
 
 from granite_docling.durable import file_records
-from granite_docling.evaluation.metrics import REPORTED_METRICS
+from granite_docling.evaluation.metrics import METRICS
 
 QUANTISED = (8, 4)
 
@@ -153,7 +153,7 @@ def test_quantised_mlx_exports_are_scored_against_transformers(memorised, transf
     same = sum(a["prediction"] == b["prediction"] for a, b in zip(expected, served, strict=True))
     deltas = {
         name: metrics["overall"][name]["mean"] - reference["overall"][name]["mean"]
-        for name in REPORTED_METRICS
+        for name in METRICS
         if (metrics["overall"].get(name) or {}).get("mean") is not None
         and (reference["overall"].get(name) or {}).get("mean") is not None
     }
