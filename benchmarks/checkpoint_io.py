@@ -23,6 +23,7 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,14 +60,15 @@ def trained_state(preset: str):
 def measure(preset: str, work: Path) -> dict:
     import torch
 
-    from granite_docling.checkpoint import LoopState, read_pickled_state, rng_state, save_checkpoint, training_state
+    from granite_docling.checkpoint import read_pickled_state, rng_state, save_checkpoint, training_state
     from granite_docling.checkpoint_files import PICKLED_STATE_FILE, latest_checkpoint
+    from granite_docling.training_run import LoopState
 
     model, processor, optimizer, scheduler = trained_state(preset)
     root = work / "checkpoints"
     save_seconds = []
     for step in (1, 2, 3):
-        state = training_state(optimizer, scheduler, LoopState(step=step), [rng_state()], "training: {}\n")
+        state = training_state(optimizer, scheduler, asdict(LoopState(step=step)), [rng_state()], "training: {}\n")
         started = time.perf_counter()
         folder = save_checkpoint(root / f"checkpoint_step_{step}", model, processor, state)
         save_seconds.append(time.perf_counter() - started)

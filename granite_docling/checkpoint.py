@@ -34,7 +34,6 @@ import os
 import pickle
 import random
 import shutil
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,26 +68,6 @@ log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
 RESUME_ADVICE = "resume from an earlier checkpoint (training.resume=auto takes the newest whole one)"
-
-
-@dataclass
-class LoopState:
-    """Where the loop is: enough to continue at the exact next batch."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # epochs completed
-    samples_in_epoch: int = 0  # samples of the epoch's global order consumed (streaming: this process's batches)
-    skipped_steps: int = 0  # steps skipped for a non-finite loss, in total
-    nonfinite_in_a_row: int = 0  # consecutive non-finite steps
-    loss_sum: float = 0.0  # running totals behind train/avg_loss
-    loss_steps: int = 0
-    bad_samples: int = 0  # bad samples found by the workers and listed, in total
-    global_batch: int = 0  # batch x accumulation x processes when saved (0: unknown, an older checkpoint)
-    processes: int = 0  # number of processes when saved
-    workers: int = 0  # DataLoader workers per process when saved (a stream's position depends on them)
-    elapsed_seconds: float = 0.0  # training time before this (resumed) process started
-    validated_step: int | None = None  # the step of the last validation
-    metrics_rows: int | None = None  # rows of metrics.jsonl when saved (None: an older checkpoint)
 
 
 def rng_state() -> dict:
@@ -262,13 +241,13 @@ def _delete(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def training_state(
-    optimizer, scheduler, loop: LoopState, rng_states: list[dict], config_yaml: str, scaler=None
-) -> dict:
+def training_state(optimizer, scheduler, loop: dict, rng_states: list[dict], config_yaml: str, scaler=None) -> dict:
+    """The training state a checkpoint saves; ``loop``: the loop's position as a plain dict (``dataclasses.asdict``
+    of :class:`granite_docling.training_run.LoopState`), saved as state.json's ``loop``."""
     state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "loop": asdict(loop),
+        "loop": dict(loop),
         "rng": rng_states,  # one per process, by rank
         "config": config_yaml,
     }
@@ -315,12 +294,6 @@ def read_pickled_state(path: Path) -> dict:
         ) from error
 
 
-def loop_state(saved: dict) -> LoopState:
-    """The saved loop position (fields of older checkpoints that no longer exist are left out)."""
-    known = LoopState.__dataclass_fields__
-    return LoopState(**{key: value for key, value in saved["loop"].items() if key in known})
-
-
 def load_weights(model: torch.nn.Module, folder: Path) -> None:
     """Restore trained weights from a checkpoint folder into the (possibly peft-wrapped) training model."""
     if hasattr(model, "merge_and_unload"):  # LoRA: the adapter is the trained state; base weights are the original
@@ -357,46 +330,3 @@ def push_to_hub(folder: Path, repo_id: str, private: bool) -> str:
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload fine-tuned granite-docling")
     log.info("pushed %s to https://huggingface.co/%s", folder, repo_id)
     return repo_id
-
-
-def check_resumed_shape(
-    state: LoopState, global_batch: int, world: int, workers: int, exact_on_any_shape: bool = True
-) -> None:
-    """Say what a resume on another shape means for the data order (see granite_docling.data.sampler and
-    granite_docling.data.steps: a stream's position is exact on the same shape only)."""
-    saved_batch = state.global_batch
-    saved_world = state.processes
-    if (
-        not exact_on_any_shape
-        and saved_world
-        and (saved_world, saved_batch, state.workers) != (world, global_batch, workers)
-    ):
-        log.warning(
-            "resumed a streaming run on %d process(es) x %d workers with global batch %d (saved: %d x %d, "
-            "%d): a stream's position is exact only on the same shape; each worker skips its share of %d "
-            "micro-batches",
-            world,
-            workers,
-            global_batch,
-            saved_world,
-            state.workers,
-            saved_batch,
-            state.samples_in_epoch,
-        )
-    elif saved_batch and saved_batch != global_batch:
-        log.warning(
-            "the global batch changed from %d to %d samples (batch x accumulation x processes): continuing "
-            "the same sample order from global sample %d of epoch %d, in steps of the new size",
-            saved_batch,
-            global_batch,
-            state.samples_in_epoch,
-            state.epoch,
-        )
-    elif saved_world and saved_world != world:
-        log.info(
-            "resumed on %d process(es) instead of %d with the same global batch of %d: every step holds the "
-            "same samples as before",
-            world,
-            saved_world,
-            global_batch,
-        )

@@ -1,11 +1,11 @@
-"""One optimizer step, exactly: the model's inputs on the device, forward and backward over the step's
-micro-batches with the loss normalised by the step's supervised tokens, the clipped update and its schedule.
+"""The parts of one optimizer step: the model's inputs on the device, forward and backward over the step's
+micro-batches with the loss normalised by the step's supervised tokens, the optimizer and its schedule, the
+memory probe; :func:`granite_docling.train_loop.train_step` puts them together.
 
     optimizer, scheduler = make_optimizer(model, cfg.training, cfg.optimizer, total_steps)
     memory_probe(accelerator, loss_module, optimizer, heaviest_micro_batch)   # before the first step, if needed
     with optimizer_state_held(optimizer):    # zeros the size of its first state, until it has one
         step_loss = backward_step(accelerator, loss_module, micro_batches)
-    grad_norm = optimizer_step(accelerator, loss_module, optimizer, scheduler, max_grad_norm=1.0)
 
 A micro-batch that runs out of memory (``torch.OutOfMemoryError`` on a GPU, the CPU allocator's "can't allocate
 memory") raises :class:`OutOfMemoryError`: one line naming its samples, their tokens and what to change. The
@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator
 
 from granite_docling.checkpoint import rng_state, set_rng_state
+from granite_docling.collectives import sum_over_processes
 from granite_docling.config import DataConfig, LoraConfig, TrainingConfig, scheduler_default
 from granite_docling.data.encoding import IGNORE_INDEX
 from granite_docling.data.image_tiles import batch_pixel_values
@@ -36,16 +37,6 @@ from granite_docling.optimizers import build_optimizer, build_schedule, state_by
 log = logging.getLogger(__name__)
 
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "pixel_attention_mask")
-
-
-def sum_over_processes(accelerator: Accelerator, *values: float) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
-    return accelerator.reduce(tensor, reduction="sum").tolist() if accelerator.num_processes > 1 else tensor.tolist()
-
-
-def any_process_true(accelerator: Accelerator, flag: bool) -> bool:
-    """True on every process when ``flag`` is True on any (an all-reduce)."""
-    return sum_over_processes(accelerator, float(flag))[0] > 0
 
 
 def model_inputs(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
@@ -70,13 +61,13 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in message or "can't allocate" in message
 
 
-def memory_advice(t: TrainingConfig, data: DataConfig, image_longest_edge: int | None) -> str:
+def memory_advice(training: TrainingConfig, data: DataConfig, image_longest_edge: int | None) -> str:
     """What to change when a micro-batch does not fit, for this run's settings."""
-    changes = [] if t.gradient_checkpointing else ["training.gradient_checkpointing=true"]
+    changes = [] if training.gradient_checkpointing else ["training.gradient_checkpointing=true"]
     if data.batch_tokens:
         changes.append(f"a lower data.batch_tokens (now {data.batch_tokens})")
     else:
-        changes.append(f"data.batch_tokens, or a lower training.batch_size (now {t.batch_size})")
+        changes.append(f"data.batch_tokens, or a lower training.batch_size (now {training.batch_size})")
     limit = f", now {data.max_length}" if data.max_length else ""
     changes.append(f"data.max_length below the sample's tokens (drops the longer samples{limit})")
     edge = f" (now {image_longest_edge} px)" if image_longest_edge else ""
@@ -230,15 +221,15 @@ def prepare_for_training(model: torch.nn.Module, lora: LoraConfig, gradient_chec
     return apply_lora(model, lora) if lora.enabled else model
 
 
-def token_loss(model: torch.nn.Module, t: TrainingConfig) -> torch.nn.Module:
+def token_loss(model: torch.nn.Module, training: TrainingConfig) -> torch.nn.Module:
     """The model wrapped in the chunked loss of ``training.loss_chunk_size`` (compiled with ``training.compile``)."""
-    loss_module = TokenLoss(model, t.loss_chunk_size, t.loss_recompute)
-    return torch.compile(loss_module) if t.compile else loss_module
+    loss_module = TokenLoss(model, training.loss_chunk_size, training.loss_recompute)
+    return torch.compile(loss_module) if training.compile else loss_module
 
 
 def make_optimizer(
     model: torch.nn.Module,
-    t: TrainingConfig,
+    training: TrainingConfig,
     settings: Mapping,
     total_steps: int,
     schedule: Mapping | None = None,
@@ -246,17 +237,9 @@ def make_optimizer(
     """The optimizer ``settings`` names (``cfg.optimizer``, by ``_target_``) over the vision / connector / text
     parameter groups, each with its own peak learning rate and weight decay, and the schedule ``schedule``
     names (``cfg.scheduler``; warmup + cosine when None), each group floored at ``training.min_lr``."""
-    learning_rates = {"vision": t.lr_vision, "text": t.lr_text, "connector": t.lr_connector}
-    groups = parameter_groups(model, learning_rates, t.weight_decay)
+    learning_rates = {"vision": training.lr_vision, "text": training.lr_text, "connector": training.lr_connector}
+    groups = parameter_groups(model, learning_rates, training.weight_decay)
     optimizer = build_optimizer(model, groups, settings)
-    scheduler = build_schedule(optimizer, schedule or scheduler_default(), t.warmup_steps, total_steps, t.min_lr)
+    warmup, min_lr = training.warmup_steps, training.min_lr
+    scheduler = build_schedule(optimizer, schedule or scheduler_default(), warmup, total_steps, min_lr)
     return optimizer, scheduler
-
-
-def optimizer_step(accelerator: Accelerator, loss_module, optimizer, scheduler, max_grad_norm: float):
-    """Clip (when ``max_grad_norm``), step, schedule, zero; the gradient norm before clipping, or None."""
-    grad_norm = accelerator.clip_grad_norm_(loss_module.parameters(), max_grad_norm) if max_grad_norm else None
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm

@@ -7,14 +7,13 @@ and the console line every ``log_interval`` steps.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import torch
 from tqdm.auto import tqdm
 
-from granite_docling.checkpoint import LoopState
 from granite_docling.flops import ModelFlops, batch_shape, vision_trains
 from granite_docling.optimization import StepLoss
+from granite_docling.training_run import LoopState
 
 
 def progress_bar(total_steps: int, done: int, is_main: bool) -> tqdm:
@@ -41,12 +40,9 @@ class ThroughputWindow:
         self.flops = 0.0
         self.waited = 0.0
 
-    def next_step(self, steps: Iterator):
-        """The next of ``steps`` (None at the end), the time waited for it counted as data wait."""
-        fetch_started = time.time()
-        step = next(steps, None)
-        self.waited += time.time() - fetch_started
-        return step
+    def waited_for_data(self, seconds: float) -> None:
+        """The loop waited ``seconds`` for its next micro-batches: data wait."""
+        self.waited += seconds
 
     def add(self, group: list[dict]) -> None:
         """One step's micro-batches, as this process ran them."""

@@ -15,17 +15,12 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from omegaconf import OmegaConf
 
 from granite_docling.checkpoint import (
-    LoopState,
-    check_resumed_shape,
     load_training_state,
     load_weights,
-    loop_state,
     rng_state,
     rotate_checkpoints,
     save_checkpoint,
@@ -38,11 +33,12 @@ from granite_docling.checkpoint_files import (
     DamagedCheckpointError,
     complete_checkpoints,
 )
+from granite_docling.collectives import gather_lists, sum_over_processes
 from granite_docling.config import TrainingConfig
 from granite_docling.data.problems import append_problems, listed_problems, summarise
 from granite_docling.data.sample import Problem
-from granite_docling.optimization import sum_over_processes
 from granite_docling.optimizers import evaluation_weights
+from granite_docling.training_run import LoopState, Run
 
 log = logging.getLogger(__name__)
 
@@ -89,40 +85,34 @@ def save_on_main(accelerator: Accelerator, save: Callable[[], object]) -> str | 
     return failure
 
 
-def restore(
-    folder: Path,
-    accelerator: Accelerator,
-    loss_module,
-    optimizer,
-    scheduler,
-    t: TrainingConfig,
-    train_steps,
-    shape: LoopState,
-) -> LoopState:
-    """Load a checkpoint's weights, optimizer, schedule, loss scaler and this process's RNG. Returns its loop
-    position, checked against this run's shape (``shape``: global batch, processes, workers) and set to it.
+def restore(run: Run, folder: Path) -> None:
+    """Load a checkpoint's weights, optimizer, schedule, loss scaler and this process's RNG into ``run``, and its
+    loop position into ``run.state``, checked against this run's shape (global batch, processes, workers, which
+    ``run.state`` holds) and set to it.
 
     With ``training.resume=auto`` (``folder`` the newest checkpoint), a damaged checkpoint is passed over for the
     one before it, with one warning that names what is wrong; a checkpoint named by ``training.resume=PATH`` is
     restored or refused.
     """
-    folder, saved = whole_training_state(folder, t)
-    load_weights(accelerator.unwrap_model(loss_module).model, folder)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
+    accelerator, shape, training_batches = run.accelerator, run.state, run.training_batches
+    folder, saved = whole_training_state(folder, run.training)
+    load_weights(run.model, folder)
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
     if "scaler" in saved and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(saved["scaler"])
     set_rng_state(saved["rng"][min(accelerator.process_index, len(saved["rng"]) - 1)])  # more processes: the last
-    state = loop_state(saved)
+    state = LoopState.from_saved(saved["loop"])
     log.info(
         f"resumed from {folder} at step {state.step} (epoch {state.epoch}, {state.samples_in_epoch} "
-        f"{train_steps.position_unit} into it)"
+        f"{training_batches.position_unit} into it)"
     )
-    check_resumed_shape(state, shape.global_batch, shape.processes, shape.workers, train_steps.exact_on_any_shape)
+    check_resumed_shape(state, shape, training_batches.exact_on_any_shape)
     state.global_batch = shape.global_batch
     state.processes = shape.processes
     state.workers = shape.workers
-    return state
+    run.state = state
+    run.resumed = True
 
 
 def whole_training_state(folder: Path, t: TrainingConfig) -> tuple[Path, dict]:
@@ -147,43 +137,32 @@ class Checkpoints:
     """Saves checkpoints of the run: model folder, training state and the resolved config, on the main process;
     every process learns whether the save failed (a full disk), so that all stop together."""
 
-    def __init__(
-        self, accelerator: Accelerator, loss_module, optimizer, scheduler, processor, root: Path, cfg, tracker
-    ):
-        self.accelerator = accelerator
-        self.loss_module = loss_module
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.processor = processor
-        self.root = root
-        self.max_checkpoints = cfg.training.max_checkpoints
-        self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-        self.tracker = tracker  # its rows of metrics.jsonl go into the checkpoint (a resume cuts the file there)
+    def __init__(self, run: Run):
+        self.run = run
+        self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(run.cfg))
         self.last_saved = None  # the name of the checkpoint saved last
         self.started = time.time()  # the training time of this process, added to the resumed one
 
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.loss_module).model
-
-    def save(self, name: str, state: LoopState) -> int:
-        """Save checkpoint ``name`` at ``state``; 0, or 1 when it failed and every process stops."""
+    def save(self, name: str) -> int:
+        """Save checkpoint ``name`` at the run's state; 0, or 1 when it failed and every process stops."""
         if name == self.last_saved:  # a stop request at a step that save_steps saved already
             return 0
-        rng_states = gather_object([rng_state()])  # every process's RNG, by rank
-        elapsed = state.elapsed_seconds + time.time() - self.started
-        loop = LoopState(**{**asdict(state), "elapsed_seconds": elapsed, "metrics_rows": self.tracker.rows})
-        folder = self.root / name
+        run = self.run
+        rng_states = gather_lists(run.accelerator, [rng_state()])  # every process's RNG, by rank
+        elapsed = run.state.elapsed_seconds + time.time() - self.started
+        # the tracker's rows of metrics.jsonl go into the checkpoint (a resume cuts the file there)
+        loop = asdict(run.state) | {"elapsed_seconds": elapsed, "metrics_rows": run.tracker.rows}
+        folder = run.checkpoint_root / name
 
         def save() -> None:
-            scaler = self.accelerator.scaler
-            trainer_state = training_state(self.optimizer, self.scheduler, loop, rng_states, self.config_yaml, scaler)
-            save_checkpoint(folder, self.model, self.processor, trainer_state)
-            rotate_checkpoints(self.root, self.max_checkpoints)
+            scaler = run.accelerator.scaler
+            trainer_state = training_state(run.optimizer, run.scheduler, loop, rng_states, self.config_yaml, scaler)
+            save_checkpoint(folder, run.model, run.processor, trainer_state)
+            rotate_checkpoints(run.checkpoint_root, run.training.max_checkpoints)
             log.info("checkpoint saved: %s", folder)
 
-        with evaluation_weights(self.optimizer):  # a schedule-free optimizer's average is what is saved
-            failure = save_on_main(self.accelerator, save)
+        with evaluation_weights(run.optimizer):  # a schedule-free optimizer's average is what is saved
+            failure = save_on_main(run.accelerator, save)
         if failure:
             advice = "the earlier checkpoints are intact: once it can be written, resume with training.resume=auto"
             log.error("%s; stopping (%s)", failure, advice)
@@ -193,18 +172,20 @@ class Checkpoints:
 
     def save_model(self, folder: Path) -> None:
         """Save the model and processor alone (no training state); raises when it could not be written."""
-        with evaluation_weights(self.optimizer):
-            failure = save_on_main(self.accelerator, lambda: save_checkpoint(folder, self.model, self.processor))
+        run = self.run
+        with evaluation_weights(run.optimizer):
+            failure = save_on_main(run.accelerator, lambda: save_checkpoint(folder, run.model, run.processor))
         if failure:
             raise CheckpointSaveError(failure)
         log.info("model saved: %s", folder)
 
 
-def stop_with_checkpoint(checkpoints: Checkpoints, state: LoopState) -> int:
+def stop_with_checkpoint(checkpoints: Checkpoints) -> int:
     """A stop request: save a checkpoint to resume from; the exit code (EXIT_INTERRUPTED, or 1 when it failed)."""
-    if checkpoints.save(f"checkpoint_step_{state.step}", state):
+    step = checkpoints.run.state.step
+    if checkpoints.save(f"checkpoint_step_{step}"):
         return 1
-    log.warning("stopped at step %d; resume with training.resume=auto (same run folder)", state.step)
+    log.warning("stopped at step %d; resume with training.resume=auto (same run folder)", step)
     return EXIT_INTERRUPTED
 
 
@@ -226,3 +207,46 @@ class BadSampleList:
         elif new:
             log.warning("step %d: %s (listed in %s)", step, summarise(problems), self.path)
         return new
+
+
+def check_resumed_shape(state: LoopState, shape: LoopState, exact_on_any_shape: bool = True) -> None:
+    """Say what a resume on another shape (``shape``: this run's global batch, processes and workers) means for
+    the saved ``state``'s data order (see granite_docling.data.sampler and granite_docling.data.steps: a stream's
+    position is exact on the same shape only)."""
+    global_batch, world, workers = shape.global_batch, shape.processes, shape.workers
+    saved_batch = state.global_batch
+    saved_world = state.processes
+    if (
+        not exact_on_any_shape
+        and saved_world
+        and (saved_world, saved_batch, state.workers) != (world, global_batch, workers)
+    ):
+        log.warning(
+            "resumed a streaming run on %d process(es) x %d workers with global batch %d (saved: %d x %d, "
+            "%d): a stream's position is exact only on the same shape; each worker skips its share of %d "
+            "micro-batches",
+            world,
+            workers,
+            global_batch,
+            saved_world,
+            state.workers,
+            saved_batch,
+            state.samples_in_epoch,
+        )
+    elif saved_batch and saved_batch != global_batch:
+        log.warning(
+            "the global batch changed from %d to %d samples (batch x accumulation x processes): continuing "
+            "the same sample order from global sample %d of epoch %d, in steps of the new size",
+            saved_batch,
+            global_batch,
+            state.samples_in_epoch,
+            state.epoch,
+        )
+    elif saved_world and saved_world != world:
+        log.info(
+            "resumed on %d process(es) instead of %d with the same global batch of %d: every step holds the "
+            "same samples as before",
+            world,
+            saved_world,
+            global_batch,
+        )

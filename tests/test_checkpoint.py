@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import random
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -16,7 +17,6 @@ import granite_docling.checkpoint as checkpoint
 from granite_docling.checkpoint import (
     CheckpointError,
     CheckpointSaveError,
-    LoopState,
     load_training_state,
     pack_state,
     rng_state,
@@ -36,6 +36,7 @@ from granite_docling.checkpoint_files import (
     read_manifest,
 )
 from granite_docling.durable import describe_write_error
+from granite_docling.training_run import LoopState
 
 
 def test_pack_state_round_trips_every_type_a_training_state_holds():
@@ -94,7 +95,7 @@ def test_saved_optimizer_and_schedule_continue_exactly(tmp_path):
     model, optimizer, scheduler = small_training()
     for seed in range(3):
         take_step(model, optimizer, scheduler, seed)
-    loop = LoopState(step=3, epoch=1, samples_in_epoch=15)
+    loop = asdict(LoopState(step=3, epoch=1, samples_in_epoch=15))
     write_training_state(tmp_path, training_state(optimizer, scheduler, loop, [rng_state()], "training: {}\n"))
     manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
     assert (manifest["format"], manifest["step"], manifest["epoch"]) == (3, 3, 1)
@@ -117,7 +118,7 @@ def test_saved_optimizer_and_schedule_continue_exactly(tmp_path):
 def test_a_damaged_or_unfinished_checkpoint_is_refused_with_advice(tmp_path):
     model, optimizer, scheduler = small_training()
     take_step(model, optimizer, scheduler, 0)
-    write_training_state(tmp_path, training_state(optimizer, scheduler, LoopState(step=1), [rng_state()], ""))
+    write_training_state(tmp_path, training_state(optimizer, scheduler, asdict(LoopState(step=1)), [rng_state()], ""))
     tensors = tmp_path / TENSORS_FILE
     tensors.write_bytes(tensors.read_bytes()[:-10])  # what a power cut without fsync can leave
     with pytest.raises(CheckpointError, match="is damaged: .*tensors.safetensors has .* bytes instead of"):
@@ -151,7 +152,7 @@ def test_a_pickled_state_is_read_only_when_asked_and_then_only_as_plain_data(tmp
 
     model, optimizer, scheduler = small_training()
     take_step(model, optimizer, scheduler, 0)
-    older = training_state(optimizer, scheduler, LoopState(step=4), [rng_state()], "training: {}\n")
+    older = training_state(optimizer, scheduler, asdict(LoopState(step=4)), [rng_state()], "training: {}\n")
     torch.save(older, folder / PICKLED_STATE_FILE)  # what the older format wrote: tensors, NumPy RNG arrays
     loaded = load_training_state(folder, trust_pickle=True)
     assert loaded["loop"]["step"] == 4 and np.array_equal(loaded["rng"][0]["numpy"][1], older["rng"][0]["numpy"][1])
@@ -163,7 +164,7 @@ def test_newest_checkpoint_comes_from_the_manifests_alone(tmp_path, monkeypatch)
     root = tmp_path / "checkpoints"
     for name, step in [("checkpoint_step_20", 20), ("checkpoint_epoch_1", 25), ("checkpoint_step_5", 5)]:
         (root / name).mkdir(parents=True)
-        write_training_state(root / name, training_state(optimizer, scheduler, LoopState(step=step), [], ""))
+        write_training_state(root / name, training_state(optimizer, scheduler, asdict(LoopState(step=step)), [], ""))
     (root / "checkpoint_step_9").mkdir()  # a pickled one of the older format: oldest
     torch.save({}, root / "checkpoint_step_9" / PICKLED_STATE_FILE)
     (root / "checkpoint_step_30").mkdir()  # no manifest: never finished
@@ -198,7 +199,7 @@ def test_a_full_disk_mid_save_leaves_the_previous_checkpoint_and_no_temporary_fo
     model, optimizer, scheduler = small_training()
     take_step(model, optimizer, scheduler, 0)
     root = tmp_path / "checkpoints"
-    state = training_state(optimizer, scheduler, LoopState(step=1), [rng_state()], "")
+    state = training_state(optimizer, scheduler, asdict(LoopState(step=1)), [rng_state()], "")
     first = save_checkpoint(root / "checkpoint_step_1", Model(), Processor(), state)
     before = {p.relative_to(first): p.read_bytes() for p in first.rglob("*") if p.is_file()}
 
@@ -237,7 +238,7 @@ def test_the_loss_curve_marks_a_checkpoint_at_the_step_of_its_manifest(tmp_path)
     model, optimizer, scheduler = small_training()
     folder = tmp_path / "checkpoint_epoch_1"
     folder.mkdir()
-    write_training_state(folder, training_state(optimizer, scheduler, LoopState(step=25, epoch=1), [], ""))
+    write_training_state(folder, training_state(optimizer, scheduler, asdict(LoopState(step=25, epoch=1)), [], ""))
     assert checkpoint_step(folder) == 25
     assert checkpoint_step(tmp_path / "checkpoint_step_40") == 40  # no manifest: the folder's name
 
@@ -248,7 +249,7 @@ def test_rotation_renames_a_checkpoint_out_of_sight_before_deleting_it(tmp_path,
     for step in (1, 2, 3):
         (root / f"checkpoint_step_{step}").mkdir(parents=True)
         write_training_state(
-            root / f"checkpoint_step_{step}", training_state(optimizer, scheduler, LoopState(step), [], "")
+            root / f"checkpoint_step_{step}", training_state(optimizer, scheduler, asdict(LoopState(step)), [], "")
         )
     (root / ".checkpoint_step_0.deleting-99").mkdir()  # left by a rotation that was killed
 
@@ -275,7 +276,7 @@ def test_evaluate_reads_the_split_settings_from_a_checkpoints_own_state_or_asks_
     folder = tmp_path / "copied" / "checkpoint_step_3"  # no run folder (.hydra) above it
     folder.mkdir(parents=True)
     config = "training:\n  seed: 7\n  val_ratio: 0.2\n"
-    write_training_state(folder, training_state(optimizer, scheduler, LoopState(step=3), [rng_state()], config))
+    write_training_state(folder, training_state(optimizer, scheduler, asdict(LoopState(step=3)), [rng_state()], config))
     assert training_split_settings(str(folder), EvalConfig()) == (0.2, 7)
     assert training_split_settings(str(folder), EvalConfig(seed=1, val_ratio=0.1)) == (0.1, 1)
 
@@ -290,7 +291,7 @@ def test_evaluate_reads_the_split_settings_from_a_checkpoints_own_state_or_asks_
 
 def test_a_replacement_killed_between_its_renames_gets_its_old_copy_back(tmp_path):
     model, optimizer, scheduler = small_training()
-    state = training_state(optimizer, scheduler, LoopState(step=1), [rng_state()], "")
+    state = training_state(optimizer, scheduler, asdict(LoopState(step=1)), [rng_state()], "")
     final = save_checkpoint(tmp_path / "final_model", Model(), Processor(), state)
     aside = tmp_path / ".final_model.old-4242"
     final.rename(aside)  # the old copy moved aside; the process died before the new one was renamed in

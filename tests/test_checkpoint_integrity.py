@@ -9,13 +9,14 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import asdict
 
 import pytest
 import torch
 from conftest import compose_config
 from PIL import Image
 
-from granite_docling.checkpoint import LoopState, load_training_state, rng_state, save_checkpoint, training_state
+from granite_docling.checkpoint import load_training_state, rng_state, save_checkpoint, training_state
 from granite_docling.checkpoint_files import (
     MANIFEST_FILE,
     STATE_FILE,
@@ -33,6 +34,7 @@ from granite_docling.evaluation.runner import check_model
 from granite_docling.model import load_model_and_processor, stock_processor
 from granite_docling.preflight import check_paths
 from granite_docling.run_control import whole_training_state
+from granite_docling.training_run import LoopState
 
 WEIGHTS = "model.safetensors"
 
@@ -50,7 +52,7 @@ def saved(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("saved")
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    state = training_state(optimizer, scheduler, LoopState(step=1), [rng_state()], "")
+    state = training_state(optimizer, scheduler, asdict(LoopState(step=1)), [rng_state()], "")
     final = save_checkpoint(root / "final_model", model, processor, None)
     step = save_checkpoint(root / "checkpoints" / "checkpoint_step_1", model, processor, state)
     return final, step

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -19,12 +20,13 @@ from fixture_data import good_dataset
 from omegaconf import OmegaConf
 
 from granite_docling import optimizers
-from granite_docling.checkpoint import LoopState, load_training_state, training_state, write_training_state
+from granite_docling.checkpoint import load_training_state, training_state, write_training_state
 from granite_docling.config import ConfigError
 from granite_docling.model import load_model_and_processor
 from granite_docling.optimization import make_optimizer, optimizer_state_held
 from granite_docling.optimizers import MuonWithAdamW, evaluation_weights
 from granite_docling.run_control import EXIT_INTERRUPTED
+from granite_docling.training_run import LoopState
 
 PRESETS = ["adamw", "adafactor", "muon", "sgd", "schedule_free", "adamw_8bit"]
 SCHEDULES = ["cosine", "linear", "constant", "wsd"]
@@ -105,7 +107,7 @@ def test_each_optimizer_trains_saves_and_resumes_exactly(tiny_model, overrides, 
     take_steps(model, optimizer, scheduler, text_batch, 2)
     with evaluation_weights(optimizer):  # as Checkpoints.save: a schedule-free optimizer saves its average
         weights = {n: p.detach().clone() for n, p in model.state_dict().items()}
-        write_training_state(tmp_path, training_state(optimizer, scheduler, LoopState(step=2), [], ""))
+        write_training_state(tmp_path, training_state(optimizer, scheduler, asdict(LoopState(step=2)), [], ""))
     reference = take_steps(model, optimizer, scheduler, text_batch, 2)
     assert all(math.isfinite(loss) for loss in reference)
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from granite_docling import optimization, progress, train_loop
-from granite_docling.checkpoint import LoopState, push_to_hub
+from granite_docling.checkpoint import push_to_hub
 from granite_docling.data.examples import collate_skipping_problems
 from granite_docling.data.indexed import ConversationDataset
 from granite_docling.data.sources import ReadOptions, read_dataset
@@ -24,6 +24,7 @@ from granite_docling.loss import TokenLoss, row_cross_entropy, shift_labels, sup
 from granite_docling.model import load_model_and_processor
 from granite_docling.optimization import StepLoss, backward_step, make_optimizer, model_inputs
 from granite_docling.optimizers import cosine as lr_lambda
+from granite_docling.training_run import LoopState
 
 
 def tiny_loss_module(seed: int = 0):
