@@ -16,11 +16,11 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from granite_docling.config import register_configs, validate
+from granite_docling.config import register_configs
 from granite_docling.errors import exit_on_user_error, user_errors
 from granite_docling.launch import register_resolvers
 from granite_docling.legacy_config import translate_legacy_argv
-from granite_docling.preflight import check_paths
+from granite_docling.preflight import check_config, check_paths
 from granite_docling.slurm import apply_slurm_environment
 
 register_configs()
@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> float:
     from hydra.types import RunMode
 
     config = OmegaConf.to_object(cfg)
-    validate(config)
+    check_config(config)
     check_paths(config)  # before the imports of torch & co., the model and the data
 
     from granite_docling.tracking import objective

@@ -29,7 +29,6 @@ HUB_ID = "ibm-granite/granite-docling-258M"
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3")
-DATASET_FORMATS = ("auto", "docling", "hub", "docling_eval")
 DATASET_UNITS = ("page", "document")
 BAD_SAMPLE_POLICIES = ("skip", "error")
 COMPONENTS = ("vision", "connector", "text")
@@ -240,14 +239,20 @@ def tracker_problems(report_to: List[str]) -> list[str]:
 
 
 def validate(cfg: Config) -> None:
-    """Check everything that spans fields; raise one :class:`ConfigError` listing every problem."""
+    """Check everything that spans fields; raise one :class:`ConfigError` listing every problem. The dataset
+    formats are the data side's to check: ``preflight.check_config`` adds their problems to these."""
+    raise_problems(config_problems(cfg))
+
+
+def config_problems(cfg: Config) -> list[str]:
+    """Every problem :func:`validate` reports, one line each."""
     problems = model_problems(cfg.model, cfg.training.mixed_precision)
     problems += dataset_problems(cfg.dataset, cfg.data.batch_tokens)
     problems += training_problems(cfg.training)
     problems += data_problems(cfg.data, cfg.training.objective)
     problems += choice_problem("wandb.mode", cfg.wandb.mode, ("online", "offline", "disabled"))
     problems += target_problems(cfg.optimizer, "optimizer") + target_problems(cfg.scheduler, "scheduler")
-    raise_problems(problems)
+    return problems
 
 
 def target_problems(settings: Any, group: str) -> list[str]:
@@ -308,10 +313,7 @@ def dataset_problems(datasets: Dict[str, DatasetConfig], batch_tokens: Optional[
         prefix = f"dataset.{key}"
         if not source.path:
             problems.append(f"{prefix}.path is not set: pass {prefix}.path=/path/to/data")
-        problems += choice_problem(f"{prefix}.format", source.format, DATASET_FORMATS)
-        problems += choice_problem(f"{prefix}.unit", source.unit, DATASET_UNITS)
-        if source.streaming and source.format == "docling_eval":
-            problems.append(f"{prefix}: docling-eval datasets are indexed, not streamed; drop {prefix}.streaming=true")
+        problems += choice_problem(f"{prefix}.unit", source.unit, DATASET_UNITS)  # format: data.formats checks it
         for name in ("max_turns", "max_samples", "max_images_per_sample", "image_longest_edge"):
             value = getattr(source, name)
             if value is not None and value < 1:

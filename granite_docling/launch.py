@@ -23,7 +23,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from granite_docling.config import Config, register_configs, validate
+from granite_docling.config import Config, register_configs
+from granite_docling.preflight import check_config
 from granite_docling.slurm import slurm_environment, step_id
 
 _STAMP_KEY = "granite_docling/run_stamp"
@@ -88,5 +89,5 @@ def compose_config(config_dir: str | Path, *overrides: str, config_name: str = "
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
         cfg = OmegaConf.to_object(compose(config_name=config_name, overrides=list(overrides)))
-    validate(cfg)
+    check_config(cfg)
     return cfg

@@ -1,8 +1,9 @@
 """Pre-flight: the paths a config names are checked before anything is loaded, with one line per problem.
 
-``train.py`` calls :func:`check_paths` and ``evaluate.py`` :func:`check_eval_paths` after validating the config
-and before importing torch, the model or the data: a mistyped folder fails in a second, not after the model has
-loaded. Apart from ``validate``, so that configs naming other machines' paths still compose and validate.
+``train.py`` calls :func:`check_config` and :func:`check_paths`, ``evaluate.py`` :func:`check_eval_paths` after
+validating the config and before importing torch, the model or the data: a mistyped folder fails in a second, not
+after the model has loaded. Apart from ``validate``, so that configs naming other machines' paths still compose
+and validate.
 """
 
 from __future__ import annotations
@@ -13,18 +14,20 @@ from typing import Dict
 from granite_docling.checkpoint_files import (
     is_pickled_checkpoint,
     is_training_checkpoint,
-    looks_like_hub_id,
     model_folder_problem,
     pickled_state_message,
 )
-from granite_docling.config import Config, DatasetConfig, raise_problems
-from granite_docling.data.sources import DatasetNotFoundError, detect_format
+from granite_docling.config import Config, DatasetConfig, config_problems, raise_problems
+from granite_docling.data.formats import AUTO, FORMATS, detect_format, format_problems
+from granite_docling.data.formats.base import DatasetNotFoundError
+from granite_docling.data.formats.hub import is_hub_id
 from granite_docling.evaluation.config import EvaluateConfig, needs_data
 
 
 def dataset_path_problems(datasets: Dict[str, DatasetConfig]) -> list[str]:
-    """What is wrong with the local paths of ``datasets``: missing, not a dataset in a known layout, or a Docling
-    folder without the split. Hub ids are left to the download."""
+    """What is wrong with the local paths of ``datasets``: missing, not a dataset in a known format, or not usable
+    as its format says (its ``layout_problem``: a Docling folder without the split...). Hub ids are left to the
+    download."""
     problems = []
     for key, source in datasets.items():
         if not source.path:
@@ -33,21 +36,25 @@ def dataset_path_problems(datasets: Dict[str, DatasetConfig]) -> list[str]:
         path = Path(source.path)
         hint = f"pass dataset.{key}.path=<folder of anns/ JSON + images, or parquet files> or a hub id such as org/name"
         if not path.exists():
-            if not looks_like_hub_id(source.path):
+            if not is_hub_id(source.path):
                 problems.append(f"{given}: no such file or folder; {hint}")
             continue
         try:
-            layout = detect_format(path) if source.format == "auto" else source.format
+            layout = detect_format(path) if source.format == AUTO else source.format
         except DatasetNotFoundError:
             problems.append(f"{given} holds no dataset (no anns/<split>/*.json, no parquet or Arrow files); {hint}")
             continue
-        annotations = path / "anns" / source.split
-        if layout == "docling" and not (annotations.is_dir() and any(annotations.glob("*.json"))):
-            anns = path / "anns"
-            splits = sorted(p.name for p in anns.iterdir() if p.is_dir() and p != annotations) if anns.is_dir() else []
+        if layout in FORMATS and (problem := FORMATS[layout].layout_problem(path, source.split)) is not None:
+            what, splits = problem
             fix = f"set dataset.{key}.split to one of {', '.join(splits)}" if splits else hint
-            problems.append(f"{given} has no anns/{source.split}/*.json; {fix}")
+            problems.append(f"{given} {what}; {fix}")
     return problems
+
+
+def check_config(cfg: Config) -> None:
+    """:func:`~granite_docling.config.validate` with the dataset formats' own checks (which the data side knows:
+    :func:`~granite_docling.data.formats.format_problems`), every problem in one error; train.py calls it."""
+    raise_problems(config_problems(cfg) + format_problems(cfg.dataset))
 
 
 def check_paths(cfg: Config) -> None:
@@ -83,5 +90,5 @@ def check_eval_paths(cfg: EvaluateConfig) -> None:
         elif (problem := model_folder_problem(key, value)) is not None:
             problems.append(problem)
     if needs_data(cfg):
-        problems += dataset_path_problems(cfg.dataset)
+        problems += format_problems(cfg.dataset) + dataset_path_problems(cfg.dataset)
     raise_problems(problems)

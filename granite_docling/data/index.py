@@ -41,10 +41,12 @@ import numpy as np
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
+from granite_docling.data.formats.arrow import available_cpus
+from granite_docling.data.formats.base import Source
+from granite_docling.data.formats.folder import FolderSource
 from granite_docling.data.image_tiles import ImageSpec
 from granite_docling.data.lengths import LengthCounter
 from granite_docling.data.sample import Problem, Sample
-from granite_docling.data.sources import FolderSource, Source, available_cpus
 from granite_docling.durable import file_sizes, publish, size_mismatches
 
 log = logging.getLogger(__name__)
@@ -285,7 +287,8 @@ def _write(
     tmp.mkdir(parents=True)
     np.save(tmp / "tokens.npy", lengths[:, 0].astype(np.int32))
     np.save(tmp / "tiles.npy", lengths[:, 1].astype(np.int32))
-    if isinstance(source, FolderSource):
+    named = len(positions) > 0 and isinstance(source.locator(int(positions[0])), str)  # file names, not rows
+    if isinstance(source, FolderSource) or named:
         names = [source.locator(int(i)).encode("utf-8", "surrogateescape") for i in positions]
         offsets = np.zeros(len(names) + 1, dtype=np.int64)
         np.cumsum([len(n) for n in names], out=offsets[1:])

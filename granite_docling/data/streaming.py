@@ -1,4 +1,6 @@
-"""Streaming: hub-layout parquet shards read as a stream, for hub ids and data bigger than the local disk.
+"""Streaming: hub-layout parquet shards read as a stream, for hub ids and data bigger than the local disk. The
+formats that stream say so (``streams = True`` in :mod:`granite_docling.data.formats`); today that is the hub layout
+(:mod:`~granite_docling.data.formats.hub`: its ``COLUMNS`` read from each row, parsed by its ``hub_sample``).
 
 ``dataset.<name>.streaming=true`` (every source, or none). Files are a local parquet file or folder, a URL
 (``hf://``, ``s3://``, any fsspec filesystem) or a hub id, listed as ``hf://datasets/<id>/**/*.parquet``; all are
@@ -43,22 +45,17 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from granite_docling.config import ConfigError, DataConfig, DatasetConfig
 from granite_docling.data.examples import ExampleEncoder
+from granite_docling.data.formats import FORMATS
+from granite_docling.data.formats.arrow import available_cpus, hub_files, reading
+from granite_docling.data.formats.base import DatasetNotFoundError, ReadOptions, RecordError
+from granite_docling.data.formats.docling_eval import GROUND_TRUTH, DoclingEvalSource
+from granite_docling.data.formats.hub import COLUMNS, hub_sample, is_hub_id
 from granite_docling.data.policy import Data, read_options, source_name
 from granite_docling.data.sample import Problem, Sample
-from granite_docling.data.sources import (
-    DatasetNotFoundError,
-    ReadOptions,
-    RecordError,
-    available_cpus,
-    hub_files,
-    hub_sample,
-    reading,
-)
 from granite_docling.data.split import seeded_rng
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["images", "texts"]
 DRAW_CHUNK = 4096  # uniforms drawn at a time by the mixer; part of the stream's definition, keep it fixed
 
 
@@ -70,7 +67,7 @@ def list_files(path: str, split: str) -> list[str]:
     """The parquet files of ``split``: a local file or folder, an fsspec URL, or a hub id (``org/name``)."""
     if "://" not in path and Path(path).exists():
         return [str(f) for f in hub_files(Path(path), split)]
-    if "://" not in path and (path.count("/") != 1 or path.startswith((".", "/", "~"))):
+    if "://" not in path and not is_hub_id(path):
         raise DatasetNotFoundError(
             f"{path} does not exist (streaming reads a parquet file or folder, a URL or a hub id)"
         )
@@ -137,9 +134,8 @@ def open_stream_source(
     units = []
     left = options.max_samples if options.max_samples is not None else math.inf
     for i, (groups, columns) in enumerate(footers):
-        if "GroundTruthDocument" in columns:
-            indexed = "docling-eval datasets are indexed, not streamed; drop streaming=true"
-            raise DatasetNotFoundError(f"{files[i]}: {indexed}")
+        if GROUND_TRUTH in columns:
+            raise DatasetNotFoundError(f"{files[i]}: {DoclingEvalSource.not_streamed}; drop streaming=true")
         if missing := set(COLUMNS) - set(columns):
             raise DatasetNotFoundError(f"{files[i]} lacks columns {sorted(missing)}; the hub layout has images, texts")
         for group, first in zip(range(len(groups)), np.cumsum([0, *groups[:-1]]), strict=True):
@@ -371,8 +367,9 @@ def build_streaming_data(
         raise ConfigError(f"dataset.<name>.streaming must be true for every source or for none ({listed})")
     sources = []
     for key, config in datasets.items():
-        if config.format == "docling":
-            raise ConfigError(f"dataset {key}: streaming reads parquet in the hub layout, not a Docling folder")
+        layout = FORMATS.get(config.format)  # None for auto: the footers tell (below)
+        if layout is not None and not layout.streams:
+            raise ConfigError(f"dataset {key}: {layout.not_streamed}")
         options = read_options(config, data.max_samples_per_dataset)
         source = open_stream_source(
             source_name(key, config), config.path, options, config.weight, config.shuffle_buffer
