@@ -9,6 +9,7 @@ from conftest import REPO, compose_config, run_script
 
 from granite_docling.config import ConfigError, DatasetConfig, validate
 from granite_docling.legacy_config import load_legacy_config
+from granite_docling.preflight import check_config
 
 
 def test_cli_composes_two_datasets_and_an_override():
@@ -236,3 +237,14 @@ def test_a_token_budget_needs_indexed_data_and_a_positive_size():
     )
     with pytest.raises(ConfigError, match="data.batch_tokens needs indexed data"):
         validate(streamed)
+
+
+def test_the_dataset_format_is_checked_with_every_other_problem_in_one_error():
+    cfg = compose_config("dataset=[sample]", "dataset.sample.format=parquet", "training.batch_size=0")
+    with pytest.raises(ConfigError) as error:
+        check_config(cfg)
+    assert "dataset.sample.format='parquet' is not one of auto, docling, docling_eval, hub" in str(error.value)
+    assert "batch_size" in str(error.value)
+    streamed = compose_config("dataset=[sample]", "dataset.sample.format=docling_eval", "dataset.sample.streaming=true")
+    with pytest.raises(ConfigError, match=r"dataset.sample: docling-eval datasets are indexed, not streamed; drop"):
+        check_config(streamed)

@@ -13,6 +13,7 @@ from fixture_data import good_dataset, write_image
 from granite_docling.config import DatasetConfig
 from granite_docling.data.formats import FORMATS, detect_format, format_problems
 from granite_docling.data.formats.base import ReadOptions, Source, limit
+from granite_docling.data.formats.hub import is_hub_id
 from granite_docling.data.image_tiles import ImageSpec
 from granite_docling.data.index import load_or_build
 from granite_docling.data.sample import Sample, Turn
@@ -108,3 +109,12 @@ def test_an_unregistered_format_is_named_with_the_known_ones(tmp_path):
         "dataset.toy.format='text_answers' is not one of auto, docling, docling_eval, hub"
     ]
     assert detect_format(good_dataset(tmp_path / "d", 1)) == "docling"
+
+
+def test_one_hub_id_rule(tmp_path, monkeypatch):
+    assert is_hub_id("HuggingFaceM4/DoclingMatix") and is_hub_id("ds4sd/SynthFormulaNet")
+    for not_one in ("/data", "./x", "~/x", "a/b/c", "name", "s3://bucket/x", "hf://datasets/org/name", "org/na me"):
+        assert not is_hub_id(not_one), not_one
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert not is_hub_id("org/name")  # a folder here

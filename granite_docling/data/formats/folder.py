@@ -14,14 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from granite_docling.data.formats.base import (
-    DatasetNotFoundError,
-    ReadOptions,
-    RecordError,
-    Source,
-    limit,
-    parse_turns,
-)
+from granite_docling.data.formats.base import DatasetNotFoundError, ReadOptions, RecordError, Source, limit, parse_turns
 from granite_docling.data.images import ImageError, check_file, resolve_inside
 from granite_docling.data.sample import Sample, Turn
 

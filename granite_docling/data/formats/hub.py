@@ -13,14 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from granite_docling.data.formats.arrow import image_bytes, is_saved_dataset, open_arrow_dataset
-from granite_docling.data.formats.base import (
-    DatasetNotFoundError,
-    ReadOptions,
-    RecordError,
-    Source,
-    limit,
-    parse_turns,
-)
+from granite_docling.data.formats.base import DatasetNotFoundError, ReadOptions, RecordError, Source, limit, parse_turns
 from granite_docling.data.sample import Problem, Sample
 
 COLUMNS = ["images", "texts"]
