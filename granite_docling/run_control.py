@@ -115,16 +115,16 @@ def restore(run: Run, folder: Path) -> None:
     run.resumed = True
 
 
-def whole_training_state(folder: Path, t: TrainingConfig) -> tuple[Path, dict]:
+def whole_training_state(folder: Path, training: TrainingConfig) -> tuple[Path, dict]:
     """The checkpoint to restore and its training state: ``folder``, or with ``training.resume=auto`` the newest
     whole checkpoint at or before it (a damaged one is passed over with a warning that names its file)."""
-    if t.resume != "auto":
-        return folder, load_training_state(folder, t.trust_checkpoint)
+    if training.resume != "auto":
+        return folder, load_training_state(folder, training.trust_checkpoint)
     found = complete_checkpoints(folder.parent)
     candidates = [folder, *reversed(found[: found.index(folder)] if folder in found else [])]
     for candidate in candidates:
         try:
-            return candidate, load_training_state(candidate, t.trust_checkpoint)
+            return candidate, load_training_state(candidate, training.trust_checkpoint)
         except DamagedCheckpointError as error:
             log.warning("training.resume=auto: %s is damaged (%s); trying the one before it", candidate, error.what)
     raise CheckpointError(

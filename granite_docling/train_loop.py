@@ -247,7 +247,6 @@ def start_run(cfg: Config, run_dir: Path) -> Run:
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(training.seed)
-    checkpoint_root = Path(training.save_dir) if training.save_dir else run_dir / "checkpoints"
     log.info(
         f"run folder {run_dir}, {world} process(es) on {accelerator.device}, mixed precision {precision} "
         f"({precision_reason})"
@@ -281,28 +280,26 @@ def start_run(cfg: Config, run_dir: Path) -> Run:
     )
     run = Run(
         cfg=cfg,
+        run_dir=run_dir,
         accelerator=accelerator,
+        state=LoopState(global_batch=global_batch, processes=world, workers=cfg.data.num_workers),
         loss_module=loss_module,
         optimizer=optimizer,
         scheduler=scheduler,
+        memory_advice=memory_advice(training, cfg.data, cfg.model.image_longest_edge),
         processor=processor,
         data=data,
+        mixed_datasets=list(data.sizes) if len(data.sizes) > 1 else [],  # a mix: each dataset's loss is logged
         training_batches=training_batches,
         val_loader=validation_loader(data, pad_id, rank, world),
         total_steps=total_steps,
-        run_dir=run_dir,
-        checkpoint_root=checkpoint_root,
-        final_dir=checkpoint_root / "final_model" if training.save_dir else run_dir / "final_model",
         bad_samples=bad_samples,
-        state=LoopState(global_batch=global_batch, processes=world, workers=cfg.data.num_workers),
-        mixed_datasets=list(data.sizes) if len(data.sizes) > 1 else [],  # a mix: each dataset's loss is logged
-        memory_advice=memory_advice(training, cfg.data, cfg.model.image_longest_edge),
     )
 
     # ---- resume, and the tracker (which continues the resumed run's)
-    resume_from = latest_checkpoint(checkpoint_root) if training.resume == "auto" else training.resume
+    resume_from = latest_checkpoint(run.checkpoint_root) if training.resume == "auto" else training.resume
     if training.resume == "auto" and resume_from is None:
-        log.info("training.resume=auto: no checkpoint in %s yet, starting from scratch", checkpoint_root)
+        log.info("training.resume=auto: no checkpoint in %s yet, starting from scratch", run.checkpoint_root)
     if resume_from is not None:
         restore(run, Path(resume_from))
     if accelerator.is_main_process:

@@ -61,9 +61,7 @@ class Run:
     training_batches: IndexedSteps | StreamedSteps  # each epoch's steps, from a position in it
     val_loader: Any  # the validation split's batches on this process, or None
     total_steps: int
-    run_dir: Path
-    checkpoint_root: Path  # where checkpoint_step_N / checkpoint_epoch_N go
-    final_dir: Path  # the final model's folder
+    run_dir: Path  # the Hydra run folder: metrics, bad samples, checkpoints unless training.save_dir
     bad_samples: Any  # granite_docling.run_control.BadSampleList: the run's bad_samples.jsonl
     state: LoopState = field(default_factory=LoopState)
     tracker: NullTracker = field(default_factory=NullTracker)  # a Tracker on the main process
@@ -75,6 +73,17 @@ class Run:
     @property
     def training(self) -> TrainingConfig:
         return self.cfg.training
+
+    @property
+    def checkpoint_root(self) -> Path:
+        """Where checkpoint_step_N / checkpoint_epoch_N go: ``training.save_dir``, else the run folder's
+        checkpoints/."""
+        return Path(self.training.save_dir) if self.training.save_dir else self.run_dir / "checkpoints"
+
+    @property
+    def final_dir(self) -> Path:
+        """The final model's folder: beside the checkpoints in ``training.save_dir``, else in the run folder."""
+        return self.checkpoint_root / "final_model" if self.training.save_dir else self.run_dir / "final_model"
 
     @property
     def model(self) -> torch.nn.Module:
