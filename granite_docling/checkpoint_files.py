@@ -22,6 +22,7 @@ from pathlib import Path
 
 from granite_docling.config import HUB_ID
 from granite_docling.durable import damaged_files, file_records
+from granite_docling.user_error import UserError
 
 # In a folder of its own: vLLM loads every *.safetensors file at the top of a model folder as weights.
 STATE_FILE = "training_state/state.json"  # the loop position, schedule, RNG and config; tensors by name
@@ -36,7 +37,7 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint_(epoch|step)_(\d+)$")
 TRUST_HINT = "training.trust_checkpoint=true for train.py, trust_checkpoint=true for evaluate.py"
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read as it is (incomplete, damaged, or pickled and not trusted); says what to do."""
 
 
@@ -49,7 +50,7 @@ class DamagedCheckpointError(CheckpointError):
         self.what = what  # which files, and what is wrong with them
 
 
-class CheckpointSaveError(Exception):
+class CheckpointSaveError(UserError):
     """A save that failed; its message names the folder and the cause in one line."""
 
 

@@ -24,6 +24,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from granite_docling.user_error import UserError
+
 HUB_ID = "ibm-granite/granite-docling-258M"
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -34,7 +36,7 @@ BAD_SAMPLE_POLICIES = ("skip", "error")
 COMPONENTS = ("vision", "connector", "text")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration the user must fix; the message says what to change."""
 
 

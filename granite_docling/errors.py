@@ -1,9 +1,9 @@
 """A user's mistake ends the process with one line, ``error: ...``, and exit code 2, not a stack trace.
 
 ``user_errors()`` (around an entry point's ``main()``) and ``@exit_on_user_error`` (on its Hydra task function)
-word a ``ConfigError``, a path that is no dataset, a bad override, an unknown group option, a checkpoint that
-cannot be read or saved, an output folder that cannot be written, as one line. Other errors, and all of them under
-``HYDRA_FULL_ERROR=1``, keep their traceback::
+word as one line any :class:`~granite_docling.user_error.UserError` (its message: a ``ConfigError``, a path that
+is no dataset, a checkpoint that cannot be read or saved...), a bad override, an unknown group option, and an output
+folder that cannot be written. Other errors, and all of them under ``HYDRA_FULL_ERROR=1``, keep their traceback::
 
     python train.py training.lr_conector=1e-3    # error: training.lr_conector: Key 'lr_conector' not in ...
     python train.py training.val_ratio=0.1       # error: training.val_ratio is now data.val_ratio: ...
@@ -22,31 +22,10 @@ from dataclasses import fields, is_dataclass
 from typing import Any, NoReturn
 
 from granite_docling.config import did_you_mean, moved_key
+from granite_docling.user_error import UserError
 
 EXIT_USER_ERROR = 2  # a mistake in the command, the config or the data (as argparse's usage errors)
 _user_full_error: bool | None = None  # HYDRA_FULL_ERROR=1 as the user set it; None outside user_errors()
-
-
-USER_ERRORS = {  # module -> its exceptions that are the user's to fix; their message is the line to show
-    "granite_docling.config": ("ConfigError",),
-    "granite_docling.checkpoint_files": ("CheckpointError", "CheckpointSaveError"),
-    "granite_docling.data.sample": ("BadSampleError",),
-    "granite_docling.data.sources": ("DatasetNotFoundError",),
-    "granite_docling.data.pages": ("PageFileError",),
-    "granite_docling.data.prepare": ("PrepareError",),
-    "granite_docling.evaluation.records": ("PredictionsFileError",),
-    "granite_docling.evaluation.server": ("ServerError",),
-    "granite_docling.export": ("ExportError",),
-    "granite_docling.export.untied": ("UntiedCopyError",),
-    "granite_docling.optimization": ("OutOfMemoryError",),  # a micro-batch that does not fit: what to change
-}
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """The USER_ERRORS classes of the modules imported so far: an error can only come from a module that was
-    imported, and importing the others here (the server's pulls in transformers) would cost seconds per mistake."""
-    loaded = [sys.modules[module] for module in USER_ERRORS if module in sys.modules]
-    return tuple(getattr(module, name) for module in loaded for name in USER_ERRORS[module.__name__])
 
 
 def user_error_message(error: BaseException) -> str | None:
@@ -55,7 +34,7 @@ def user_error_message(error: BaseException) -> str | None:
     from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
-    if isinstance(error, user_error_types()):
+    if isinstance(error, UserError):
         return str(error)
     if (line := _moved_key_line(error)) is not None:
         return line

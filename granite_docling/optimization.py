@@ -33,6 +33,7 @@ from granite_docling.flops import batch_shape
 from granite_docling.loss import TokenLoss
 from granite_docling.model import apply_lora, parameter_groups
 from granite_docling.optimizers import build_optimizer, build_schedule, state_bytes
+from granite_docling.user_error import UserError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def model_inputs(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
     return inputs
 
 
-class OutOfMemoryError(Exception):
+class OutOfMemoryError(UserError):
     """A micro-batch did not fit in memory; the message names its samples and what to change."""
 
 

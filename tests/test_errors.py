@@ -3,14 +3,20 @@ any error under HYDRA_FULL_ERROR=1, keeps its traceback."""
 
 from __future__ import annotations
 
+import ast
 import errno
+import importlib
+import re
+from pathlib import Path
 
 import pytest
 from conftest import compose_config, run_script
 from PIL import Image
 
+import granite_docling
 from granite_docling.errors import user_error_message
 from granite_docling.preflight import check_paths
+from granite_docling.user_error import UserError
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +131,56 @@ def test_a_permission_error_on_a_named_path_is_one_line():
     message = user_error_message(PermissionError(errno.EACCES, "Permission denied", "/shared/runs/x"))
     assert message.startswith("/shared/runs/x: Permission denied; ")
     assert user_error_message(FileNotFoundError(errno.ENOENT, "No such file", "/x")) is None  # a bug's, maybe
+
+
+PACKAGE = Path(granite_docling.__file__).parent
+# Errors the package raises and catches itself: one bad record or image, reported as a Problem (or a skipped image),
+# never shown as the run's one line (data.on_bad_sample=error raises a BadSampleError with it).
+INTERNAL_ERRORS = {"ImageError", "RecordError"}
+
+
+def defined_error_classes() -> dict[str, type]:
+    """Every exception class defined in a module of the package, found by reading the sources (so a module that
+    defines none is not imported), by ``module.Class`` name."""
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names = [node.name for node in tree.body if isinstance(node, ast.ClassDef)]
+        if not any(name.endswith(("Error", "Exception")) for name in names):
+            continue
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        module = importlib.import_module(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+        for name in names:
+            cls = getattr(module, name)
+            if isinstance(cls, type) and issubclass(cls, BaseException):
+                found[f"{module.__name__}.{name}"] = cls
+    return found
+
+
+def test_every_error_for_users_is_a_user_error():
+    errors = defined_error_classes()
+    assert "granite_docling.config.ConfigError" in errors and "granite_docling.export.ExportError" in errors
+    not_user_errors = {name for name, cls in errors.items() if not issubclass(cls, UserError)}
+    assert {name.rpartition(".")[2] for name in not_user_errors} == INTERNAL_ERRORS, (
+        "subclass UserError (its message is the one line shown), or name it in INTERNAL_ERRORS with why"
+    )
+    for name, cls in errors.items():  # any of them, shown as its message alone
+        if issubclass(cls, UserError) and cls.__init__ is UserError.__init__:
+            assert user_error_message(cls("what to change")) == "what to change", name
+
+
+def test_user_errors_keep_their_other_base():
+    from granite_docling.config import ConfigError
+    from granite_docling.data.sample import BadSampleError
+
+    assert issubclass(ConfigError, ValueError) and issubclass(BadSampleError, RuntimeError)
+
+
+def test_the_user_error_module_imports_nothing_and_errors_names_no_module():
+    base = ast.parse((PACKAGE / "user_error.py").read_text(encoding="utf-8"))
+    assert not [node for node in ast.walk(base) if isinstance(node, (ast.Import, ast.ImportFrom))]
+    errors = ast.parse((PACKAGE / "errors.py").read_text(encoding="utf-8"))
+    strings = [node.value for node in ast.walk(errors) if isinstance(node, ast.Constant)]
+    names = [s for s in strings if isinstance(s, str) and re.fullmatch(r"granite_docling(\.\w+)+|\w+Error", s)]
+    assert not names, "errors.py words a user error by its UserError base, not by module or class names"
+    assert "sys.modules" not in ast.unparse(errors)

@@ -12,12 +12,14 @@ from pathlib import Path
 
 from PIL import Image
 
+from granite_docling.user_error import UserError
+
 PDF_SUFFIXES = frozenset({".pdf"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"})
 PAGE_SUFFIXES = PDF_SUFFIXES | IMAGE_SUFFIXES
 
 
-class PageFileError(ValueError):
+class PageFileError(UserError, ValueError):
     """An input that is no PDF or page image, or no file at all; the message says which."""
 
 

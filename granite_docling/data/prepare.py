@@ -41,6 +41,7 @@ from PIL import Image
 
 from granite_docling.data.doctags import PAGE_PROMPT, document_doctags, page_doctags
 from granite_docling.data.pages import IMAGE_SUFFIXES, PAGE_SUFFIXES, is_page_file, is_pdf, page_files, render_pages
+from granite_docling.user_error import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ UNITS = ("page", "document")
 ASPECT_TOLERANCE = 0.02
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError, ValueError):
     """A problem with the user's inputs or output folder; the message says what to do."""
 
 

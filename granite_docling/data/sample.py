@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
+from granite_docling.user_error import UserError
+
 # An image is a file path (decoded lazily, in a loader worker) or the encoded bytes of a parquet / hub row.
 ImageRef = Union[Path, bytes]
 
@@ -66,7 +68,7 @@ class Problem:
         return {"dataset": self.dataset, "file": self.file, "reason": self.reason, "detail": self.detail}
 
 
-class BadSampleError(RuntimeError):
+class BadSampleError(UserError, RuntimeError):
     """Raised with ``data.on_bad_sample=error`` at the first bad sample; names the file and the reason."""
 
     def __init__(self, problem: Problem):

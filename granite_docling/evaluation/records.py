@@ -20,6 +20,7 @@ from typing import Any
 
 from granite_docling.data.images import ImageError, resolve_inside
 from granite_docling.evaluation.metrics import METRICS, Scores
+from granite_docling.user_error import UserError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class Record:
         )
 
 
-class PredictionsFileError(ValueError):
+class PredictionsFileError(UserError, ValueError):
     """A predictions file that cannot be read as one: the message names the file (and line) and what is wrong."""
 
 

@@ -33,11 +33,12 @@ from tqdm.auto import tqdm
 from granite_docling.data.images import ImageError
 from granite_docling.evaluation.doctags import EOS_TOKEN
 from granite_docling.evaluation.generate import Generation, Prompt, load_image
+from granite_docling.user_error import UserError
 
 REQUEST_TIMEOUT_S = 600  # one answer of up to max_new_tokens on a busy CPU server
 
 
-class ServerError(RuntimeError):
+class ServerError(UserError, RuntimeError):
     """The server cannot be reached or refused a request; the message says which URL and why."""
 
 

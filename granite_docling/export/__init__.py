@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from granite_docling.checkpoint_files import MODEL_HINT, check_whole, model_folder_problem
+from granite_docling.user_error import UserError
 
 # runtime -> (module, one-line help)
 RUNTIMES = {
@@ -36,7 +37,7 @@ EXPORT_HINT = "give a model folder saved by train.py (e.g. outputs/<run>/final_m
 EXPORT_INFO = "export.json"  # written into OUT: where it came from, which converter, what the copy changed
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """A checkpoint that cannot be exported as asked, or a runtime that is missing; the message says what to do."""
 
 

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from granite_docling.checkpoint_files import MANIFEST_FILE
+from granite_docling.user_error import UserError
 
 LM_HEAD = "lm_head.weight"
 EMBEDDING_SUFFIX = "text_model.embed_tokens.weight"  # model.text_model.embed_tokens.weight in Idefics3
@@ -32,7 +33,7 @@ SIDE_FILE_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model")
 LEFT_OUT = {MANIFEST_FILE, WEIGHTS_INDEX, "config.json"}
 
 
-class UntiedCopyError(Exception):
+class UntiedCopyError(UserError):
     """The checkpoint's weights or config cannot be made into an untied copy; says which file and why."""
 
 

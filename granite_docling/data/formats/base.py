@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from granite_docling.data.sample import Problem, Sample, Turn
+from granite_docling.user_error import UserError
 
 
-class DatasetNotFoundError(ValueError):
+class DatasetNotFoundError(UserError, ValueError):
     """The path is not a dataset in any known layout, or holds no usable sample; the message says what to do."""
 
 
