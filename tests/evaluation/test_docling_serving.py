@@ -40,10 +40,10 @@ EOS = "<|end_of_text|>"
 pytestmark = pytest.mark.docling_serving
 
 
-def readme_block(marker: str) -> str:
-    """The README's Python block that contains ``marker``."""
+def readme_block(defining: str) -> str:
+    """The README's Python block that assigns the name ``defining`` at its top level."""
     blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S)
-    [block] = [b for b in blocks if marker in b]
+    [block] = [b for b in blocks if re.search(rf"^{defining} = ", b, re.M)]
     return block
 
 
@@ -117,7 +117,7 @@ def server(command: list[str], port: int, log_path: Path, start_timeout: float):
 def readme_options(name: str):
     """One of the README's docling options (its own code block, executed)."""
     namespace: dict = {}
-    exec(readme_block(f"{name} = "), namespace)  # noqa: S102 - the README's own code
+    exec(readme_block(name), namespace)  # noqa: S102 - the README's own code
     return namespace[name]
 
 
