@@ -40,8 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _write_page(task: tuple[Path, int, int, float]) -> None:
     from granite_docling.data.doctags import PAGE_PROMPT, document_doctags
-    from granite_docling.data.prepare import write_json
-    from granite_docling.data.synth import synth_document
+    from granite_docling.tools.prepare import write_json
+    from granite_docling.tools.sample_data import synth_document
 
     out, index, seed, scale = task
     document = synth_document(seed, index, 1, scale)
@@ -55,7 +55,7 @@ def write_pages(out: Path, pages: int, seed: int = 0, scale: float = 2.0) -> Pat
     """``pages`` synthetic one-page documents (Docling folder format), each a page image at ``scale`` + DocTags."""
     from multiprocessing import Pool
 
-    from granite_docling.data.prepare import prepare_output_dirs
+    from granite_docling.tools.prepare import prepare_output_dirs
 
     prepare_output_dirs(out, "train", overwrite=True)
     tasks = [(out, index, seed, scale) for index in range(pages)]

@@ -34,14 +34,14 @@ from granite_docling.data.sources import ReadOptions, read_dataset  # noqa: E402
 
 
 def synthetic_dataset(out: Path, pages: int, formulas: int) -> Path:
-    from granite_docling.data.synth import write_sample_data
+    from granite_docling.tools.sample_data import write_sample_data
 
     write_sample_data(out, pages=pages, formulas=formulas, seed=0)
     return out
 
 
 def real_docs_dataset(out: Path) -> Path:
-    from granite_docling.data.prepare import prepare_dataset
+    from granite_docling.tools.prepare import prepare_dataset
 
     prepare_dataset(sorted((REPO / "tests" / "fixtures" / "real_docs").glob("*.pdf")), out, unit="page")
     return out

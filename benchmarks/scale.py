@@ -137,7 +137,7 @@ def real_pages(work: Path) -> list[Page]:
     """The 9 real-docs pages, rendered by ``prepare_dataset`` into ``work/pages`` the first time."""
     out = work / "pages"
     if not out.is_dir():
-        from granite_docling.data.prepare import prepare_dataset
+        from granite_docling.tools.prepare import prepare_dataset
 
         partial = work / "pages.partial"
         shutil.rmtree(partial, ignore_errors=True)

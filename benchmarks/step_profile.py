@@ -43,11 +43,11 @@ def profile(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
     from granite_docling.data.loading import build_data, make_loader
-    from granite_docling.data.prepare import prepare_dataset
     from granite_docling.launch import compose_config
     from granite_docling.loss import TokenLoss
     from granite_docling.model import load_model_and_processor, parameter_groups
     from granite_docling.optimization import model_inputs
+    from granite_docling.tools.prepare import prepare_dataset
 
     data_dir = work / "pages"
     prepare_dataset(sorted(glob.glob(str(REAL_DOCS / "*.pdf"))), data_dir, unit="page", scale=2.0)

@@ -66,7 +66,7 @@ def compose(*overrides: str):
 
 def prepare_real_docs(out: Path, max_pages: int | None = None) -> Path:
     """The real-docs PDFs rendered at scale 2 (1224x1584 for a letter page), one sample per page."""
-    from granite_docling.data.prepare import prepare_dataset
+    from granite_docling.tools.prepare import prepare_dataset
 
     prepare_dataset(sorted(glob.glob(str(REAL_DOCS / "*.pdf"))), out, unit="page", scale=2.0)
     if max_pages is not None:  # keep the first pages only (quick runs): drop the other annotations

@@ -7,7 +7,7 @@
     granite-docling export mlx CHECKPOINT OUT [--quantize 4|8]
     granite-docling export gguf CHECKPOINT OUT [--type f16|q8_0]
 
-Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
+Each subcommand lives in its own module under ``granite_docling/tools/``, which provides ``add_arguments(parser)`` and
 ``run(args) -> int`` (the exit code). Modules are imported only when their command runs,
 so ``granite-docling --help`` stays fast. A user's mistake raised by a command (a missing file, a folder that is
 no dataset, a damaged checkpoint) ends it with one ``error: ...`` line and exit code 2, as in train.py.
@@ -22,11 +22,14 @@ import sys
 
 # command name -> (module, one-line help)
 COMMANDS = {
-    "sample-data": ("granite_docling.data.synth", "write realistic synthetic data in the Docling folder format"),
-    "prepare": ("granite_docling.data.prepare", "turn PDFs / page images + DoclingDocument JSON into a dataset"),
-    "validate": ("granite_docling.data.validate", "check every sample of one or more datasets"),
-    "predict": ("granite_docling.evaluation.predict", "convert PDFs / page images to DocTags, Markdown and HTML"),
-    "export": ("granite_docling.export", "a checkpoint in another runtime's format (MLX, GGUF), by its converter"),
+    "sample-data": ("granite_docling.tools.sample_data", "write realistic synthetic data in the Docling folder format"),
+    "prepare": ("granite_docling.tools.prepare", "turn PDFs / page images + DoclingDocument JSON into a dataset"),
+    "validate": ("granite_docling.tools.validate", "check every sample of one or more datasets"),
+    "predict": ("granite_docling.tools.predict", "convert PDFs / page images to DocTags, Markdown and HTML"),
+    "export": (
+        "granite_docling.tools.export",
+        "a checkpoint in another runtime's format (MLX, GGUF), by its converter",
+    ),
 }
 
 

@@ -97,7 +97,7 @@ def test_a_gpu_check_part_that_runs_past_its_slice_says_so(tmp_path):
 @pytest.mark.slow  # vs_trl.py's quick mode runs in the default suite as the GPU check smoke test's trl part
 @pytest.mark.parametrize("same_order", [True])  # the other mode runs in the GPU check's smoke test above
 def test_vs_trl_smallest_run(tmp_path: Path, same_order: bool):
-    from granite_docling.data.prepare import prepare_dataset
+    from granite_docling.tools.prepare import prepare_dataset
 
     # Two short real pages of the tiny preset: both trainers, one epoch of batch 1.
     prepare_dataset([REAL_DOCS / "multi_page.pdf"], tmp_path)

@@ -159,7 +159,7 @@ def defined_error_classes() -> dict[str, type]:
 
 def test_every_error_for_users_is_a_user_error():
     errors = defined_error_classes()
-    assert "granite_docling.config.ConfigError" in errors and "granite_docling.export.ExportError" in errors
+    assert "granite_docling.config.ConfigError" in errors and "granite_docling.tools.export.ExportError" in errors
     not_user_errors = {name for name, cls in errors.items() if not issubclass(cls, UserError)}
     assert {name.rpartition(".")[2] for name in not_user_errors} == INTERNAL_ERRORS, (
         "subclass UserError (its message is the one line shown), or name it in INTERNAL_ERRORS with why"

@@ -18,8 +18,8 @@ from test_model_export import export, one_error_line
 
 from granite_docling.checkpoint import save_checkpoint
 from granite_docling.durable import file_records
-from granite_docling.export.gguf import CONVERTER, drop_tokens_beyond_vocab
 from granite_docling.model import load_model_and_processor
+from granite_docling.tools.export.gguf import CONVERTER, drop_tokens_beyond_vocab
 
 
 @pytest.fixture(scope="module")

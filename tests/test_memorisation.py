@@ -159,7 +159,7 @@ def make_memorisation_data(root, processor, seed: int = 3):
     text collapse onto one answer (see NOTES). Crops with different tile layouts (rows x columns) differ in their
     image-token structure, which the tiny model can tell apart; the test still exercises every part of the path.
     """
-    from granite_docling.data.synth import write_sample_data
+    from granite_docling.tools.sample_data import write_sample_data
 
     source = root.parent / f"{root.name}_source"
     write_sample_data(source, pages=1, formulas=16, seed=seed, qa_turns=0)

@@ -22,8 +22,8 @@ from transformers import AutoModelForImageTextToText
 from granite_docling.checkpoint import save_checkpoint
 from granite_docling.cli import main
 from granite_docling.durable import file_records
-from granite_docling.export.untied import LM_HEAD, untied_config, write_untied_copy
 from granite_docling.model import load_model_and_processor
+from granite_docling.tools.export.untied import LM_HEAD, untied_config, write_untied_copy
 
 EMBEDDING = "model.text_model.embed_tokens.weight"
 

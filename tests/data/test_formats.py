@@ -18,8 +18,8 @@ from granite_docling.data.image_tiles import ImageSpec
 from granite_docling.data.index import load_or_build
 from granite_docling.data.sample import Sample, Turn
 from granite_docling.data.sources import open_source, read_dataset
-from granite_docling.data.validate import validate_dataset
 from granite_docling.preflight import dataset_path_problems
+from granite_docling.tools.validate import validate_dataset
 
 
 class TextAnswers(Source):

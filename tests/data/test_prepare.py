@@ -1,4 +1,4 @@
-"""Tests for ``granite-docling prepare`` (granite_docling/data/prepare.py) against docling's own ground truth.
+"""Tests for ``granite-docling prepare`` (granite_docling/tools/prepare.py) against docling's own ground truth.
 
 The fixtures in tests/fixtures/real_docs/ are PDFs, their DoclingDocument JSON and the DocTags of the whole
 document, from the MIT-licensed docling test suite (LICENSE-docling-MIT.txt). The whole-document DocTags is one
@@ -24,7 +24,7 @@ from docling_core.types.doc import BoundingBox, DocItemLabel, DoclingDocument, P
 
 from granite_docling.cli import main
 from granite_docling.data.doctags import document_doctags, page_doctags
-from granite_docling.data.prepare import PrepareError, prepare_dataset
+from granite_docling.tools.prepare import PrepareError, prepare_dataset
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "real_docs"
 STEMS = ("2305.03393v1-pg9", "amt_handbook_sample", "code_and_formula", "multi_page")
@@ -199,8 +199,8 @@ def test_cli_prints_a_summary_and_reports_errors(tmp_path: Path, capsys: pytest.
 def test_validate_reports_the_prepared_real_pages_fully_good(page_dataset: tuple[Path, dict]) -> None:
     from transformers import AutoProcessor
 
-    from granite_docling.data.validate import validate_dataset
     from granite_docling.model import ASSETS_DIR
+    from granite_docling.tools.validate import validate_dataset
 
     root, summary = page_dataset
     report = validate_dataset(root, AutoProcessor.from_pretrained(ASSETS_DIR))

@@ -1,4 +1,4 @@
-"""Tests for ``granite-docling sample-data`` (granite_docling/data/synth.py): format, round trip, pixels, seeds."""
+"""Tests for ``granite-docling sample-data`` (tools/sample_data.py): format, round trip, pixels, seeds."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ from docling_core.types.doc.document import DocTagsDocument
 from PIL import Image
 
 from granite_docling.cli import main
-from granite_docling.data.prepare import PrepareError
-from granite_docling.data.synth import (
+from granite_docling.tools.prepare import PrepareError
+from granite_docling.tools.sample_data import (
     plan_documents,
     synth_document,
     synth_formula,
     write_sample_data,
 )
-from granite_docling.data.synth_pages import PAGE_HEIGHT, PAGE_WIDTH
+from granite_docling.tools.synth_pages import PAGE_HEIGHT, PAGE_WIDTH
 
 LOCS = re.compile(r"<loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)>")
 ALL_LAYERS = {ContentLayer.BODY, ContentLayer.FURNITURE}

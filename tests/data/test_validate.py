@@ -12,8 +12,8 @@ from transformers import AutoProcessor
 
 from granite_docling.data.encoding import encode_conversation
 from granite_docling.data.sample import Sample, Turn
-from granite_docling.data.validate import count_tokens, percentiles
 from granite_docling.model import ASSETS_DIR
+from granite_docling.tools.validate import count_tokens, percentiles
 
 
 @pytest.fixture(scope="module")

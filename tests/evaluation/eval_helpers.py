@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from conftest import compose_config
 
-from granite_docling.data.synth import write_sample_data
 from granite_docling.model import load_model_and_processor
+from granite_docling.tools.sample_data import write_sample_data
 
 
 def tiny_model_and_processor(noise_std: float | None = None, seed: int = 0):

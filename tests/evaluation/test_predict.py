@@ -10,8 +10,8 @@ from eval_helpers import save_tiny_checkpoint
 from PIL import Image
 
 from granite_docling.cli import main
-from granite_docling.data.pages import PageFileError, render_pages
-from granite_docling.evaluation.predict import input_files, output_stems
+from granite_docling.tools.pages import PageFileError, render_pages
+from granite_docling.tools.predict import input_files, output_stems
 
 REAL_DOCS = __import__("pathlib").Path(__file__).parents[1] / "fixtures" / "real_docs"
 

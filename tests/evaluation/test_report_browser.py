@@ -29,8 +29,8 @@ import pytest
 from eval_helpers import save_tiny_checkpoint
 from test_report_page import build_evaluation_folder
 
-from granite_docling.data.synth import write_sample_data
 from granite_docling.evaluation.records import Record, write_predictions
+from granite_docling.tools.sample_data import write_sample_data
 
 pytestmark = pytest.mark.browser
 

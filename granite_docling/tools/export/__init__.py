@@ -5,7 +5,7 @@
 
 Each runtime's module (``mlx``: mlx-vlm, for Apple silicon and docling's MLX pipeline; ``gguf``: llama.cpp, for
 llama-server, Ollama and LM Studio) writes the form its
-converter reads (:mod:`~granite_docling.export.untied`) into a temporary folder, calls the runtime's own converter
+converter reads (:mod:`~granite_docling.tools.export.untied`) into a temporary folder, calls the runtime's own converter
 there, and publishes the result as OUT, whole or not at all. The checkpoint is only read. A folder that is not a
 granite-docling model, a damaged checkpoint, an OUT that holds files (without ``--overwrite``) or a runtime that is
 not installed ends the command with one ``error: ...`` line that says what to do.
@@ -30,8 +30,11 @@ from granite_docling.user_error import UserError
 
 # runtime -> (module, one-line help)
 RUNTIMES = {
-    "mlx": ("granite_docling.export.mlx", "MLX (Apple silicon; docling's MLX VLM pipeline), with mlx-vlm's converter"),
-    "gguf": ("granite_docling.export.gguf", "GGUF (llama.cpp, Ollama, LM Studio), with llama.cpp's converter"),
+    "mlx": (
+        "granite_docling.tools.export.mlx",
+        "MLX (Apple silicon; docling's MLX VLM pipeline), with mlx-vlm's converter",
+    ),
+    "gguf": ("granite_docling.tools.export.gguf", "GGUF (llama.cpp, Ollama, LM Studio), with llama.cpp's converter"),
 }
 EXPORT_HINT = "give a model folder saved by train.py (e.g. outputs/<run>/final_model)"
 EXPORT_INFO = "export.json"  # written into OUT: where it came from, which converter, what the copy changed

@@ -3,7 +3,7 @@
     granite-docling export mlx outputs/run/final_model outputs/run/final_model-mlx
     granite-docling export mlx outputs/run/final_model out-mlx-4bit --quantize 4 --python .venv-mlx/bin/python
 
-mlx-vlm converts the untied copy (:mod:`~granite_docling.export.untied`), since it refuses tied embeddings and
+mlx-vlm converts the untied copy (:mod:`~granite_docling.tools.export.untied`), since it refuses tied embeddings and
 reads the RoPE base only where transformers 4 wrote it. It runs in the Python that has it: ``--python PATH``; else
 this interpreter when it can import ``mlx_vlm``; else ``.venv-mlx/bin/python`` in the current folder (what
 ``make test-mlx`` builds). ``--quantize 4|8`` is mlx-vlm's affine quantisation of the language model's layers in
@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 from granite_docling.durable import publish
-from granite_docling.export import (
+from granite_docling.tools.export import (
     folder_size,
     run_converter,
     run_probe,
@@ -26,7 +26,7 @@ from granite_docling.export import (
     staging_folder,
     write_export_info,
 )
-from granite_docling.export.untied import write_untied_copy
+from granite_docling.tools.export.untied import write_untied_copy
 
 log = logging.getLogger(__name__)
 

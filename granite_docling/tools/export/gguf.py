@@ -11,7 +11,7 @@ current folder (``make llama.cpp`` unpacks the pinned release there and builds `
 runs in a Python with torch, transformers and mistral-common (which it imports whatever the model): ``--python
 PATH``, else this interpreter when it has them, else ``.venv-gguf/bin/python`` (what ``make test-gguf`` builds).
 
-The converter reads the copy that ``export mlx`` writes (:mod:`~granite_docling.export.untied`; this converter
+The converter reads the copy that ``export mlx`` writes (:mod:`~granite_docling.tools.export.untied`; this converter
 would take the tied checkpoint and ``rope_parameters`` as they are, the copy does no harm), whose tokenizer here
 also leaves out the ids past the model's rows (:func:`drop_tokens_beyond_vocab`), which the converter refuses.
 Serve the result with ``llama-server -m OUT/model.gguf --mmproj OUT/mmproj.gguf --special`` (OpenAI-compatible;
@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 
 from granite_docling.durable import publish
-from granite_docling.export import (
+from granite_docling.tools.export import (
     ExportError,
     folder_size,
     run_converter,
@@ -35,7 +35,7 @@ from granite_docling.export import (
     staging_folder,
     write_export_info,
 )
-from granite_docling.export.untied import write_untied_copy
+from granite_docling.tools.export.untied import write_untied_copy
 
 TESTED_LLAMA_CPP = "llama-cpp-python 0.3.36's vendor/llama.cpp"  # what make llama.cpp unpacks and make test-gguf checks
 DEFAULT_LLAMA_CPP = Path(".llama.cpp") / "src"

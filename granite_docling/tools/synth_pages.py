@@ -21,7 +21,7 @@ from docling_core.types.doc import (
 from docling_core.types.doc.labels import CodeLanguageLabel
 from PIL import Image, ImageDraw, ImageFont
 
-from granite_docling.data.synth_text import (
+from granite_docling.tools.synth_text import (
     MATH_FONTSETS,
     SECTION_NAMES,
     WORDS,
