@@ -35,8 +35,8 @@ from granite_docling.checkpoint_files import (
 )
 from granite_docling.collectives import gather_lists, sum_over_processes
 from granite_docling.config import TrainingConfig
-from granite_docling.data.problems import append_problems, listed_problems, summarise
 from granite_docling.data.sample import Problem
+from granite_docling.data.training_data import append_problems, listed_problems, summarise
 from granite_docling.optimizers import evaluation_weights
 from granite_docling.training_run import LoopState, Run
 
@@ -211,7 +211,7 @@ class BadSampleList:
 
 def check_resumed_shape(state: LoopState, shape: LoopState, exact_on_any_shape: bool = True) -> None:
     """Say what a resume on another shape (``shape``: this run's global batch, processes and workers) means for
-    the saved ``state``'s data order (see granite_docling.data.sampler and granite_docling.data.steps: a stream's
+    the saved ``state``'s data order (see granite_docling.data.sampler and granite_docling.data.loading: a stream's
     position is exact on the same shape only)."""
     global_batch, world, workers = shape.global_batch, shape.processes, shape.workers
     saved_batch = state.global_batch

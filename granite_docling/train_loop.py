@@ -46,9 +46,8 @@ from granite_docling.checkpoint import push_to_hub, save_checkpoint
 from granite_docling.checkpoint_files import latest_checkpoint
 from granite_docling.collectives import any_process_true, gather_lists, sum_over_processes
 from granite_docling.config import Config
-from granite_docling.data.loading import build_data
+from granite_docling.data.loading import build_data, training_steps, validation_loader
 from granite_docling.data.sources import DatasetNotFoundError
-from granite_docling.data.steps import training_steps, validation_loader
 from granite_docling.evaluation.generate import evaluate_generation
 from granite_docling.evaluation.loss_curve import draw_loss_curve
 from granite_docling.flops import device_peak_flops

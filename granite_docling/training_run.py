@@ -14,8 +14,8 @@ import torch
 from accelerate import Accelerator
 
 from granite_docling.config import Config, TrainingConfig
-from granite_docling.data.policy import Data
-from granite_docling.data.steps import IndexedSteps, StreamedSteps
+from granite_docling.data.loading import IndexedSteps, StreamedSteps
+from granite_docling.data.training_data import Data
 from granite_docling.tracking import NullTracker
 
 

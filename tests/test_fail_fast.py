@@ -18,7 +18,7 @@ from conftest import compose_config, run_script
 from fixture_data import good_dataset, write_annotation, write_image
 
 from granite_docling import optimization, train_loop
-from granite_docling.data.examples import collate_skipping_problems
+from granite_docling.data.encoding import collate_skipping_problems
 from granite_docling.data.indexed import ConversationDataset
 from granite_docling.data.sources import DatasetNotFoundError, ReadOptions, read_dataset
 from granite_docling.errors import user_error_message

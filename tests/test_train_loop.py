@@ -17,7 +17,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from granite_docling import optimization, progress, train_loop
 from granite_docling.checkpoint import push_to_hub
-from granite_docling.data.examples import collate_skipping_problems
+from granite_docling.data.encoding import collate_skipping_problems
 from granite_docling.data.indexed import ConversationDataset
 from granite_docling.data.sources import ReadOptions, read_dataset
 from granite_docling.loss import TokenLoss, row_cross_entropy, shift_labels, supervised_cross_entropy
@@ -395,7 +395,7 @@ def test_throughput_logs_data_wait_and_mfu(four_samples, tmp_path):
         assert row["train/mfu"] > 0 and row["train/tokens_per_second"] > 0
     # MFU = model FLOPs / s / peak (1 TFLOP/s here), so MFU x peak / samples per second is the mean model FLOPs
     # of the step's samples: within the range of the four samples' own counts
-    from granite_docling.data.examples import collate_skipping_problems
+    from granite_docling.data.encoding import collate_skipping_problems
     from granite_docling.data.indexed import ConversationDataset
     from granite_docling.data.sources import ReadOptions, read_dataset
     from granite_docling.flops import ModelFlops, batch_shape

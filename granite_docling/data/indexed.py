@@ -26,15 +26,14 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from granite_docling.config import DataConfig, DatasetConfig
-from granite_docling.data.examples import ExampleEncoder
+from granite_docling.data.encoding import ExampleEncoder
 from granite_docling.data.image_tiles import ImageSpec
 from granite_docling.data.index import SourceIndex, cache_root, load_or_build
-from granite_docling.data.policy import Data, image_edges, read_options, source_name
-from granite_docling.data.problems import summarise
 from granite_docling.data.sample import BadSampleError, Problem, Sample
 from granite_docling.data.sampler import GlobalBatchSampler
 from granite_docling.data.sources import DatasetNotFoundError, ReadOptions, RecordError, Source, open_source
 from granite_docling.data.split import scored_validation, split_positions
+from granite_docling.data.training_data import Data, image_edges, read_options, source_name, summarise
 
 log = logging.getLogger(__name__)
 

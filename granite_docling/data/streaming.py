@@ -44,15 +44,15 @@ import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
 from granite_docling.config import ConfigError, DataConfig, DatasetConfig
-from granite_docling.data.examples import ExampleEncoder
+from granite_docling.data.encoding import ExampleEncoder
 from granite_docling.data.formats import FORMATS
 from granite_docling.data.formats.arrow import available_cpus, hub_files, reading
 from granite_docling.data.formats.base import DatasetNotFoundError, ReadOptions, RecordError
 from granite_docling.data.formats.docling_eval import GROUND_TRUTH, DoclingEvalSource
 from granite_docling.data.formats.hub import COLUMNS, hub_sample, is_hub_id
-from granite_docling.data.policy import Data, read_options, source_name
 from granite_docling.data.sample import Problem, Sample
 from granite_docling.data.split import seeded_rng
+from granite_docling.data.training_data import Data, read_options, source_name
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,10 @@ import torch
 from granite_docling.config import ConfigError, ModelConfig
 from granite_docling.data.index import cache_root
 from granite_docling.data.indexed import indexed_sources
-from granite_docling.data.policy import image_edges
-from granite_docling.data.problems import summarise
 from granite_docling.data.sample import Sample
 from granite_docling.data.sources import RecordError
 from granite_docling.data.split import split_positions
+from granite_docling.data.training_data import image_edges, summarise
 from granite_docling.evaluation.config import EvalConfig, EvaluateConfig, is_predictions_file, training_split_settings
 from granite_docling.evaluation.docling_eval_export import write_docling_eval_dataset
 from granite_docling.evaluation.generate import first_turn_prompt, generate, prompt_text, reference_budgets

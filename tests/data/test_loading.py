@@ -10,10 +10,10 @@ from conftest import compose_config, data_of
 from fixture_data import BAD_FILES, dataset_with_bad_samples, good_dataset
 
 from granite_docling.data.loading import make_loader
-from granite_docling.data.problems import append_problems, listed_problems, summarise
 from granite_docling.data.sample import BadSampleError, Problem
 from granite_docling.data.sampler import epoch_order, mixture_counts
 from granite_docling.data.split import scored_validation, split_positions, split_validation
+from granite_docling.data.training_data import append_problems, listed_problems, summarise
 
 
 def test_validation_split_is_deterministic_per_seed_and_source():

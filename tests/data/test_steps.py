@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from granite_docling.data.loading import IndexedSteps, StreamedSteps
 from granite_docling.data.sampler import GlobalBatchSampler
-from granite_docling.data.steps import IndexedSteps, StreamedSteps
 
 
 def test_indexed_steps_follow_the_sampler_with_or_without_a_budget():

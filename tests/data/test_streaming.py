@@ -11,7 +11,7 @@ import pytest
 from conftest import compose_config, data_of
 from PIL import Image
 
-from granite_docling.data.examples import ExampleEncoder
+from granite_docling.data.encoding import ExampleEncoder
 from granite_docling.data.loading import make_loader
 from granite_docling.data.sample import Problem
 from granite_docling.data.sources import DatasetNotFoundError, ReadOptions
