@@ -34,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from granite_docling.data.examples import collate_skipping_problems  # noqa: E402
+from granite_docling.data.encoding import collate_skipping_problems  # noqa: E402
 from granite_docling.data.image_tiles import batch_pixel_values  # noqa: E402
 from granite_docling.data.indexed import ConversationDataset  # noqa: E402
 from granite_docling.data.loading import make_loader  # noqa: E402

@@ -28,7 +28,7 @@ import pytest
 from fixture_data import docling_eval_rows, write_docling_eval
 from PIL import Image
 
-from granite_docling.data.examples import ExampleEncoder
+from granite_docling.data.encoding import ExampleEncoder
 from granite_docling.data.image_tiles import ImageSpec
 from granite_docling.data.images import ImageError, decode_image, image_size
 from granite_docling.data.index import load_or_build
