@@ -45,7 +45,7 @@ REAL_DOCS = REPO / "tests" / "fixtures" / "real_docs"
 
 def real_docs_dataset(out: Path) -> Path:
     """The fixture PDFs as a page-per-sample Docling folder (pages rendered at scale 2: 1224x1584 for letter)."""
-    from granite_docling.data.prepare import prepare_dataset
+    from granite_docling.tools.prepare import prepare_dataset
 
     prepare_dataset(sorted(REAL_DOCS.glob("*.pdf")), out, unit="page")
     return out

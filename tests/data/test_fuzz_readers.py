@@ -36,7 +36,7 @@ from granite_docling.data.indexed import ConversationDataset, Part
 from granite_docling.data.sample import REASONS, Problem
 from granite_docling.data.sources import DatasetNotFoundError, ReadOptions, open_source
 from granite_docling.data.streaming import StreamingDataset, open_stream_source
-from granite_docling.data.validate import validate_dataset
+from granite_docling.tools.validate import validate_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # PIL's "Truncated File Read", "Corrupt EXIF data"
 
