@@ -11,9 +11,9 @@ hashes them) and from the disk (``cold``: the folder's pages dropped with ``posi
 after a while finds them):
 
 * ``read``: every byte read in 8 MiB chunks and thrown away, the baseline (a load reads them anyway);
-* ``hash``: :func:`granite_docling.durable.file_records`, what a save adds (size and XXH3-128 of every file);
-* ``check``: :func:`granite_docling.durable.damaged_files` against those records, what ``resume`` adds (all files)
-  and what loading the model adds (``model.safetensors`` alone).
+* ``hash``: :func:`granite_docling.atomic_folders.file_records`, what a save adds (size and XXH3-128 of every file);
+* ``check``: :func:`granite_docling.atomic_folders.damaged_files` against those records, what ``resume`` adds
+  (all files) and what loading the model adds (``model.safetensors`` alone).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def timed(function, *args) -> float:
 
 
 def measure(model_mb: float, state_mb: float, work: Path) -> dict:
-    from granite_docling.durable import damaged_files, file_records
+    from granite_docling.atomic_folders import damaged_files, file_records
 
     folder = work / "checkpoint_step_1"
     sizes = {"model.safetensors": int(model_mb * MB), "training_state/tensors.safetensors": int(state_mb * MB)}

@@ -8,7 +8,7 @@ Three checkpoints (steps 1-3) of the preset with random weights and a real AdamW
 moments, as after any optimizer step) are written with :func:`granite_docling.checkpoint.save_checkpoint`, and beside
 each the same training state as the older format's pickled ``training_state.pt``. Then:
 
-* ``resume=auto`` now: :func:`granite_docling.checkpoint_files.latest_checkpoint` (reads the manifests);
+* ``resume=auto`` now: :func:`granite_docling.checkpoint_manifest.latest_checkpoint` (reads the manifests);
 * the older format: every ``training_state.pt`` loaded whole to read its step, as ``checkpoint_sort_key`` did
   (here with ``weights_only=True``, which reads the same bytes).
 
@@ -61,7 +61,7 @@ def measure(preset: str, work: Path) -> dict:
     import torch
 
     from granite_docling.checkpoint import read_pickled_state, rng_state, save_checkpoint, training_state
-    from granite_docling.checkpoint_files import PICKLED_STATE_FILE, latest_checkpoint
+    from granite_docling.checkpoint_manifest import PICKLED_STATE_FILE, latest_checkpoint
     from granite_docling.training_run import LoopState
 
     model, processor, optimizer, scheduler = trained_state(preset)

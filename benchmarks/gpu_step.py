@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _write_page(task: tuple[Path, int, int, float]) -> None:
-    from granite_docling.data.doctags import PAGE_PROMPT, document_doctags
+    from granite_docling.data.answers import PAGE_PROMPT, document_doctags
     from granite_docling.tools.prepare import write_json
     from granite_docling.tools.sample_data import synth_document
 

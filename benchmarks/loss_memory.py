@@ -44,7 +44,7 @@ MB = 2**20
 def real_prompt_tokens(height: int = 1584, width: int = 1224) -> int:
     """Tokens before the first answer token of a one-page sample at the real processor settings."""
     from granite_docling.config import ModelConfig
-    from granite_docling.data.doctags import PAGE_PROMPT
+    from granite_docling.data.answers import PAGE_PROMPT
     from granite_docling.data.encoding import ASSISTANT_HEADER, build_messages
     from granite_docling.data.image_tiles import ImageSpec, image_replacements
     from granite_docling.data.sample import Turn

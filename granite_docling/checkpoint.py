@@ -16,7 +16,7 @@ weights, and keep ``adapter/`` for resuming) and the training state, in two file
   without a training state (``final_model``, ``initial_model``) has the manifest too.
 
 Writes go to a hidden temporary folder that is flushed to the disk and renamed into place
-(:mod:`granite_docling.durable`), so a crash, a SIGKILL or a power cut mid-save never leaves a folder that looks
+(:mod:`granite_docling.atomic_folders`), so a crash, a SIGKILL or a power cut mid-save never leaves a folder that looks
 complete. A save that fails (a full disk, no permission) removes its temporary folder, leaves every earlier
 checkpoint as it was and raises :class:`CheckpointSaveError` with one line that says why.
 
@@ -47,7 +47,8 @@ try:  # how NumPy arrays are unpickled (the RNG state of an older training_state
 except ImportError:  # NumPy 1
     from numpy.core.multiarray import _reconstruct as reconstruct
 
-from granite_docling.checkpoint_files import (
+from granite_docling.atomic_folders import describe_write_error, publish
+from granite_docling.checkpoint_manifest import (
     MANIFEST_FILE,
     PICKLED_STATE_FILE,
     STATE_FILE,
@@ -62,7 +63,6 @@ from granite_docling.checkpoint_files import (
     read_manifest,
     write_manifest,
 )
-from granite_docling.durable import describe_write_error, publish
 
 log = logging.getLogger(__name__)
 

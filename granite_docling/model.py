@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, Idefics3Config
 
-from granite_docling.checkpoint_files import (
+from granite_docling.checkpoint_manifest import (
     MODEL_HINT,
     MODEL_TYPE,
     CheckpointError,
@@ -94,7 +94,7 @@ def tokens_per_tile(config: Idefics3Config) -> int:
 
 def check_model_source(source: str) -> None:
     """Raise :class:`CheckpointError` when the local folder ``source`` is no granite-docling model folder (see
-    :func:`granite_docling.checkpoint_files.model_folder_problem`); a hub id is checked when it is loaded."""
+    :func:`granite_docling.checkpoint_manifest.model_folder_problem`); a hub id is checked when it is loaded."""
     problem = model_folder_problem(None, source)
     if problem is not None:
         raise CheckpointError(problem)

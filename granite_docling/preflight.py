@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict
 
-from granite_docling.checkpoint_files import (
+from granite_docling.checkpoint_manifest import (
     is_pickled_checkpoint,
     is_training_checkpoint,
     model_folder_problem,

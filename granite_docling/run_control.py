@@ -27,7 +27,7 @@ from granite_docling.checkpoint import (
     set_rng_state,
     training_state,
 )
-from granite_docling.checkpoint_files import (
+from granite_docling.checkpoint_manifest import (
     CheckpointError,
     CheckpointSaveError,
     DamagedCheckpointError,

@@ -43,7 +43,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from granite_docling.checkpoint import push_to_hub, save_checkpoint
-from granite_docling.checkpoint_files import latest_checkpoint
+from granite_docling.checkpoint_manifest import latest_checkpoint
 from granite_docling.collectives import any_process_true, gather_lists, sum_over_processes
 from granite_docling.config import Config
 from granite_docling.data.loading import build_data, training_steps, validation_loader

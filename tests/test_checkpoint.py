@@ -14,6 +14,7 @@ import torch
 import xxhash
 
 import granite_docling.checkpoint as checkpoint
+from granite_docling.atomic_folders import describe_write_error
 from granite_docling.checkpoint import (
     CheckpointError,
     CheckpointSaveError,
@@ -26,7 +27,7 @@ from granite_docling.checkpoint import (
     unpack_state,
     write_training_state,
 )
-from granite_docling.checkpoint_files import (
+from granite_docling.checkpoint_manifest import (
     MANIFEST_FILE,
     PICKLED_STATE_FILE,
     STATE_FILE,
@@ -35,7 +36,6 @@ from granite_docling.checkpoint_files import (
     latest_checkpoint,
     read_manifest,
 )
-from granite_docling.durable import describe_write_error
 from granite_docling.training_run import LoopState
 
 

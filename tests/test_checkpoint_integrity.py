@@ -17,7 +17,7 @@ from conftest import compose_config
 from PIL import Image
 
 from granite_docling.checkpoint import load_training_state, rng_state, save_checkpoint, training_state
-from granite_docling.checkpoint_files import (
+from granite_docling.checkpoint_manifest import (
     MANIFEST_FILE,
     STATE_FILE,
     TENSORS_FILE,

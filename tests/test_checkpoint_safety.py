@@ -21,7 +21,7 @@ from test_checkpoint import RunsCode
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from granite_docling.checkpoint import load_training_state
-from granite_docling.checkpoint_files import MANIFEST_FILE, PICKLED_STATE_FILE, latest_checkpoint, read_manifest
+from granite_docling.checkpoint_manifest import MANIFEST_FILE, PICKLED_STATE_FILE, latest_checkpoint, read_manifest
 from granite_docling.run_control import EXIT_INTERRUPTED
 
 

@@ -16,8 +16,8 @@ import pytest
 from conftest import compose_config
 from test_model_export import export, one_error_line
 
+from granite_docling.atomic_folders import file_records
 from granite_docling.checkpoint import save_checkpoint
-from granite_docling.durable import file_records
 from granite_docling.model import load_model_and_processor
 from granite_docling.tools.export.gguf import CONVERTER, drop_tokens_beyond_vocab
 

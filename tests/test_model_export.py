@@ -19,9 +19,9 @@ from conftest import compose_config
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
+from granite_docling.atomic_folders import file_records
 from granite_docling.checkpoint import save_checkpoint
 from granite_docling.cli import main
-from granite_docling.durable import file_records
 from granite_docling.model import load_model_and_processor
 from granite_docling.tools.export.untied import LM_HEAD, untied_config, write_untied_copy
 

@@ -16,7 +16,7 @@ record. Records are read and parsed in loader workers, by locator.
   ``data.index_cache_dir`` is on one (``flock``, which NFS carries between hosts; Lustre needs its ``flock``
   mount option). The kernel drops the lock of a process that dies, so a killed builder never blocks a start.
 * **Whole or absent.** Entries are written to a temporary folder, flushed to the disk and renamed into place
-  (:mod:`granite_docling.durable`); ``meta.json``, written last, lists every file's size, and an entry whose
+  (:mod:`granite_docling.atomic_folders`); ``meta.json``, written last, lists every file's size, and an entry whose
   files do not match it is built again. What a killed build left behind is removed by the next builder.
 * **Bad records** met while building (unreadable JSON, schema, empty answers, missing images) are left out and
   kept in the entry's ``problems.jsonl``, to be reported once per run. What only shows when a record is decoded
@@ -41,13 +41,13 @@ import numpy as np
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
+from granite_docling.atomic_folders import file_sizes, publish, size_mismatches
 from granite_docling.data.formats.arrow import available_cpus
 from granite_docling.data.formats.base import Source
 from granite_docling.data.formats.folder import FolderSource
 from granite_docling.data.image_tiles import ImageSpec
 from granite_docling.data.lengths import LengthCounter
 from granite_docling.data.sample import Problem, Sample
-from granite_docling.durable import file_sizes, publish, size_mismatches
 
 log = logging.getLogger(__name__)
 

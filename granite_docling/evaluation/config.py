@@ -23,7 +23,7 @@ from typing import Dict, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from granite_docling.checkpoint_files import (
+from granite_docling.checkpoint_manifest import (
     PICKLED_STATE_FILE,
     STATE_FILE,
     CheckpointError,

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from granite_docling.checkpoint_files import read_manifest
+from granite_docling.checkpoint_manifest import read_manifest
 
 log = logging.getLogger(__name__)
 

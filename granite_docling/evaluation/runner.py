@@ -140,7 +140,7 @@ def evaluation_samples(cfg: EvaluateConfig) -> dict[str, list[Sample]]:
 
 
 def check_model(target: str, weights: bool = True) -> None:
-    """Raise :class:`~granite_docling.checkpoint_files.CheckpointError` when ``target`` cannot be loaded (no such
+    """Raise :class:`~granite_docling.checkpoint_manifest.CheckpointError` when ``target`` cannot be loaded (no such
     folder or hub id, another architecture, a folder that asks to run its code) or, with ``weights``, when it is a
     model folder of ours whose files differ from its manifest."""
     from granite_docling.model import check_weights, load_model_config

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from granite_docling.config import ConfigError
-from granite_docling.data.doctags import PAGE_PROMPT
+from granite_docling.data.answers import PAGE_PROMPT
 from granite_docling.evaluation.export import pages_to_document, write_document_files
 from granite_docling.evaluation.generate import Prompt, generate
 from granite_docling.tools.pages import IMAGE_SUFFIXES, PageFileError, is_page_file, page_files, render_pages

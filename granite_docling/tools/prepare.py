@@ -39,7 +39,7 @@ from pathlib import Path
 from docling_core.types.doc import ContentLayer, DocItem, DoclingDocument
 from PIL import Image
 
-from granite_docling.data.doctags import PAGE_PROMPT, document_doctags, page_doctags
+from granite_docling.data.answers import PAGE_PROMPT, document_doctags, page_doctags
 from granite_docling.tools.pages import IMAGE_SUFFIXES, PAGE_SUFFIXES, is_page_file, is_pdf, page_files, render_pages
 from granite_docling.user_error import UserError
 

@@ -60,7 +60,7 @@ from docling_core.types.doc import (
 from docling_core.types.doc.tokens import DocumentToken
 from PIL import Image
 
-from granite_docling.data.doctags import PAGE_PROMPT, document_doctags
+from granite_docling.data.answers import PAGE_PROMPT, document_doctags
 from granite_docling.tools.prepare import PrepareError, prepare_output_dirs, write_json
 from granite_docling.tools.synth_pages import INK, Layout, build_document, layout_page, render_page
 from granite_docling.tools.synth_text import MATH_FONTSETS, easy_latex, phrase, random_latex, render_latex

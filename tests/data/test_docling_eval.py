@@ -9,7 +9,7 @@ import json
 import pytest
 from fixture_data import docling_eval_rows, write_docling_eval
 
-from granite_docling.data.doctags import PAGE_PROMPT, document_doctags, page_doctags
+from granite_docling.data.answers import PAGE_PROMPT, document_doctags, page_doctags
 from granite_docling.data.formats.docling_eval import DoclingEvalSource
 from granite_docling.data.images import decode_image
 from granite_docling.data.sources import DatasetNotFoundError, ReadOptions, open_source, read_dataset

@@ -23,7 +23,7 @@ import pytest
 from docling_core.types.doc import BoundingBox, DocItemLabel, DoclingDocument, ProvenanceItem, Size
 
 from granite_docling.cli import main
-from granite_docling.data.doctags import document_doctags, page_doctags
+from granite_docling.data.answers import document_doctags, page_doctags
 from granite_docling.tools.prepare import PrepareError, prepare_dataset
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "real_docs"

@@ -38,7 +38,7 @@ def test_a_trained_checkpoint_converts_a_page_inside_docling(tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from granite_docling.cli import main
-    from granite_docling.data.doctags import PAGE_PROMPT
+    from granite_docling.data.answers import PAGE_PROMPT
     from granite_docling.evaluation.docling_pipeline import convert_with_docling
     from granite_docling.evaluation.generate import Prompt, generate
 

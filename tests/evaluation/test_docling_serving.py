@@ -29,7 +29,7 @@ import pypdfium2
 import pytest
 from conftest import REPO, run_script
 
-from granite_docling.data.doctags import PAGE_PROMPT
+from granite_docling.data.answers import PAGE_PROMPT
 
 PAGE = REPO / "tests" / "fixtures" / "real_docs" / "2305.03393v1-pg9.pdf"
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"

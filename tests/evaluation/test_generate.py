@@ -6,7 +6,7 @@ import pytest
 from eval_helpers import tiny_model_and_processor
 from PIL import Image
 
-from granite_docling.data.doctags import PAGE_PROMPT
+from granite_docling.data.answers import PAGE_PROMPT
 from granite_docling.data.encoding import build_messages
 from granite_docling.data.sample import Sample, Turn
 from granite_docling.evaluation.generate import (

@@ -25,7 +25,7 @@ import test_mlx_serving
 from conftest import run_script
 from test_mlx_serving import evaluate, train_memorised
 
-from granite_docling.durable import file_records
+from granite_docling.atomic_folders import file_records
 from granite_docling.evaluation.metrics import METRICS
 
 LLAMA_SERVER = Path(".llama.cpp") / "build" / "bin" / "llama-server"

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from granite_docling.config import ConfigError
-from granite_docling.data.doctags import PAGE_PROMPT
+from granite_docling.data.answers import PAGE_PROMPT
 from granite_docling.evaluation.config import EvalConfig, EvaluateConfig, register_eval_configs, validate_eval
 from granite_docling.evaluation.docling_eval_export import prediction_row
 from granite_docling.evaluation.generate import LoopStopper, Prompt, generate

@@ -26,7 +26,7 @@ import pytest
 from conftest import run_script
 from test_memorisation import IMAGE_EDGE, make_memorisation_data
 
-from granite_docling.durable import file_records
+from granite_docling.atomic_folders import file_records
 from granite_docling.evaluation.metrics import METRICS
 
 QUANTISED = (8, 4)

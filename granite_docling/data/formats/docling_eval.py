@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from granite_docling.data.doctags import PAGE_PROMPT, document_doctags, page_doctags
+from granite_docling.data.answers import PAGE_PROMPT, document_doctags, page_doctags
 from granite_docling.data.formats.arrow import image_bytes, is_saved_dataset, open_arrow_dataset
 from granite_docling.data.formats.base import DatasetNotFoundError, ReadOptions, RecordError, Source, is_unicode, limit
 from granite_docling.data.formats.hub import HubSource

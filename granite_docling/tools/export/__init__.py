@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from granite_docling.checkpoint_files import MODEL_HINT, check_whole, model_folder_problem
+from granite_docling.checkpoint_manifest import MODEL_HINT, check_whole, model_folder_problem
 from granite_docling.user_error import UserError
 
 # runtime -> (module, one-line help)

@@ -25,7 +25,7 @@ import argparse
 import json
 from pathlib import Path
 
-from granite_docling.durable import publish
+from granite_docling.atomic_folders import publish
 from granite_docling.tools.export import (
     ExportError,
     folder_size,

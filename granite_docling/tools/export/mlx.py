@@ -17,7 +17,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from granite_docling.durable import publish
+from granite_docling.atomic_folders import publish
 from granite_docling.tools.export import (
     folder_size,
     run_converter,

@@ -20,7 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
-from granite_docling.checkpoint_files import MANIFEST_FILE
+from granite_docling.checkpoint_manifest import MANIFEST_FILE
 from granite_docling.user_error import UserError
 
 LM_HEAD = "lm_head.weight"

@@ -20,8 +20,8 @@ import json
 import re
 from pathlib import Path
 
+from granite_docling.atomic_folders import damaged_files, file_records
 from granite_docling.config import HUB_ID
-from granite_docling.durable import damaged_files, file_records
 from granite_docling.user_error import UserError
 
 # In a folder of its own: vLLM loads every *.safetensors file at the top of a model folder as weights.
