@@ -304,3 +304,30 @@ def test_optuna_searches_the_optimizer_as_a_choice(data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     best = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml")
     assert best.best_params.optimizer in ("adamw", "sgd", "adafactor")
+
+
+def test_recipe_an_optimizer_is_one_yaml_file_or_one_override(tiny_model, text_batch, tmp_path):
+    """ARCHITECTURE.md's recipe: a preset is one file in conf/optimizer/ (here in a copy of conf/); a class
+    needs no file at all. Either way the per-module learning rates and weight-decay groups are the run's."""
+    import shutil
+
+    from granite_docling.launch import compose_config as compose_from
+
+    conf = shutil.copytree(REPO / "conf", tmp_path / "conf")
+    (conf / "optimizer" / "radam.yaml").write_text(
+        "_target_: torch.optim.RAdam\n_partial_: true\ndecoupled_weight_decay: true\n"
+    )
+    preset = compose_from(conf, "model=tiny", "dataset=[sample]", "optimizer=radam").optimizer
+    override = compose_config("optimizer._target_=torch.optim.RAdam", "+optimizer.decoupled_weight_decay=true")
+    assert preset == {"_target_": "torch.optim.RAdam", "_partial_": True, "decoupled_weight_decay": True}
+    assert override.optimizer == {**compose_config().optimizer, **preset}  # the default's keywords kept (betas, eps)
+
+    model, optimizer, scheduler = tiny_run(tiny_model, "optimizer._target_=torch.optim.RAdam",
+                                           "+optimizer.decoupled_weight_decay=true")  # fmt: skip
+    adamw_model, adamw, _ = tiny_run(tiny_model)
+    assert isinstance(optimizer, torch.optim.RAdam) and optimizer.defaults["decoupled_weight_decay"]
+    groups = [(g["name"], g["lr"], g["weight_decay"], len(g["params"])) for g in optimizer.param_groups]
+    assert groups == [(g["name"], g["lr"], g["weight_decay"], len(g["params"])) for g in adamw.param_groups]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert all(math.isfinite(loss) for loss in take_steps(model, optimizer, scheduler, text_batch, 2))
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
