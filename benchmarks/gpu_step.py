@@ -89,6 +89,7 @@ def run_configuration(accelerator, loss_module, cfg, processor, flops, batch_siz
     from accelerate.utils import set_seed
 
     from granite_docling.data.loading import build_data, make_loader
+    from granite_docling.data.sampler import BatchPlan
     from granite_docling.flops import batch_shape
     from granite_docling.model import component_of, parameter_groups
     from granite_docling.optimization import backward_step
@@ -101,8 +102,7 @@ def run_configuration(accelerator, loss_module, cfg, processor, flops, batch_siz
     cfg = copy.deepcopy(cfg)
     cfg.training.batch_size = batch_size
     set_seed(t.seed)
-    data = build_data(cfg.dataset, processor, cfg.data, seed=t.seed, batch_size=batch_size,
-                      accumulation=t.gradient_accumulation_steps)  # fmt: skip
+    data = build_data(cfg.dataset, processor, cfg.data, BatchPlan(t.seed, batch_size, t.gradient_accumulation_steps))
     loader = make_loader(data.train, data.train_sampler, batch_size, data.num_workers, processor.tokenizer.pad_token_id)
     rates = {"vision": t.lr_vision, "text": t.lr_text, "connector": t.lr_connector}
     fused = accelerator.device.type == "cuda"

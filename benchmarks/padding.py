@@ -29,7 +29,7 @@ from granite_docling.data.image_tiles import ImageSpec  # noqa: E402
 from granite_docling.data.indexed import ConversationDataset  # noqa: E402
 from granite_docling.data.lengths import LengthCounter, padding_fraction  # noqa: E402
 from granite_docling.data.loading import make_loader  # noqa: E402
-from granite_docling.data.sampler import GlobalBatchSampler  # noqa: E402
+from granite_docling.data.sampler import BatchPlan, GlobalBatchSampler  # noqa: E402
 from granite_docling.data.sources import ReadOptions, read_dataset  # noqa: E402
 
 
@@ -67,8 +67,8 @@ def measure(data: Path, batch_size: int, epochs: int, check_batches: int, seed: 
     lengths = LengthCounter(processor).count(samples, ImageSpec.from_processor(processor))
     tokens, tiles = [t for t, _ in lengths], [n for _, n in lengths]
     arrays = (np.array(tokens), np.array(tiles))
-    grouped = GlobalBatchSampler([len(samples)], [None], seed, batch_size, lengths=arrays)
-    plain = GlobalBatchSampler([len(samples)], [None], seed, batch_size)
+    grouped = GlobalBatchSampler([len(samples)], [None], BatchPlan(seed, batch_size), lengths=arrays)
+    plain = GlobalBatchSampler([len(samples)], [None], BatchPlan(seed, batch_size))
     epochs_batches = {"grouped": [], "random": []}
     for epoch in range(epochs):
         for name, sampler in (("grouped", grouped), ("random", plain)):

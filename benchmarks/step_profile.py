@@ -43,6 +43,7 @@ def profile(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
     from granite_docling.data.loading import build_data, make_loader
+    from granite_docling.data.sampler import BatchPlan
     from granite_docling.launch import compose_config
     from granite_docling.loss import TokenLoss
     from granite_docling.model import load_model_and_processor, parameter_groups
@@ -59,16 +60,9 @@ def profile(args: argparse.Namespace, work: Path) -> dict:
     )
     torch.manual_seed(0)
     model, processor = load_model_and_processor(cfg.model)
-    data = build_data(
-        cfg.dataset,
-        processor,
-        cfg.data,
-        seed=cfg.training.seed,
-        batch_size=cfg.training.batch_size,
-        accumulation=cfg.training.gradient_accumulation_steps,
-    )
-    loader = make_loader(data.train, range(len(data.train)), 1, 0, processor.tokenizer.pad_token_id)
     t = cfg.training
+    data = build_data(cfg.dataset, processor, cfg.data, BatchPlan(t.seed, t.batch_size, t.gradient_accumulation_steps))
+    loader = make_loader(data.train, range(len(data.train)), 1, 0, processor.tokenizer.pad_token_id)
     groups = parameter_groups(model, {"vision": t.lr_vision, "text": t.lr_text, "connector": t.lr_connector}, 0.01)
     optimizer = torch.optim.AdamW(groups, fused=True)  # as the loop does by default
     loss_module = TokenLoss(model, t.loss_chunk_size, t.loss_recompute).train()

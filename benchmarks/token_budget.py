@@ -72,17 +72,12 @@ def compose(args: argparse.Namespace, paths: dict[str, Path], run_dir: Path, *ex
 def passes(cfg) -> dict:
     """Forward / backward passes of one epoch from the sampler, overall and per dataset, and the largest one."""
     from granite_docling.data.loading import build_data
+    from granite_docling.data.sampler import BatchPlan
     from granite_docling.model import load_model_config, load_processor
 
     processor = load_processor(cfg.model, load_model_config(cfg.model))
-    data = build_data(
-        cfg.dataset,
-        processor,
-        cfg.data,
-        seed=cfg.training.seed,
-        batch_size=cfg.training.batch_size,
-        accumulation=cfg.training.gradient_accumulation_steps,
-    )
+    t = cfg.training
+    data = build_data(cfg.dataset, processor, cfg.data, BatchPlan(t.seed, t.batch_size, t.gradient_accumulation_steps))
     sampler, tokens = data.train_sampler, data.train_sampler.lengths[0]
     names = [name for name, size in zip(data.train.source_names, data.train.sizes, strict=True) for _ in range(size)]
     sampler.set_epoch(0)

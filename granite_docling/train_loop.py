@@ -47,6 +47,7 @@ from granite_docling.checkpoint_manifest import latest_checkpoint
 from granite_docling.collectives import any_process_true, gather_lists, sum_over_processes
 from granite_docling.config import Config
 from granite_docling.data.loading import build_data, training_steps, validation_loader
+from granite_docling.data.sampler import BatchPlan
 from granite_docling.data.sources import DatasetNotFoundError
 from granite_docling.evaluation.generate import evaluate_generation
 from granite_docling.evaluation.loss_curve import draw_loss_curve
@@ -255,16 +256,8 @@ def start_run(cfg: Config, run_dir: Path) -> Run:
     model, processor = load_model_and_processor(cfg.model)
     model = prepare_for_training(model, cfg.model.lora, training.gradient_checkpointing)
     pad_id = processor.tokenizer.pad_token_id
-    data = build_data(
-        cfg.dataset,
-        processor,
-        cfg.data,
-        seed=training.seed,
-        batch_size=training.batch_size,
-        accumulation=training.gradient_accumulation_steps,
-        rank=rank,
-        world_size=world,
-    )
+    plan = BatchPlan(training.seed, training.batch_size, training.gradient_accumulation_steps, rank, world)
+    data = build_data(cfg.dataset, processor, cfg.data, plan)
     bad_samples = BadSampleList(run_dir / "bad_samples.jsonl", accelerator.is_main_process)
     bad_samples.add(data.problems)
     training_batches = training_steps(data, pad_id, functools.partial(any_process_true, accelerator))

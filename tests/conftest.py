@@ -40,10 +40,11 @@ def compose_config(*overrides: str) -> Config:
 def data_of(cfg: Config, processor, rank: int = 0, world_size: int = 1):
     """build_data for a composed config, as train.py calls it."""
     from granite_docling.data.loading import build_data
+    from granite_docling.data.sampler import BatchPlan
 
     t = cfg.training
-    return build_data(cfg.dataset, processor, cfg.data, seed=t.seed, batch_size=t.batch_size,
-                      accumulation=t.gradient_accumulation_steps, rank=rank, world_size=world_size)  # fmt: skip
+    plan = BatchPlan(t.seed, t.batch_size, t.gradient_accumulation_steps, rank, world_size)
+    return build_data(cfg.dataset, processor, cfg.data, plan)
 
 
 def run_script(*args: str, cwd: Path = REPO, timeout: float = 120, env: dict | None = None):

@@ -30,7 +30,7 @@ from granite_docling.data.encoding import ExampleEncoder
 from granite_docling.data.image_tiles import ImageSpec
 from granite_docling.data.index import SourceIndex, cache_root, load_or_build
 from granite_docling.data.sample import BadSampleError, Problem, Sample
-from granite_docling.data.sampler import GlobalBatchSampler
+from granite_docling.data.sampler import BatchPlan, GlobalBatchSampler
 from granite_docling.data.sources import DatasetNotFoundError, ReadOptions, RecordError, Source, open_source
 from granite_docling.data.split import scored_validation, split_positions
 from granite_docling.data.training_data import Data, image_edges, read_options, source_name, summarise
@@ -173,27 +173,24 @@ def build_indexed_data(
     datasets: Mapping[str, DatasetConfig],
     encoder: ExampleEncoder,
     data: DataConfig,
-    seed: int,
-    batch_size: int,
-    accumulation: int,
-    rank: int,
-    world_size: int,
+    plan: BatchPlan,
 ) -> Data:
-    """Steps 1-4 for every source of ``datasets``; the training and validation datasets read through ``encoder``."""
+    """Steps 1-4 for every source of ``datasets``; the training and validation datasets read through ``encoder``,
+    the training split cut into steps by ``plan``."""
     cache = cache_root(data.index_cache_dir)
     train_parts = []
     val_parts = []
     problems = []
     sizes = {}
     for source, index in indexed_sources(
-        datasets, encoder.processor, cache, data.on_bad_sample, data.max_samples_per_dataset, rank
+        datasets, encoder.processor, cache, data.on_bad_sample, data.max_samples_per_dataset, plan.rank
     ):
         problems += index.problems
-        train, val = split_positions(len(index), data.val_ratio, seed, source.name)
+        train, val = split_positions(len(index), data.val_ratio, plan.seed, source.name)
         problems += too_long(source, index, train, data.max_length) + too_long(source, index, val, data.max_length)
         train = fitting(index, train, data.max_length)
         val = fitting(index, val, data.max_length)
-        scored = scored_validation(val, data.val_max_samples, seed, source.name)
+        scored = scored_validation(val, data.val_max_samples, plan.seed, source.name)
         train_parts.append(Part(source, train, index))
         val_parts.append(Part(source, scored, index))
         sizes[source.name] = (len(train), len(scored))
@@ -205,19 +202,10 @@ def build_indexed_data(
     return Data(
         train=ConversationDataset(train_parts, encoder),
         val=ConversationDataset(val_parts, encoder) if val_parts else None,
-        train_sampler=training_sampler(
-            train_parts,
-            [source.weight for source in datasets.values()],
-            data,
-            seed=seed,
-            batch_size=batch_size,
-            accumulation=accumulation,
-            rank=rank,
-            world_size=world_size,
-        ),
+        train_sampler=training_sampler(train_parts, [source.weight for source in datasets.values()], data, plan),
         image_edges=encoder.image_longest_edge,
-        batch_size=batch_size,
-        accumulation=accumulation,
+        batch_size=plan.batch_size,
+        accumulation=plan.accumulation,
         num_workers=data.num_workers,
         problems=problems,
         sizes=sizes,
@@ -228,12 +216,7 @@ def training_sampler(
     parts: Sequence[Part],
     weights: Sequence[float | None],
     data: DataConfig,
-    *,
-    seed: int,
-    batch_size: int,
-    accumulation: int,
-    rank: int,
-    world_size: int,
+    plan: BatchPlan,
 ) -> GlobalBatchSampler:
     """The sampler of the training parts, which knows every sample's (tokens, tiles) from the index: to group and
     budget them, and to start each epoch with its longest sample."""
@@ -248,11 +231,7 @@ def training_sampler(
     return GlobalBatchSampler(
         sizes=[len(part.positions) for part in parts],
         weights=weights,
-        seed=seed,
-        batch_size=batch_size,
-        accumulation=accumulation,
-        rank=rank,
-        world_size=world_size,
+        plan=plan,
         lengths=lengths,
         group_by_length=data.length_grouping,
         batch_tokens=data.batch_tokens,

@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from granite_docling.config import DataConfig, DatasetConfig
 from granite_docling.data.encoding import ExampleEncoder, collate_skipping_problems
 from granite_docling.data.indexed import build_indexed_data
-from granite_docling.data.sampler import GlobalBatchSampler
+from granite_docling.data.sampler import BatchPlan, GlobalBatchSampler
 from granite_docling.data.streaming import build_streaming_data
 from granite_docling.data.training_data import Data, image_edges
 
@@ -66,22 +66,18 @@ def build_data(
     datasets: Mapping[str, DatasetConfig],
     processor,
     data: DataConfig,
-    *,
-    seed: int,
-    batch_size: int,
-    accumulation: int,
-    rank: int = 0,
-    world_size: int = 1,
+    plan: BatchPlan,
 ) -> Data:
-    """The training and validation data of ``datasets`` for process ``rank`` of ``world_size``: streamed when
-    the sources ask for it, else indexed. ``seed`` (``training.seed``) draws the validation split and the order;
-    ``batch_size`` and ``accumulation`` (``training.*``) cut it into micro-batches and optimizer steps."""
+    """The training and validation data of ``datasets`` for process ``plan.rank`` of ``plan.world_size``:
+    streamed when the sources ask for it, else indexed. ``plan.seed`` (``training.seed``) draws the validation
+    split and the order; ``plan.batch_size`` and ``plan.accumulation`` (``training.*``) cut it into micro-batches
+    and optimizer steps."""
     edges = image_edges(datasets)
     warn_about_image_sizes(edges, processor)
     encoder = ExampleEncoder(processor, edges, data.max_length, data.on_bad_sample, data.image_path)
     if any(source.streaming for source in datasets.values()):
-        return build_streaming_data(datasets, encoder, data, seed, batch_size, accumulation, rank, world_size)
-    return build_indexed_data(datasets, encoder, data, seed, batch_size, accumulation, rank, world_size)
+        return build_streaming_data(datasets, encoder, data, plan)
+    return build_indexed_data(datasets, encoder, data, plan)
 
 
 def warn_about_image_sizes(edges: dict[str, int | None], processor) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -41,6 +42,18 @@ from granite_docling.data.split import seeded_rng
 
 BLOCK = 64  # samples of similar length kept together; larger packs tighter, smaller varies batch company more
 WINDOW = 64 * BLOCK  # samples sorted together
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The five run values that cut the samples into optimizer steps and share them out: from ``training.*`` and
+    the accelerator, given once to ``build_data`` and passed down to the sampler or the stream."""
+
+    seed: int  # training.seed: draws the validation split and the order
+    batch_size: int  # samples per micro-batch (training.batch_size)
+    accumulation: int = 1  # micro-batches per optimizer step (training.gradient_accumulation_steps)
+    rank: int = 0  # this process
+    world_size: int = 1  # processes
 
 
 def mixture_counts(sizes: Sequence[int], weights: Sequence[float | None]) -> list[int]:
@@ -99,7 +112,8 @@ def grouped_order(
     window: int = WINDOW,
 ) -> np.ndarray:
     """``order`` regrouped into blocks of ``block`` samples of similar length, in shuffled block order; the one
-    short block an epoch may have comes last."""
+    short block an epoch may have comes last. 7 parameters: the algorithm's inputs (the order, the lengths it
+    groups by, the (seed, epoch) that shuffles the blocks) and its two sizes, which tests shrink."""
     blocks = []
     for start in range(0, len(order), window):
         ranked = by_length(order[start : start + window], tokens, tiles)
@@ -128,6 +142,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     ``set_epoch(epoch, start)`` starts at global sample ``start`` of the epoch's order (see the module docstring);
     every process yields the same number of micro-batches, so no process waits for a step that never comes.
+    ``plan`` gives the seed, the micro-batch size, the accumulation and this process's place among the others.
     ``lengths`` (tokens, tiles) per sample puts the longest sample first and allows length grouping
     (``group_by_length``) and ``batch_tokens``, which packs micro-batches by padded tokens instead of
     ``batch_size`` samples.
@@ -137,22 +152,18 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self,
         sizes: Sequence[int],
         weights: Sequence[float | None],
-        seed: int,
-        batch_size: int,
-        accumulation: int = 1,
-        rank: int = 0,
-        world_size: int = 1,
+        plan: BatchPlan,
         lengths: tuple[np.ndarray, np.ndarray] | None = None,
         group_by_length: bool = True,
         batch_tokens: int | None = None,
     ):
         self.sizes = list(sizes)
         self.weights = list(weights)
-        self.seed = seed
-        self.batch_size = batch_size
-        self.accumulation = accumulation
-        self.rank = rank
-        self.world_size = world_size
+        self.seed = plan.seed
+        self.batch_size = plan.batch_size
+        self.accumulation = plan.accumulation
+        self.rank = plan.rank
+        self.world_size = plan.world_size
         self.lengths = lengths
         self.group_by_length = group_by_length and lengths is not None
         self.batch_tokens = batch_tokens

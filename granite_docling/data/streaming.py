@@ -51,6 +51,7 @@ from granite_docling.data.formats.base import DatasetNotFoundError, ReadOptions,
 from granite_docling.data.formats.docling_eval import GROUND_TRUTH, DoclingEvalSource
 from granite_docling.data.formats.hub import COLUMNS, hub_sample, is_hub_id
 from granite_docling.data.sample import Problem, Sample
+from granite_docling.data.sampler import BatchPlan
 from granite_docling.data.split import seeded_rng
 from granite_docling.data.training_data import Data, read_options, source_name
 
@@ -282,19 +283,16 @@ class StreamingDataset(IterableDataset):
         self,
         sources: Sequence[StreamSource],
         encoder: ExampleEncoder,
-        seed: int,
-        batch_size: int,
+        plan: BatchPlan,
         num_workers: int,
-        rank: int = 0,
-        world_size: int = 1,
     ):
         self.sources = list(sources)
         self.encoder = encoder
-        self.seed = seed
-        self.batch_size = batch_size
+        self.seed = plan.seed
+        self.batch_size = plan.batch_size
         self.workers = max(1, num_workers)
-        self.rank = rank
-        self.world_size = world_size
+        self.rank = plan.rank
+        self.world_size = plan.world_size
         total = sum(source.rows for source in self.sources) or 1
         self.shares = [s.weight if s.weight is not None else s.rows / total for s in self.sources]
         self.epoch = 0
@@ -355,13 +353,9 @@ def build_streaming_data(
     datasets: Mapping[str, DatasetConfig],
     encoder: ExampleEncoder,
     data: DataConfig,
-    seed: int,
-    batch_size: int,
-    accumulation: int,
-    rank: int,
-    world_size: int,
+    plan: BatchPlan,
 ) -> Data:
-    """:class:`Data` whose ``train`` is a :class:`StreamingDataset` over every (streaming) source."""
+    """:class:`Data` whose ``train`` is a :class:`StreamingDataset` over every (streaming) source, cut by ``plan``."""
     if not all(source.streaming for source in datasets.values()):
         listed = ", ".join(f"{key}={source.streaming}" for key, source in datasets.items())
         raise ConfigError(f"dataset.<name>.streaming must be true for every source or for none ({listed})")
@@ -384,14 +378,14 @@ def build_streaming_data(
         )
         sources.append(source)
     log.info("streaming: no validation split (data.val_ratio is ignored) and no length grouping")
-    train = StreamingDataset(sources, encoder, seed, batch_size, data.num_workers, rank, world_size)
+    train = StreamingDataset(sources, encoder, plan, data.num_workers)
     return Data(
         train=train,
         val=None,
         train_sampler=None,
         image_edges=encoder.image_longest_edge,
-        batch_size=batch_size,
-        accumulation=accumulation,
+        batch_size=plan.batch_size,
+        accumulation=plan.accumulation,
         num_workers=data.num_workers,
         sizes={source.name: (source.rows, 0) for source in sources},
     )

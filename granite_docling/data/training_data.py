@@ -2,11 +2,11 @@
 readings of the ``dataset.<name>`` entries both kinds of data share, and the report of bad samples.
 
 The data code never sees the whole experiment config: ``build_data`` (:mod:`granite_docling.data.loading`) takes
-the ``dataset.<name>`` entries, the processor, the ``data`` section as it is, and the three run values that cut
-the samples into steps::
+the ``dataset.<name>`` entries, the processor, the ``data`` section as it is, and the run values that cut the
+samples into steps and share them out (a :class:`~granite_docling.data.sampler.BatchPlan`)::
 
-    data = build_data(cfg.dataset, processor, cfg.data, seed=training.seed, batch_size=training.batch_size,
-                      accumulation=training.gradient_accumulation_steps, rank=rank, world_size=world)
+    plan = BatchPlan(training.seed, training.batch_size, training.gradient_accumulation_steps, rank, world)
+    data = build_data(cfg.dataset, processor, cfg.data, plan)
 
 Bad samples are reported once: a summary line for the log and one JSON line each in the run's bad_samples.jsonl.
 Records found bad while indexing are reported at the start; images that fail to decode come out of the workers

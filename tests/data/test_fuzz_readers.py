@@ -34,6 +34,7 @@ from granite_docling.data.images import ImageError, decode_image, image_size
 from granite_docling.data.index import load_or_build
 from granite_docling.data.indexed import ConversationDataset, Part
 from granite_docling.data.sample import REASONS, Problem
+from granite_docling.data.sampler import BatchPlan
 from granite_docling.data.sources import DatasetNotFoundError, ReadOptions, open_source
 from granite_docling.data.streaming import StreamingDataset, open_stream_source
 from granite_docling.tools.validate import validate_dataset
@@ -234,7 +235,7 @@ def streaming_outcomes(path: Path, processor) -> tuple[dict[str, str], int] | st
         return NO_DATASET
     items = list(
         StreamingDataset(
-            [source], ExampleEncoder(processor, {}, image_path="fast"), seed=0, batch_size=1, num_workers=0
+            [source], ExampleEncoder(processor, {}, image_path="fast"), BatchPlan(seed=0, batch_size=1), num_workers=0
         )
     )
     assert len(items) == source.rows

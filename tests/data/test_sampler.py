@@ -12,7 +12,7 @@ from conftest import compose_config, data_of
 from fixture_data import good_dataset
 
 from granite_docling.data.lengths import padding_fraction
-from granite_docling.data.sampler import GlobalBatchSampler, epoch_order, grouped_order, pack_by_tokens
+from granite_docling.data.sampler import BatchPlan, GlobalBatchSampler, epoch_order, grouped_order, pack_by_tokens
 
 
 def page_like_lengths(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -34,8 +34,8 @@ def page_like_lengths(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def sampler(lengths, rank=0, world_size=1, batch_size=8, accumulation=1, sizes=None, weights=None, seed=0):
     sizes = sizes or [len(lengths[0])]
-    return GlobalBatchSampler(sizes, weights or [None] * len(sizes), seed, batch_size, accumulation, rank, world_size,
-                              lengths)  # fmt: skip
+    plan = BatchPlan(seed, batch_size, accumulation, rank, world_size)
+    return GlobalBatchSampler(sizes, weights or [None] * len(sizes), plan, lengths)
 
 
 def steps(samplers: list[GlobalBatchSampler], epoch: int = 0, start: int = 0) -> list[Counter]:
@@ -107,7 +107,7 @@ def test_at_each_micro_step_the_processes_hold_batches_of_similar_length():
 def test_padding_is_under_ten_percent_at_batch_8_and_random_batching_pads_far_more():
     lengths = page_like_lengths(2000)
     tokens = lengths[0].tolist()
-    grouped, plain = sampler(lengths), GlobalBatchSampler([2000], [None], 0, 8)
+    grouped, plain = sampler(lengths), GlobalBatchSampler([2000], [None], BatchPlan(0, 8))
     grouped_padding, random_padding = [], []
     for epoch in range(3):
         grouped.set_epoch(epoch)
@@ -172,8 +172,8 @@ def seed_like_mix(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def budget_sampler(lengths, rank=0, world_size=1, batch_tokens=None, accumulation=8):
-    return GlobalBatchSampler([len(lengths[0])], [None], 0, 1, accumulation // world_size, rank, world_size, lengths,
-                              batch_tokens=batch_tokens)  # fmt: skip
+    plan = BatchPlan(0, 1, accumulation // world_size, rank, world_size)
+    return GlobalBatchSampler([len(lengths[0])], [None], plan, lengths, batch_tokens=batch_tokens)
 
 
 def budget_steps(budgeted: GlobalBatchSampler) -> list[Counter]:
@@ -231,7 +231,7 @@ def test_every_epoch_starts_with_its_longest_sample_though_it_sorts_into_the_las
         assert order[0] == 40 and sorted(order.tolist()) == list(range(70))
         assert set(order[:6].tolist()) == {40, 13, 69, 68, 67, 66}  # its block of the longest, longest first
         assert tokens[order[:6]].tolist() == [900, 900, 169, 168, 167, 166]
-        plain = GlobalBatchSampler([70], [None], 0, 2, 2, lengths=(tokens, tiles), group_by_length=False)
+        plain = GlobalBatchSampler([70], [None], BatchPlan(0, 2, 2), lengths=(tokens, tiles), group_by_length=False)
         plain.set_epoch(epoch)
         drawn = epoch_order([70], [None], seed=0, epoch=epoch)
         where = int(np.flatnonzero(drawn == 40)[0])
@@ -253,7 +253,7 @@ def test_the_heaviest_batch_is_the_most_padded_tokens_from_a_position_on_every_p
                 assert heaviest == batches[weights.index(max(weights))]  # of equals, the first
                 assert heaviest in s.step_batches(s.order()[position : position + s.global_batch])
     crops_and_a_page = (np.array([400] * 20 + [3000]), np.array([5] * 20 + [17]))
-    packed = GlobalBatchSampler([21], [None], 0, 1, 21, lengths=crops_and_a_page, batch_tokens=8000)
+    packed = GlobalBatchSampler([21], [None], BatchPlan(0, 1, 21), lengths=crops_and_a_page, batch_tokens=8000)
     packed.set_epoch(0)
     assert len(packed.heaviest_batch()[0]) == 20  # 20 crops are 8,000 padded tokens, the page alone 3,000
     assert packed.heaviest_batch(21) == ([], 21)  # nothing left in the epoch

@@ -7,14 +7,14 @@ from types import SimpleNamespace
 import numpy as np
 
 from granite_docling.data.loading import IndexedSteps, StreamedSteps
-from granite_docling.data.sampler import GlobalBatchSampler
+from granite_docling.data.sampler import BatchPlan, GlobalBatchSampler
 
 
 def test_indexed_steps_follow_the_sampler_with_or_without_a_budget():
     tokens = np.array([300, 310, 320, 2000, 330, 340, 2100, 350, 360, 370])
     lengths = (tokens, np.full(10, 5))
     for batch_tokens in (None, 2100):
-        sampler = GlobalBatchSampler([10], [None], 0, 1, 4, lengths=lengths, batch_tokens=batch_tokens)
+        sampler = GlobalBatchSampler([10], [None], BatchPlan(0, 1, 4), lengths=lengths, batch_tokens=batch_tokens)
         steps = IndexedSteps(SimpleNamespace(train_sampler=sampler), loader=sampler)  # the loader yields index lists
         assert steps.planned_steps(2) == [3, 3]
         epoch = list(steps.epoch(0, 0))

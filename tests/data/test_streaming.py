@@ -14,6 +14,7 @@ from PIL import Image
 from granite_docling.data.encoding import ExampleEncoder
 from granite_docling.data.loading import make_loader
 from granite_docling.data.sample import Problem
+from granite_docling.data.sampler import BatchPlan
 from granite_docling.data.sources import DatasetNotFoundError, ReadOptions
 from granite_docling.data.split import seeded_rng
 from granite_docling.data.streaming import Draws, StreamingDataset, list_files, open_stream_source, worker_progress
@@ -47,7 +48,8 @@ def streaming(folders, processor, *, num_workers=0, batch_size=2, rank=0, world_
     sources = [open_stream_source(f"s{i}", str(folder), ReadOptions(), (weights or {}).get(i), buffer)
                for i, folder in enumerate(folders)]  # fmt: skip
     encoder = ExampleEncoder(processor, {})
-    return StreamingDataset(sources, encoder, seed, batch_size, num_workers, rank, world_size)
+    plan = BatchPlan(seed, batch_size, rank=rank, world_size=world_size)
+    return StreamingDataset(sources, encoder, plan, num_workers)
 
 
 def batch_ids(dataset, num_workers, pad_id):
@@ -143,8 +145,8 @@ def test_files_on_any_fsspec_filesystem_read_like_local_ones(tmp_path, tiny_proc
     local = open_stream_source("r", str(folder), ReadOptions(), None, 4)
     assert remote.units == local.units
     encoder = ExampleEncoder(tiny_processor, {})
-    assert [s.id for s in StreamingDataset([remote], encoder, 3, 2, 0).rows(0, 0)] == [
-        s.id for s in StreamingDataset([local], encoder, 3, 2, 0).rows(0, 0)
+    assert [s.id for s in StreamingDataset([remote], encoder, BatchPlan(3, 2), 0).rows(0, 0)] == [
+        s.id for s in StreamingDataset([local], encoder, BatchPlan(3, 2), 0).rows(0, 0)
     ]
 
 
