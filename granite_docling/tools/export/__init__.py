@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 from granite_docling.checkpoint_manifest import MODEL_HINT, check_whole, model_folder_problem
 from granite_docling.user_error import UserError
@@ -106,10 +107,25 @@ def converter_environment() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
-def run_probe(python: str, script: str) -> tuple[int, str, str]:
-    """Run ``script`` in ``python``: (its exit code, its stripped stdout, its last stderr line)."""
+class Probe(NamedTuple):
+    """What a runtime's probe script said: it exits 0 printing what it found (a version), 3 printing the module
+    it could not import."""
+
+    code: int  # the exit code
+    found: str  # its stripped stdout
+    last: str  # its last stderr line
+
+    def outcome(self, missing: str, broken: str) -> tuple[str | None, str]:
+        """(what was found, "") when the probe succeeded, else (None, ``missing`` for exit code 3, else ``broken``)."""
+        if self.code == 0 and self.found:
+            return self.found, ""
+        return None, missing if self.code == 3 else broken
+
+
+def run_probe(python: str, script: str) -> Probe:
+    """Run ``script`` in ``python``."""
     done = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=300)
-    return done.returncode, done.stdout.strip(), (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return Probe(done.returncode, done.stdout.strip(), (done.stderr.strip().splitlines() or ["no output"])[-1])
 
 
 def runtime_python(given: Path | None, default: Path, probe, install: str) -> tuple[str, str]:

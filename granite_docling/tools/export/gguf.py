@@ -26,15 +26,7 @@ import json
 from pathlib import Path
 
 from granite_docling.atomic_folders import publish
-from granite_docling.tools.export import (
-    ExportError,
-    folder_size,
-    run_converter,
-    run_probe,
-    runtime_python,
-    staging_folder,
-    write_export_info,
-)
+from granite_docling.tools import export as shared  # the steps every export shares
 from granite_docling.tools.export.untied import write_untied_copy
 
 TESTED_LLAMA_CPP = "llama-cpp-python 0.3.36's vendor/llama.cpp"  # what make llama.cpp unpacks and make test-gguf checks
@@ -79,9 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def export(checkpoint: Path, out: Path, args: argparse.Namespace) -> list[str]:
     """Convert ``checkpoint`` into ``out``; the lines that tell the user what was written and how to serve it."""
     converter = llama_cpp_converter(args.llama_cpp)
-    python, found = runtime_python(args.python, DEFAULT_PYTHON, probe, INSTALL_PYTHON)
+    python, found = shared.runtime_python(args.python, DEFAULT_PYTHON, probe, INSTALL_PYTHON)
     mmproj_type = "f32" if args.type == "f32" else "f16"
-    with staging_folder(out) as staging:
+    with shared.staging_folder(out) as staging:
         copy = Path(staging) / "untied"
         converted = Path(staging) / "gguf"
         converted.mkdir()
@@ -89,12 +81,12 @@ def export(checkpoint: Path, out: Path, args: argparse.Namespace) -> list[str]:
         changes += drop_tokens_beyond_vocab(copy)
         base = [python, str(converter), str(copy), "--model-name", "granite-docling"]
         model_command = [*base, "--outtype", args.type, "--outfile", str(converted / MODEL_FILE)]
-        run_converter(model_command, "llama.cpp's converter")
-        run_converter(
+        shared.run_converter(model_command, "llama.cpp's converter")
+        shared.run_converter(
             [*base, "--mmproj", "--outtype", mmproj_type, "--outfile", str(converted / MMPROJ_FILE)],
             "llama.cpp's converter (--mmproj)",
         )
-        write_export_info(
+        shared.write_export_info(
             converted,
             {
                 "runtime": "gguf",
@@ -107,7 +99,8 @@ def export(checkpoint: Path, out: Path, args: argparse.Namespace) -> list[str]:
         publish(converted, out)
     model, mmproj = out / MODEL_FILE, out / MMPROJ_FILE
     return [
-        f"GGUF model ({args.type}, {folder_size(out) / 1e6:.1f} MB): {model} ({model.stat().st_size / 1e6:.1f} MB), "
+        f"GGUF model ({args.type}, {shared.folder_size(out) / 1e6:.1f} MB): {model} "
+        f"({model.stat().st_size / 1e6:.1f} MB), "
         f"{mmproj} ({mmproj_type}, {mmproj.stat().st_size / 1e6:.1f} MB)",
         f"serve it: llama-server --host 127.0.0.1 --port 8080 --special -m {model.resolve()} "
         f"--mmproj {mmproj.resolve()}",
@@ -148,17 +141,16 @@ def llama_cpp_converter(given: Path | None) -> Path:
     converter = folder / CONVERTER
     if not converter.is_file():
         where = f"--llama-cpp {given}" if given is not None else f"{DEFAULT_LLAMA_CPP} (the default)"
-        raise ExportError(f"llama.cpp's {CONVERTER} is not in {where}: {INSTALL_LLAMA_CPP}")
+        raise shared.ExportError(f"llama.cpp's {CONVERTER} is not in {where}: {INSTALL_LLAMA_CPP}")
     if not (folder / "gguf-py" / "gguf").is_dir():
-        raise ExportError(f"{folder} has {CONVERTER} but no gguf-py/gguf beside it: {INSTALL_LLAMA_CPP}")
+        raise shared.ExportError(f"{folder} has {CONVERTER} but no gguf-py/gguf beside it: {INSTALL_LLAMA_CPP}")
     return converter
 
 
 def probe(python: str) -> tuple[str | None, str]:
     """(the converter's transformers version in ``python``, or None; what is missing when None)."""
-    code, found, last = run_probe(python, PROBE)
-    if code == 0 and found:
-        return found, ""
-    if code == 3:
-        return None, f"{python} lacks what llama.cpp's converter imports ({found})"
-    return None, f"{python} cannot run llama.cpp's converter ({last})"
+    probed = shared.run_probe(python, PROBE)
+    return probed.outcome(
+        missing=f"{python} lacks what llama.cpp's converter imports ({probed.found})",
+        broken=f"{python} cannot run llama.cpp's converter ({probed.last})",
+    )

@@ -106,11 +106,9 @@ def mlx_python(given: Path | None) -> tuple[str, str]:
 
 def probe(python: str) -> tuple[str | None, str]:
     """(mlx-vlm's version in ``python``, or None; what is wrong when None)."""
-    code, version, last = run_probe(python, PROBE)
-    if code == 0 and version:
-        return version, ""
-    if code == 3:
-        return None, f"mlx-vlm is not installed for {python}"
-    if version:
-        return None, f"{python} has mlx-vlm {version}, but MLX does not load ({last})"
-    return None, f"{python} cannot run mlx-vlm ({last})"
+    probed = run_probe(python, PROBE)
+    if probed.code not in (0, 3) and probed.found:
+        return None, f"{python} has mlx-vlm {probed.found}, but MLX does not load ({probed.last})"
+    return probed.outcome(
+        missing=f"mlx-vlm is not installed for {python}", broken=f"{python} cannot run mlx-vlm ({probed.last})"
+    )
