@@ -281,7 +281,8 @@ def _write(
     processes: int,
 ) -> None:
     """Write the entry into a temporary folder, then flush and rename it into place (no reader sees half an entry,
-    not even after a power cut)."""
+    not even after a power cut). 8 parameters: the entry's folder, what it holds (the source's good positions,
+    their lengths, the problems) and how it was built (rank, seconds, processes), each written into it."""
     tmp = entry.parent / f".{entry.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -104,6 +104,9 @@ def generate(
     a :class:`Generation` with ``error`` set instead of failing the run. ``image_longest_edge`` overrides the
     processor's resize target, as ``dataset.<name>.image_longest_edge`` does in training. ``stop_loops`` stops an
     answer that loops (see the module docstring).
+
+    9 parameters: the model, its processor and the prompts, then the generator's knobs (budget, batch size, resize
+    target, progress bar and its label, loop stopping), each with a default but the budget.
     """
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != len(prompts) or min(budgets, default=1) < 1:
@@ -252,6 +255,9 @@ def evaluate_generation(
     tables) are left out. ``image_longest_edge`` maps dataset names to their resize target, as in training;
     ``reference_length_factor`` caps each answer as ``eval.reference_length_factor`` does (see
     :func:`answer_budget`). The model's train/eval mode is restored afterwards.
+
+    7 parameters: the model, its processor and the samples, then the knobs of :func:`generate` that training
+    sets from its config (budget, batch size, resize targets, the reference-length cap).
     """
     edges = image_longest_edge or {}
     scores = []

@@ -83,6 +83,9 @@ def write_outputs(
     in the records are used where they exist. ``checkpoint`` (what was evaluated) leads report.html to the
     training run's loss curve; the page itself is written by :func:`html_report.write_report_page` once every
     side of the evaluation is known.
+
+    7 parameters: where, what and its title, then the report's options (examples shown, page exports, images,
+    the checkpoint evaluated), each with a default.
     """
     folder.mkdir(parents=True, exist_ok=True)
     scores = score_records(records)

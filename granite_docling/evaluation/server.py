@@ -112,7 +112,11 @@ def generate_via_server(
     progress: bool = True,
     desc: str = "generating",
 ) -> list[Generation]:
-    """Greedy answers for ``prompts`` from the server at ``base_url``, in order, ``concurrency`` at a time."""
+    """Greedy answers for ``prompts`` from the server at ``base_url``, in order, ``concurrency`` at a time.
+
+    8 parameters: the server and the prompts, then the same generator knobs as :func:`generate` takes (budget,
+    concurrency, resize target, served model name, progress bar and its label).
+    """
     base_url = base_url.rstrip("/").removesuffix("/v1")
     model = model or served_model(base_url)
 

@@ -197,7 +197,11 @@ def _forest_distance(
     tree_dist: list[list[float]],
     rename_cache: dict[tuple[int, int], float],
 ) -> None:
-    """Fill tree_dist for every pair of subtrees on the leftmost paths of keyroots i and j."""
+    """Fill tree_dist for every pair of subtrees on the leftmost paths of keyroots i and j.
+
+    8 parameters: the Zhang-Shasha recurrence's inputs (the keyroot pair, both trees' nodes and leftmost leaves)
+    and the two tables it fills and reads.
+    """
     li = leftmost_a[i]
     lj = leftmost_b[j]
     rows = i - li + 2

@@ -90,7 +90,10 @@ def predict(
     device: str | None = None,
     stop_loops: bool = False,
 ) -> dict[Path, Path]:
-    """Convert every file; returns {input file: its output folder}."""
+    """Convert every file; returns {input file: its output folder}.
+
+    9 parameters: one per command-line option of ``predict``, passed by keyword.
+    """
     from granite_docling.config import ModelConfig
     from granite_docling.model import load_model_and_processor
 

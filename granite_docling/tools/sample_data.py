@@ -166,6 +166,8 @@ def write_sample_data(
     ``easy_formulas``: short formulas over 18 symbols instead of SynthFormulaNet-like ones (see easy_latex).
     Raises ``PrepareError`` if ``anns/<split>`` or ``images/<split>`` already hold files, unless ``overwrite``.
     Returns ``{"out_dir", "split", "documents", "pages", "formulas", "samples"}``.
+
+    9 parameters: one per command-line option of ``sample-data``, passed by keyword.
     """
     if pages < 0 or formulas < 0 or qa_turns < 0 or scale <= 0:
         raise PrepareError("pages, formulas and qa_turns must not be negative, and scale must be positive")

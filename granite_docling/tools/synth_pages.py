@@ -113,7 +113,11 @@ class Layout:
 def text_block(
     layout: Layout, page: Page, text: str, x: float, y: float, width: float, style: tuple, align: str = "left"
 ) -> tuple[float, float, float, float]:
-    """Wrap ``text`` into ``width`` at (x, y), queue the draw ops, return the tight box of the drawn lines."""
+    """Wrap ``text`` into ``width`` at (x, y), queue the draw ops, return the tight box of the drawn lines.
+
+    8 parameters: the page being drawn (layout, page), the text and its box and style, as each page template
+    places its blocks.
+    """
     name, size, colour = style
     lines = layout.wrap(name, size, text, width)
     height = layout.line_height(name, size)
