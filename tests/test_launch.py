@@ -28,6 +28,7 @@ print(f"rank{rank}={run_stamp()}", flush=True)
 """
 
 
+@pytest.mark.slow  # make test-slow: test_train_loop's torchrun run through train.py finds one run folder for both
 def test_all_torchrun_processes_agree_on_one_run_folder(tmp_path):
     script = tmp_path / "stamp.py"
     script.write_text(STAMP_SCRIPT)
