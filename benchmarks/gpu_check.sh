@@ -43,7 +43,7 @@ MIX_S=$((LIMIT * 35 / 100))
 SMOKE=false
 [[ " $* " == *" --cpu-smoke "* ]] && SMOKE=true
 if $SMOKE; then
-  MIX=(--preset tiny --pages 4 --formulas 16 --warmup 1 --num-workers 0)
+  MIX=(--preset tiny --pages 2 --formulas 24 --warmup 1 --num-workers 0)  # one 2-page document, 24 crops
   TRL=(--preset tiny --override model.random_init=true --max-pages 1 --epochs 1 --batch-size 1 --warmup 0 --num-workers 0)
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >&2 || true

@@ -110,7 +110,7 @@ def test_sigterm_then_sigkills_at_random_moments_of_a_run_that_saves_every_step_
     checkpoints = run_dir / "checkpoints"
     chance = random.Random(20)
     stopped_at = []
-    for signal_name in ("SIGTERM", "SIGKILL", "SIGKILL", "SIGKILL"):
+    for signal_name in ("SIGTERM", "SIGKILL", "SIGKILL"):  # each at a random moment of a step or a save
         step_before = newest_step(checkpoints)
         process = start(*args(data, run_dir, *run, "training.resume=auto"))
         deadline = time.time() + 120
