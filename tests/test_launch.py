@@ -207,6 +207,7 @@ def job_with_a_free_port() -> int:
     raise RuntimeError("no free port in 50 tries")
 
 
+@pytest.mark.slow  # make test-slow: the srun translation is tested above in-process; this trains through it
 def test_srun_tasks_train_as_one_run_with_the_losses_of_torchrun(tmp_path):
     data = good_dataset(tmp_path / "data", 4)
     train = [str(REPO / "train.py"), "experiment=quick", f"dataset.sample.path={data}", "training.max_steps=3",

@@ -129,6 +129,7 @@ def test_row_sums_of_the_loss_are_each_samples_own_summed_loss(four_samples):
     assert tokens == sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
 
+@pytest.mark.slow  # make test-slow: test_elastic_resume's 2-process steps equal the 1-process run's in the default run
 def test_two_processes_equal_one_process_with_twice_the_batch(four_samples, tmp_path):
     out = tmp_path / "ddp.pt"
     script = REPO / "tests" / "scripts" / "ddp_gradients.py"
