@@ -26,6 +26,11 @@ if "GRANITE_DOCLING_TEST_CACHE" not in os.environ:
     os.environ["GRANITE_DOCLING_TEST_CACHE"] = os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gd_test_cache_")
     atexit.register(shutil.rmtree, os.environ["GRANITE_DOCLING_TEST_CACHE"], ignore_errors=True)
 
+# One thread per process (a value set outside is kept): the tests' models are tiny, where a second thread costs more
+# than it gives, and test processes run side by side (make test's two pytest workers, torchrun's processes).
+# Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 register_configs()
 register_resolvers()
 
