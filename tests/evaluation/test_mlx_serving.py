@@ -65,6 +65,11 @@ def export_mlx(checkpoint: Path, out: Path, *options: str) -> Path:
     return out
 
 
+# One request at a time: mlx-vlm 0.7.10's server batches concurrent requests and fails (HTTP 500, "[concatenate] All
+# the input array dimensions must match") when their pages tile differently (9 and 17 tiles); README, Exporting to MLX
+SERVER_ENGINE = ("eval.engine=server", "eval.server_concurrency=1")
+
+
 @contextmanager
 def mlx_server(model: Path):
     """mlx-vlm's server on ``model``, on a free loopback port; yields its base URL."""
@@ -124,7 +129,7 @@ def test_the_mlx_export_answers_exactly_what_transformers_answers(memorised, tra
     config = json.loads((model / "config.json").read_text())
     assert "quantization" not in config and config["text_config"]["rope_theta"] == 100000.0
     with mlx_server(model) as url:
-        served, _ = evaluate(checkpoint, data, tmp_path / "eval", "eval.engine=server", f"eval.server_url={url}")
+        served, _ = evaluate(checkpoint, data, tmp_path / "eval", *SERVER_ENGINE, f"eval.server_url={url}")
     expected, _ = transformers_run
     assert len(served) == len(expected)
     for ours, theirs in zip(expected, served, strict=True):
@@ -147,7 +152,7 @@ def test_quantised_mlx_exports_are_scored_against_transformers(memorised, transf
     # (the vision tower, norms: under 1 bit a weight in the tiny model, whose weights are mostly the embeddings)
     assert float_bytes * bits / 32 < quantised_bytes < float_bytes * (bits + 2) / 32, (quantised_bytes, float_bytes)
     with mlx_server(model) as url:
-        served, metrics = evaluate(checkpoint, data, tmp_path / "eval", "eval.engine=server", f"eval.server_url={url}")
+        served, metrics = evaluate(checkpoint, data, tmp_path / "eval", *SERVER_ENGINE, f"eval.server_url={url}")
     expected, reference = transformers_run
     assert [record["id"] for record in served] == [record["id"] for record in expected]
     same = sum(a["prediction"] == b["prediction"] for a, b in zip(expected, served, strict=True))
