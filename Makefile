@@ -110,11 +110,13 @@ $(LLAMA_CPP_DIR)/.built:
 
 # `granite-docling export gguf` (f16 and q8_0, model + mmproj) on a checkpoint trained by train.py, served by
 # llama.cpp's llama-server and scored by evaluate.py eval.engine=server against the transformers engine (the q8_0
-# export's metric deltas are printed). The converter imports mistral-common whatever the model: its own venv.
+# export's metric deltas are printed). The converter imports mistral-common and sentencepiece whatever the model
+# (sentencepiece as llama.cpp's requirements pin it): its own venv.
 .venv-gguf/.installed: pyproject.toml
 	test -x .venv-gguf/bin/python || python3 -m venv .venv-gguf
 	.venv-gguf/bin/python -m pip install --quiet --upgrade pip
-	.venv-gguf/bin/python -m pip install --quiet "torch==2.13.0" "mistral-common==1.13.1" -e ".[dev]"
+	.venv-gguf/bin/python -m pip install --quiet "torch==2.13.0" "mistral-common==1.13.1" \
+		"sentencepiece>=0.1.98,<0.3.0" -e ".[dev]"
 	touch $@
 
 test-gguf: .venv-gguf/.installed llama.cpp

@@ -60,8 +60,9 @@ def test_a_llama_cpp_folder_without_gguf_py_is_one_line(checkpoint, tmp_path, ca
 
 
 def test_a_python_without_the_converters_modules_is_one_line(checkpoint, tmp_path, capsys):
-    if importlib.util.find_spec("mistral_common") is not None:
-        pytest.skip("this Python has mistral-common (the .venv-gguf of make test-gguf)")
+    missing = [name for name in ("mistral_common", "sentencepiece") if importlib.util.find_spec(name) is None]
+    if not missing:
+        pytest.skip("this Python has mistral-common and sentencepiece (the .venv-gguf of make test-gguf)")
     llama_cpp = tmp_path / "llama.cpp"
     (llama_cpp / "gguf-py" / "gguf").mkdir(parents=True)
     (llama_cpp / CONVERTER).write_text("")  # a folder of the right shape: the Python is checked before it runs
@@ -71,8 +72,9 @@ def test_a_python_without_the_converters_modules_is_one_line(checkpoint, tmp_pat
         sys.executable,
     )  # fmt: skip
     line = one_error_line(code, err)
-    assert line.startswith(f"error: {sys.executable} lacks what llama.cpp's converter imports (mistral_common)")
-    assert "pip install torch transformers mistral-common" in line and line.endswith("--python PATH/TO/bin/python")
+    assert line.startswith(f"error: {sys.executable} lacks what llama.cpp's converter imports ({', '.join(missing)})")
+    assert "pip install torch transformers mistral-common sentencepiece" in line
+    assert line.endswith("--python PATH/TO/bin/python")
     assert nothing_written(tmp_path, checkpoint, before)
 
 

@@ -35,6 +35,7 @@ transformers_run = test_mlx_serving.transformers_run  # the fixture, on this mod
 @pytest.fixture(scope="module")
 def memorised(tmp_path_factory, tiny_processor):
     pytest.importorskip("mistral_common", reason="llama.cpp's converter needs mistral-common (make test-gguf)")
+    pytest.importorskip("sentencepiece", reason="llama.cpp's converter needs sentencepiece (make test-gguf)")
     if not LLAMA_SERVER.is_file():
         pytest.skip(f"{LLAMA_SERVER} is not built (make llama.cpp)")
     return train_memorised(tmp_path_factory, tiny_processor)

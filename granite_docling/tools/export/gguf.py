@@ -8,8 +8,9 @@ OUT gets ``model.gguf`` (the language model, ``--type``: f16 by default, or q8_0
 ``convert_hf_to_gguf.py`` run twice (the second time with ``--mmproj``), and ``export.json``. llama.cpp is a source
 folder that holds ``convert_hf_to_gguf.py`` and ``gguf-py``: ``--llama-cpp PATH``, else ``.llama.cpp/src`` in the
 current folder (``make llama.cpp`` unpacks the pinned release there and builds ``llama-server``). The converter
-runs in a Python with torch, transformers and mistral-common (which it imports whatever the model): ``--python
-PATH``, else this interpreter when it has them, else ``.venv-gguf/bin/python`` (what ``make test-gguf`` builds).
+runs in a Python with torch, transformers, mistral-common and sentencepiece (it imports both whatever the model,
+sentencepiece before it looks for a ``tokenizer.model``): ``--python PATH``, else this interpreter when it has
+them, else ``.venv-gguf/bin/python`` (what ``make test-gguf`` builds).
 
 The converter reads the copy that ``export mlx`` writes (:mod:`~granite_docling.tools.export.untied`; this converter
 would take the tied checkpoint and ``rope_parameters`` as they are, the copy does no harm), whose tokenizer here
@@ -38,13 +39,14 @@ MODEL_FILE = "model.gguf"
 MMPROJ_FILE = "mmproj.gguf"
 INSTALL_LLAMA_CPP = "run make llama.cpp (the pinned release, into .llama.cpp/) or pass --llama-cpp PATH/TO/llama.cpp"
 INSTALL_PYTHON = (
-    "install what llama.cpp's converter imports (pip install torch transformers mistral-common; make test-gguf "
+    "install what llama.cpp's converter imports (pip install torch transformers mistral-common sentencepiece; "
+    "make test-gguf "
     "builds .venv-gguf) and pass --python PATH/TO/bin/python"
 )
 # Run in the candidate Python: the modules convert_hf_to_gguf.py and its gguf-py import; exit 3 names the missing.
 PROBE = (
     "import importlib.util as u\n"
-    "names = ('torch', 'transformers', 'numpy', 'mistral_common', 'yaml', 'tqdm')\n"
+    "names = ('torch', 'transformers', 'numpy', 'mistral_common', 'sentencepiece', 'yaml', 'tqdm')\n"
     "missing = [name for name in names if u.find_spec(name) is None]\n"
     "if missing: print(', '.join(missing)); raise SystemExit(3)\n"
     "import transformers\n"
