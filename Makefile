@@ -90,7 +90,7 @@ test-mlx: .venv-mlx/.installed
 
 # llama.cpp from a pinned release: the llama-cpp-python source archive carries vendor/llama.cpp (its
 # convert_hf_to_gguf.py with gguf-py, and the sources of llama-server); only llama-server and llama-mtmd-cli are
-# built, with Debian's cmake and g++, into .llama.cpp/ (git-ignored; ~18 minutes on 2 shared cores). `granite-docling
+# built, with Debian's cmake and g++, into .llama.cpp/ (git-ignored; 9-18 minutes on 2 shared cores). `granite-docling
 # export gguf` finds it there.
 LLAMA_CPP_PYTHON ?= 0.3.36
 LLAMA_CPP_DIR ?= .llama.cpp
@@ -124,7 +124,7 @@ test-gguf: .venv-gguf/.installed llama.cpp
 
 # The README's "Use your model in docling" recipes through docling's VlmPipeline on a real page: in docling's
 # process (transformers), through vLLM and through llama-server on the GGUF export. The test runs in .venv-docling;
-# the servers run from their own venvs and build. ~15 minutes with everything built.
+# the servers run from their own venvs and build. ~3 minutes with everything built.
 test-docling-serving: .venv-docling/.installed .venv-vllm/.installed .venv-gguf/.installed llama.cpp
 	.venv-docling/bin/python -m pytest -q -rP -m docling_serving tests/evaluation/test_docling_serving.py
 
