@@ -40,8 +40,7 @@ MMPROJ_FILE = "mmproj.gguf"
 INSTALL_LLAMA_CPP = "run make llama.cpp (the pinned release, into .llama.cpp/) or pass --llama-cpp PATH/TO/llama.cpp"
 INSTALL_PYTHON = (
     "install what llama.cpp's converter imports (pip install torch transformers mistral-common sentencepiece; "
-    "make test-gguf "
-    "builds .venv-gguf) and pass --python PATH/TO/bin/python"
+    "make test-gguf builds .venv-gguf) and pass --python PATH/TO/bin/python"
 )
 # Run in the candidate Python: the modules convert_hf_to_gguf.py and its gguf-py import; exit 3 names the missing.
 PROBE = (
